@@ -1,0 +1,246 @@
+"""kernels.fused_logprob_kl / fused_logprob against a naive float64 implementation that
+materialises log_softmax. Both paths are checked: the torch reference, and the Triton kernels
+(interpreted on CPU under TRITON_INTERPRET=1, compiled on a GPU)."""
+import math
+import os
+
+import pytest
+import torch
+
+import kernels
+from kernels import fused_logprob, fused_logprob_kl
+from kernels import logprob_kl as K
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+IMPLS = ["torch"] + (["triton"] if K.triton is not None else [])
+
+
+def naive(z, r, t, temperature=1.0):
+    """Plain float64 math: materialised log-softmax, masked 0 log 0 = 0."""
+    lp = torch.log_softmax(z.double() / temperature, -1)
+    p = lp.exp()
+    v = z.shape[-1]
+    valid = (t >= 0) & (t < v)
+    logp = torch.where(valid, lp.gather(-1, t.clamp(0, v - 1)[..., None]).squeeze(-1), 0.0)
+    ent = -(p * torch.where(p > 0, lp, 0.0)).sum(-1)
+    if r is None:
+        return logp, torch.zeros_like(logp), ent
+    lq = torch.log_softmax(r.double() / temperature, -1)
+    kl = (p * torch.where(p > 0, lp - lq, 0.0)).sum(-1)
+    return logp, kl, ent
+
+
+def check(z, r, t, temperature, impl, tol, dtype=torch.float32, seed=0):
+    """Values and gradients (random upstream gradients for logp and kl) vs naive float64."""
+    g = torch.Generator().manual_seed(seed)
+    z = z.to(DEVICE, dtype).requires_grad_()
+    r = r.to(DEVICE, dtype)
+    t = t.to(DEVICE)
+    out = fused_logprob_kl(z, r, t, temperature=temperature, impl=impl)
+    assert out.logp.dtype == out.kl.dtype == out.entropy.dtype == torch.float32
+    assert not out.entropy.requires_grad
+    z64 = z.detach().double().requires_grad_()
+    n_logp, n_kl, n_ent = naive(z64, r.double(), t, temperature)
+    a = torch.randn(t.shape, generator=g, dtype=torch.float64).to(DEVICE)
+    b = torch.randn(t.shape, generator=g, dtype=torch.float64).to(DEVICE)
+    (out.logp * a + out.kl * b).sum().backward()
+    (n_logp * a + n_kl * b).sum().backward()
+    for name, got, want in [("logp", out.logp, n_logp), ("kl", out.kl, n_kl), ("entropy", out.entropy, n_ent),
+                            ("grad", z.grad, z64.grad)]:
+        err = (got.double() - want).abs().max().item() if want.numel() else 0.0
+        scale = max(want.abs().max().item(), 1.0) if want.numel() else 1.0
+        assert err <= tol * scale, f"{impl} {name}: max abs error {err:.3g} > {tol:.1g} * {scale:.3g}"
+    return out
+
+
+def rand_case(shape, v, seed, std=2.0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(*shape, v, generator=g) * std
+    r = z + torch.randn(*shape, v, generator=g)  # a reference near the policy, as in RL
+    t = torch.randint(0, v, shape, generator=g)
+    return z, r, t
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape,v", [((5,), 1), ((3,), 7), ((2, 3), 50), ((4,), 4097), ((2,), 50257), ((2,), 151936)])
+def test_float32_matches_float64_naive_on_odd_vocab_sizes(impl, shape, v):
+    z, r, t = rand_case(shape, v, seed=v)
+    check(z, r, t, 1.0, impl, tol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_temperature_scales_values_and_gradient(impl, temperature):
+    z, r, t = rand_case((3, 5), 300, seed=1)
+    check(z, r, t, temperature, impl, tol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_batch_time_vocab_and_noncontiguous_slice(impl):
+    # HF logits [B, T, V] sliced to the response positions: not contiguous in memory
+    z, r, t = rand_case((2, 6), 33, seed=2)
+    check(z[:, 1:-1], r[:, 1:-1], t[:, 1:-1], 1.0, impl, tol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_minus_inf_entries_are_masked_vocabulary(impl):
+    z, r, t = rand_case((4,), 5000, seed=3)
+    banned = torch.rand(4, 5000, generator=torch.Generator().manual_seed(4)) < 0.3
+    banned[:, :4200] = True  # a whole leading block (BLOCK_V=4096) of -inf
+    banned[torch.arange(4), t] = False
+    z = z.masked_fill(banned, float("-inf"))
+    r = r.masked_fill(banned, float("-inf"))
+    out = check(z, r, t, 1.0, impl, tol=1e-5)
+    assert torch.isfinite(out.kl).all() and torch.isfinite(out.entropy).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_reference_zero_where_policy_positive_gives_infinite_kl(impl):
+    z, r, t = rand_case((2,), 10, seed=5)
+    r[0, 3] = float("-inf")
+    out = fused_logprob_kl(z.to(DEVICE), r.to(DEVICE), t.to(DEVICE), impl=impl)
+    assert out.kl[0].item() == math.inf and math.isfinite(out.kl[1].item())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_peaked_rows(impl):
+    z, r, t = rand_case((3,), 1000, seed=6)
+    z[0, 17] += 60.0  # p almost one-hot
+    z[1, t[1]] += 40.0  # target almost certain
+    r[2, 5] += 60.0  # reference almost one-hot, policy not: large KL
+    check(z, r, t, 1.0, impl, tol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_identical_policy_and_reference_give_zero_kl_and_zero_kl_gradient(impl):
+    z, _, t = rand_case((3, 4), 777, seed=7)
+    z = z.to(DEVICE).requires_grad_()
+    out = fused_logprob_kl(z, z.detach().clone(), t.to(DEVICE), impl=impl)
+    assert out.kl.abs().max().item() < 1e-6
+    out.kl.sum().backward()
+    assert z.grad.abs().max().item() < 1e-7
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_out_of_range_targets_are_ignored(impl):
+    z, r, t = rand_case((6,), 40, seed=8)
+    t[1], t[4] = -100, 40
+    out = check(z, r, t, 1.0, impl, tol=1e-5)
+    assert out.logp[1].item() == 0.0 and out.logp[4].item() == 0.0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_reference_logits_receive_no_gradient(impl):
+    z, r, t = rand_case((3,), 20, seed=9)
+    z, r = z.to(DEVICE).requires_grad_(), r.to(DEVICE).requires_grad_()
+    fused_logprob_kl(z, r, t.to(DEVICE), impl=impl).kl.sum().backward()
+    assert r.grad is None and z.grad is not None
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fused_logprob_equals_negative_cross_entropy(impl):
+    z, _, t = rand_case((4, 3), 123, seed=10)
+    z1 = z.clone().to(DEVICE).requires_grad_()
+    z2 = z.double().to(DEVICE).requires_grad_()
+    got = fused_logprob(z1, t.to(DEVICE), temperature=0.9, impl=impl)
+    want = -torch.nn.functional.cross_entropy((z2 / 0.9).flatten(0, 1), t.to(DEVICE).flatten(), reduction="none")
+    w = torch.randn(4, 3, generator=torch.Generator().manual_seed(11), dtype=torch.float64).to(DEVICE)
+    (got * w).sum().backward()
+    (want.view(4, 3) * w).sum().backward()
+    assert torch.allclose(got.double(), want.view(4, 3), atol=1e-5)
+    assert torch.allclose(z1.grad.double(), z2.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_input(impl):
+    z = torch.zeros(0, 9, device=DEVICE, requires_grad=True)
+    out = fused_logprob_kl(z, z.detach(), torch.zeros(0, dtype=torch.long, device=DEVICE), impl=impl)
+    out.logp.sum().backward()
+    assert out.logp.shape == (0,) and z.grad.shape == (0, 9)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_no_worse_than_naive_half_pytorch(impl, dtype):
+    """Low-precision inputs: the kernel (fp32 accumulation, gradient rounded once to `dtype`)
+    must be at least as accurate as the same naive computation done in `dtype`."""
+    z, r, t = rand_case((8,), 3001, seed=12)
+    z, r = z.to(dtype), r.to(dtype)  # the exact inputs both sides see
+    g = torch.Generator().manual_seed(13)
+    a, b = torch.randn(8, generator=g), torch.randn(8, generator=g)
+
+    def run(fn, zz):
+        zz = zz.clone().to(DEVICE).requires_grad_()
+        logp, kl = fn(zz)
+        (logp.float() * a.to(DEVICE) + kl.float() * b.to(DEVICE)).sum().backward()
+        return logp.double().cpu(), kl.double().cpu(), zz.grad.double().cpu()
+
+    def naive_half(zz):
+        lp, lq = torch.log_softmax(zz, -1), torch.log_softmax(r.to(DEVICE), -1)
+        return lp.gather(-1, t.to(DEVICE)[:, None]).squeeze(-1), (lp.exp() * (lp - lq)).sum(-1)
+
+    def fused(zz):
+        out = fused_logprob_kl(zz, r.to(DEVICE), t.to(DEVICE), impl=impl)
+        return out.logp, out.kl
+
+    z64 = z.double().requires_grad_()
+    lp64, kl64, _ = naive(z64, r.double(), t)
+    (lp64 * a.double() + kl64 * b.double()).sum().backward()
+    truth = (lp64.detach(), kl64.detach(), z64.grad)
+    for name, mine, theirs, want in zip(["logp", "kl", "grad"], run(fused, z), run(naive_half, z), truth):
+        if name == "grad" and impl == "triton" and dtype == torch.bfloat16 and INTERPRETED:
+            # Triton's CPU interpreter casts float32 -> bfloat16 by truncation (a GPU rounds to
+            # nearest even), so here the bound is truncation's: under 2^-7 of each entry.
+            assert ((mine - want).abs() <= 2**-7 * want.abs() + 1e-12).all()
+            continue
+        e_mine = (mine - want).norm().item()  # L2 over all entries: robust to one unlucky rounding
+        e_naive = (theirs - want).norm().item()
+        assert e_mine <= e_naive + 1e-6, f"{dtype} {name}: kernel error {e_mine:.3g} > naive {e_naive:.3g}"
+    assert (run(fused, z)[0] - truth[0]).abs().max().item() < 1e-4  # fp32 accumulation, not half
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_triton_and_torch_paths_agree(impl):
+    z, r, t = rand_case((3, 2), 999, seed=14)
+    a = fused_logprob_kl(z, r, t, temperature=0.8, impl="torch")
+    b = fused_logprob_kl(z.to(DEVICE), r.to(DEVICE), t.to(DEVICE), temperature=0.8, impl=impl)
+    for x, y in zip(a, b):
+        assert torch.allclose(x, y.cpu(), atol=1e-5, rtol=1e-5)
+
+
+def test_torch_reference_passes_gradcheck_in_float64():
+    z, r, t = rand_case((2, 3), 11, seed=15)
+    z = z.double().requires_grad_()
+    g = torch.Generator().manual_seed(16)
+    a, b = torch.randn(2, 3, generator=g, dtype=torch.float64), torch.randn(2, 3, generator=g, dtype=torch.float64)
+
+    def f(zz):
+        out = fused_logprob_kl(zz, r.double(), t, temperature=1.1, impl="torch")
+        return (out.logp * a + out.kl * b).sum()
+
+    assert torch.autograd.gradcheck(f, (z,), eps=1e-6, atol=1e-6)
+
+
+def test_torch_reference_chunks_rows_with_bounded_memory(monkeypatch):
+    # Force many small chunks: results must not depend on the chunking
+    z, r, t = rand_case((7,), 64, seed=17)
+    full = fused_logprob_kl(z, r, t, impl="torch")
+    monkeypatch.setattr(K, "_CHUNK_ELEMENTS", 128)  # 2 rows per chunk
+    chunked = fused_logprob_kl(z, r, t, impl="torch")
+    for x, y in zip(full, chunked):
+        assert torch.equal(x, y)
+
+
+def test_bad_shapes_raise_clear_errors():
+    z = torch.zeros(2, 5)
+    with pytest.raises(ValueError, match="differ in shape"):
+        fused_logprob_kl(z, torch.zeros(2, 6), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="targets"):
+        fused_logprob(z, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="impl"):
+        fused_logprob(z, torch.zeros(2, dtype=torch.long), impl="cuda")
+
+
+def test_public_names_match_design_contract():
+    assert {"fused_logprob_kl", "fused_logprob"} <= set(kernels.__all__)
