@@ -1,0 +1,822 @@
+"""Reward model transfer for zero-shot cross-lingual alignment.
+
+Paper: Z. Wu, A. Balashankar, Y. Kim, J. Eisenstein, A. Beirami. "Reuse Your Rewards: Reward Model
+Transfer for Zero-Shot Cross-Lingual Alignment." arXiv:2404.12318 (2024).
+
+Method. A reward model (RM) is trained on preference data in a source language (usually English)
+and then used, unchanged, to align a policy in a target language that has no preference data.
+Three stages, one per sub-command:
+  train-rm  the backbone with a scalar head (AutoModelForSequenceClassification, num_labels=1),
+            trained with the Bradley-Terry loss on chosen/rejected pairs or with binary
+            cross-entropy on pointwise good/bad labels; constant LR after linear warm-up (§4).
+  eval-rm   accuracy of one or more RMs on validation sets of several languages (a source x target
+            matrix), beside a majority-class and a length baseline fitted on each training split.
+  rl        PPO on target-language prompts with the source-language RM and a KL penalty to the
+            SFT policy inside the reward (beta = 0.1, §4); the value model starts as a copy of the RM
+            and is warmed up before the policy moves.
+
+Equations (numbering ours). r(x, y) = the RM head read at the last non-padding token of x ++ y.
+  (1) L_BT  = -log sigma(r(x, y_w) - r(x, y_l))                          pairwise (Bradley-Terry)
+  (2) L_BCE = -[l log sigma(r(x, y)) + (1 - l) log(1 - sigma(r(x, y)))]   pointwise, l in {0, 1}
+  (3) R_t   = -beta KL_t + [t = T] r(x, y),  KL_t = sum_w pi(w|s_t) log(pi(w|s_t) / pi_SFT(w|s_t))
+            (--kl-estimator full, via kernels.fused_logprob_kl) or log pi(y_t|s_t) - log pi_SFT(y_t|s_t) (k1)
+  (4) delta_t = R_t + gamma V(s_{t+1}) - V(s_t),  A_t = sum_k (gamma lambda)^k delta_{t+k},  G_t = A_t + V(s_t)
+  (5) L_pi = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps)),  rho_t = pi(y_t|s_t) / pi_old(y_t|s_t)
+      with A whitened over the rollout's response tokens
+  (6) L_V  = mean_t 1/2 max((V_t - G_t)^2, (V_old,t + clip(V_t - V_old,t, -eps_v, eps_v) - G_t)^2)
+
+Run (CPU or GPU; `torchrun --nproc_per_node=N` works for every stage, plain `python` is 1 process):
+  python rm_transfer.py train-rm --model $MODEL_DIR --train-data data/prefs_en_train.jsonl \
+      --eval-data data/prefs_en_val.jsonl --epochs 2 --output-dir runs/rm-en
+  python rm_transfer.py eval-rm --reward-model runs/rm-en/final \
+      --eval-data data/prefs_en_val.jsonl data/prefs_nb_val.jsonl data/prefs_es_val.jsonl \
+      --train-data data/prefs_en_train.jsonl data/prefs_nb_train.jsonl data/prefs_es_train.jsonl \
+      --output-dir runs/rm-eval
+  torchrun --nproc_per_node=2 rm_transfer.py rl --model $MODEL_DIR --reward-model runs/rm-en/final \
+      --prompts data/prefs_nb_train.jsonl --steps 20 --output-dir runs/rl-nb
+"""
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser
+
+from kernels import fused_logprob, fused_logprob_kl
+
+STAGES = ("train-rm", "eval-rm", "rl")
+EMBEDDED_MODEL = str(Path(os.environ.get("LOWRES_ALIGN_CACHE", Path.home() / ".cache" / "lowres-align"))
+                     / "SmolLM2-135M-Instruct")
+
+
+@dataclass
+class Args:
+    stage: str = field(default="train-rm", metadata={"help": "train-rm | eval-rm | rl (or the first positional word)",
+                                                     "choices": STAGES})
+    model: str = field(default=EMBEDDED_MODEL, metadata={"help": "train-rm: backbone (a causal LM folder works); rl: the SFT policy"})
+    reward_model: list[str] = field(default_factory=list, metadata={"help": "eval-rm: one or more RM folders (matrix rows); rl: the RM (also initialises the value model)"})
+    train_data: list[str] = field(default_factory=list, metadata={"help": "train-rm: preference files (JSONL or HF dataset name); eval-rm: the training split of each --eval-data file, same order, to fit the baselines"})
+    eval_data: list[str] = field(default_factory=list, metadata={"help": "validation preference files; several -> a source x target accuracy matrix"})
+    prompts: str = field(default="data/prefs_nb_train.jsonl", metadata={"help": "rl: target-language prompts (field --prompt-field; duplicates removed)"})
+    dataset_split: str = field(default="train", metadata={"help": "split used when a data argument is a hub dataset name"})
+    output_dir: str = field(default="", metadata={"help": "default runs/rm_transfer-<stage>-<YYYYmmdd-HHMMSS>"})
+    prompt_field: str = field(default="prompt", metadata={"help": "field holding the prompt"})
+    chosen_field: str = field(default="chosen", metadata={"help": "pairwise: preferred response"})
+    rejected_field: str = field(default="rejected", metadata={"help": "pairwise: dispreferred response"})
+    response_field: str = field(default="response", metadata={"help": "pointwise: response"})
+    label_field: str = field(default="label", metadata={"help": "pointwise: 1 = good, 0 = bad"})
+    loss: str = field(default="auto", metadata={"help": "auto | pairwise | pointwise; auto picks from the data's fields", "choices": ("auto", "pairwise", "pointwise")})
+    max_length: int = field(default=512, metadata={"help": "longer prompt+response sequences are skipped and counted"})  # our choice: the toy data is < 100 tokens
+    epochs: int = field(default=2, metadata={"help": "train-rm: passes over the data when --steps is 0"})  # our choice: tiny data
+    steps: int = field(default=0, metadata={"help": "optimizer steps (train-rm) or PPO iterations (rl); 0 = one value derived from the data (--epochs passes / one pass over the prompts)"})
+    batch_size: int = field(default=32, metadata={"help": "train-rm: global batch (pairs or labelled responses)"})  # paper §4: batch size 32
+    eval_batch_size: int = field(default=32, metadata={"help": "sequences per forward pass when scoring"})
+    lr: float = field(default=1e-5, metadata={"help": "learning rate (RM, policy and value model), constant after warm-up"})  # our choice; paper §4: constant LR
+    warmup_steps: int = field(default=5, metadata={"help": "linear warm-up steps, then constant"})  # paper §4: linear warm-up; length our choice
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})  # common PPO/RM setting
+    eval_every: int = field(default=0, metadata={"help": "train-rm: evaluate --eval-data every N steps (0 = at the end only)"})
+    rollout_batch_size: int = field(default=16, metadata={"help": "rl: prompts per PPO iteration (global)"})  # our choice: CPU-sized
+    minibatch_size: int = field(default=8, metadata={"help": "rl: sequences per PPO minibatch (global)"})  # our choice
+    ppo_epochs: int = field(default=4, metadata={"help": "rl: passes over each rollout"})  # InstructGPT-style PPO
+    clip_eps: float = field(default=0.2, metadata={"help": "rl: policy ratio clip"})  # Schulman et al. 2017
+    value_clip: float = field(default=0.2, metadata={"help": "rl: value clip around the rollout's values"})  # common PPO setting
+    gamma: float = field(default=1.0, metadata={"help": "rl: discount"})  # RLHF convention: undiscounted episode
+    lam: float = field(default=0.95, metadata={"help": "rl: GAE lambda"})  # common RLHF PPO setting
+    beta: float = field(default=0.1, metadata={"help": "rl: KL penalty in the reward"})  # paper §4: beta = 0.1
+    kl_estimator: str = field(default="full", metadata={"help": "full: exact per-token KL over the vocabulary; k1: log-ratio of the sampled token", "choices": ("full", "k1")})
+    value_warmup_steps: int = field(default=2, metadata={"help": "rl: PPO iterations that train only the value model"})  # paper §4 warms up the value model; count our choice
+    max_new_tokens: int = field(default=32, metadata={"help": "rl: response length cap"})  # our choice: CPU-sized
+    temperature: float = field(default=1.0, metadata={"help": "rl: sampling temperature (log-probs and KL use the same T)"})
+    top_p: float = field(default=1.0, metadata={"help": "rl: nucleus sampling; log-probs stay those of the full tempered softmax"})
+    seed: int = field(default=0, metadata={"help": "seed for data order, init and sampling"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint-<step>/ in --output-dir"})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
+    sample_every: int = field(default=5, metadata={"help": "rl: write samples.jsonl every N iterations"})
+    report_to: str = field(default="none", metadata={"help": "none | tensorboard | wandb", "choices": ("none", "tensorboard", "wandb")})
+
+
+# ---------------------------------------------------------------- math (tests import these)
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """Eq. (1) per pair. [N], [N] -> [N]"""
+    return -F.logsigmoid(r_chosen - r_rejected)
+
+
+def pointwise_bce_loss(r: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Eq. (2) per example. [N], [N] (0/1) -> [N]"""
+    return F.binary_cross_entropy_with_logits(r, labels.to(r.dtype), reduction="none")
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] -> [B, T]: 0, 1, ... over real tokens, so left and right padding give the same positions."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] -> [B]: index of the rightmost real token (left or right padding)."""
+    idx = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return (idx * mask.long()).max(dim=1).values
+
+
+def read_last(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, T], [B, T] -> [B]: the per-token head output at the last real token = the sequence reward."""
+    return values.gather(1, last_token_index(mask)[:, None]).squeeze(1)
+
+
+def pair_accuracy(r_better: torch.Tensor, r_worse: torch.Tensor) -> float:
+    """Fraction of pairs ranked right; a tie counts 1/2. [N], [N] -> float"""
+    return ((r_better > r_worse).double() + 0.5 * (r_better == r_worse).double()).mean().item()
+
+
+def orient(better: str, worse: str) -> tuple[str, str, bool]:
+    """Name the two responses of a pair A and B by string order (A < B), so that a constant rule
+    ("A wins") is a real classifier. Returns (A, B, A_is_better)."""
+    return (better, worse, True) if better < worse else (worse, better, False)
+
+
+def fit_majority(pairs: list[tuple[str, str]]) -> bool:
+    """Majority-class baseline fitted on training (better, worse) pairs: predict "A wins" for every
+    pair iff A is the better response in at least half of the training pairs."""
+    a_wins = sum(orient(b, w)[2] for b, w in pairs)
+    return 2 * a_wins >= len(pairs)
+
+
+def majority_accuracy(pairs: list[tuple[str, str]], predict_a: bool) -> float:
+    return sum(orient(b, w)[2] == predict_a for b, w in pairs) / len(pairs)
+
+
+def fit_length_rule(pairs: list[tuple[str, str]]) -> tuple[int, float]:
+    """Length baseline fitted on training (better, worse) pairs. With d = len(A) - len(B) in
+    characters, the rule predicts "A wins" iff s * d > t. s = +1 prefers the longer response,
+    s = -1 the shorter; t is the threshold. Candidates: s in (+1, -1), t in {min(s d) - 1} and the
+    midpoints between consecutive distinct training values of s d; the rule with the highest
+    training accuracy wins, ties broken by s = +1 first, then the smallest |t|, then the smaller t."""
+    best, best_acc = (1, 0.0), -1.0
+    for s in (1, -1):
+        vals = sorted({s * (len(a) - len(b)) for a, b, _ in (orient(*p) for p in pairs)})
+        cands = [vals[0] - 1.0] + [(x + y) / 2 for x, y in zip(vals, vals[1:])]
+        for t in sorted(cands, key=lambda c: (abs(c), c)):
+            acc = length_accuracy(pairs, s, t)
+            if acc > best_acc:
+                best, best_acc = (s, t), acc
+    return best
+
+
+def length_accuracy(pairs: list[tuple[str, str]], s: int, t: float) -> float:
+    hits = 0
+    for b, w in pairs:
+        a, bb, a_better = orient(b, w)
+        hits += (s * (len(a) - len(bb)) > t) == a_better
+    return hits / len(pairs)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Eq. (4). [B, T] x3 -> advantages [B, T], returns [B, T]; mask = 1 on a right-padded run of
+    response tokens; the value after the last token is 0 (episode end)."""
+    B, T = rewards.shape
+    adv = torch.zeros_like(rewards)
+    running = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(T)):
+        nxt = mask[:, t + 1] if t + 1 < T else torch.zeros_like(running)
+        next_v = values[:, t + 1] * nxt if t + 1 < T else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        running = (delta + gamma * lam * nxt * running) * mask[:, t]
+        adv[:, t] = running
+    return adv, (adv + values) * mask
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over the masked entries, unbiased variance; 0 outside. [B, T] -> [B, T]"""
+    n = mask.sum()
+    mean = (x * mask).sum() / n
+    var = (((x - mean) * mask) ** 2).sum() / (n - 1).clamp(min=1)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def ppo_policy_loss(logp, old_logp, adv, mask, clip_eps: float):
+    """Eq. (5) summed over masked tokens (the caller divides by the global token count).
+    [B, T] x4 -> (loss sum, clipped-token count)"""
+    ratio = torch.exp(logp - old_logp)
+    per_tok = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_eps, 1 + clip_eps))
+    clipped = ((ratio - 1).abs() > clip_eps).float() * mask
+    return (per_tok * mask).sum(), clipped.sum()
+
+
+def ppo_value_loss(values, old_values, returns, mask, clip: float) -> torch.Tensor:
+    """Eq. (6) summed over masked tokens. [B, T] x4 -> scalar"""
+    v_clipped = old_values + (values - old_values).clamp(-clip, clip)
+    per_tok = 0.5 * torch.maximum((values - returns) ** 2, (v_clipped - returns) ** 2)
+    return (per_tok * mask).sum()
+
+
+def kl_rewards(kl: torch.Tensor, score: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """Eq. (3): -beta KL_t on every response token, plus the RM score on the last one. [B, T], [B], [B, T] -> [B, T]"""
+    r = -beta * kl * mask
+    return r.scatter_add(1, last_token_index(mask)[:, None], score[:, None].to(r.dtype))
+
+
+# ---------------------------------------------------------------- loading
+def text_of(x) -> str:
+    """A response may be a string or a chat list (then its last message's content)."""
+    return x[-1]["content"] if isinstance(x, list) else str(x)
+
+
+def load_rows(path: str, split: str) -> list[dict]:
+    if os.path.isfile(path):
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise SystemExit(f"{path} line {i} is not JSON ({e}); fix the line or remove it")
+    else:
+        if path.endswith((".json", ".jsonl")) or "/" not in path:
+            raise SystemExit(f"{path}: no such file; pass a JSONL file or a hub dataset name")
+        import datasets  # lazily: only for hub names
+
+        rows = list(datasets.load_dataset(path, split=split))
+    if not rows:
+        raise SystemExit(f"{path} is empty; pass a file with preference rows")
+    return rows
+
+
+def parse_prefs(rows: list[dict], path: str, a: Args, loss: str = "auto"):
+    """-> (kind, items): pairwise items (prompt, chosen, rejected); pointwise (prompt, response, label)."""
+    first = rows[0]
+    kind = loss if loss != "auto" else (
+        "pairwise" if a.chosen_field in first and a.rejected_field in first else
+        "pointwise" if a.response_field in first and a.label_field in first else "")
+    if not kind:
+        raise SystemExit(f'{path} row 1 has neither "{a.chosen_field}"/"{a.rejected_field}" nor '
+                         f'"{a.response_field}"/"{a.label_field}"; pass --chosen-field/--rejected-field or '
+                         f"--response-field/--label-field")
+    need = [a.prompt_field] + ([a.chosen_field, a.rejected_field] if kind == "pairwise" else [a.response_field, a.label_field])
+    items = []
+    for i, r in enumerate(rows, 1):
+        for k in need:
+            if k not in r:
+                raise SystemExit(f'{path} row {i} has no field "{k}"; pass --{k.replace("_", "-")}-field NAME '
+                                 f"(or the matching --*-field flag)")
+        if kind == "pairwise":
+            items.append((text_of(r[a.prompt_field]), text_of(r[a.chosen_field]), text_of(r[a.rejected_field])))
+        else:
+            lab = r[a.label_field]
+            if lab not in (0, 1, True, False):
+                raise SystemExit(f'{path} row {i}: "{a.label_field}" = {lab!r}; pointwise labels must be 0 or 1')
+            items.append((text_of(r[a.prompt_field]), text_of(r[a.response_field]), int(lab)))
+    return kind, items
+
+
+def ranking_pairs(kind: str, items: list) -> list[tuple[str, str, str]]:
+    """(prompt, better, worse) pairs: pairwise rows as they are; pointwise rows -> every (label 1,
+    label 0) pair of responses to the same prompt."""
+    if kind == "pairwise":
+        return list(items)
+    by_prompt: dict[str, list] = {}
+    for p, r, l in items:
+        by_prompt.setdefault(p, []).append((r, l))
+    return [(p, g, b) for p, rs in by_prompt.items() for g, lg in rs for b, lb in rs if lg == 1 and lb == 0]
+
+
+def prompt_ids(tok, prompt: str) -> list[int]:
+    if tok.chat_template:
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        return tok(text, add_special_tokens=False).input_ids
+    return tok(prompt).input_ids
+
+
+def sequence_ids(tok, prompt: str, response: str) -> list[int]:
+    """Prompt (chat-formatted) ++ response ++ eos: the same tokens a policy produces when it stops."""
+    return prompt_ids(tok, prompt) + tok(response, add_special_tokens=False).input_ids + [tok.eos_token_id]
+
+
+def pad(seqs: list[list[int]], pad_id: int, side: str, length: int = 0):
+    """-> ids [B, T], mask [B, T] (T = max(len, length)), padded on `side`."""
+    T = max([len(s) for s in seqs] + [length])
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+        ids[i, sl], mask[i, sl] = torch.tensor(s, dtype=torch.long), 1
+    return ids, mask
+
+
+def load_tokenizer(path: str):
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_scorer(path: str, tok, device):
+    """AutoModelForSequenceClassification(num_labels=1); pad_token_id set when the config lacks it."""
+    if path.startswith(("/", ".", "~")) and not os.path.isdir(path):
+        raise SystemExit(f"{path}: no such model folder; pass --model/--reward-model a folder or hub name")
+    m = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    if m.config.pad_token_id is None:
+        m.config.pad_token_id = tok.pad_token_id
+    if not hasattr(m, "score"):
+        raise SystemExit(f"{path}: {type(m).__name__} has no per-token `score` head; use a decoder backbone (Llama, Qwen2, ...)")
+    return TokenScorer(m).to(device)
+
+
+class TokenScorer(torch.nn.Module):
+    """The scalar head applied at every position: r(x, y) = read_last(out), V(s_t) = out[:, t]."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # [B, T] -> [B, T] float32
+        h = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                                  use_cache=False).last_hidden_state
+        return self.model.score(h).squeeze(-1).float()
+
+
+@torch.no_grad()
+def score_sequences(scorer, seqs: list[list[int]], pad_id: int, device, batch: int) -> torch.Tensor:
+    out = []
+    for i in range(0, len(seqs), batch):
+        ids, mask = pad(seqs[i:i + batch], pad_id, "right")
+        out.append(read_last(scorer(ids.to(device), mask.to(device)), mask.to(device)).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+# ---------------------------------------------------------------- utilities shared by the stages
+def lang_of(path: str) -> str:
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            first = json.loads(f.readline())
+        if "lang" in first:
+            return str(first["lang"])
+    return Path(path).stem
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(s: dict):
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+
+
+def save_atomic(path: Path, models: dict, tok, state: dict | None):
+    """models: {subfolder: HF model} ('' = the folder itself); written to path.tmp then renamed."""
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        import shutil
+        shutil.rmtree(tmp)
+    for sub, m in models.items():
+        m.save_pretrained(tmp / sub)
+    tok.save_pretrained(tmp)
+    if state is not None:
+        torch.save(state, tmp / "trainer_state.pt")
+    os.rename(tmp, path)
+
+
+def newest_checkpoint(out: Path) -> Path | None:
+    cks = [p for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and (p / "trainer_state.pt").exists()]
+    return max(cks, key=lambda p: int(p.name.split("-")[-1])) if cks else None
+
+
+class Logger:
+    """One dict per step to metrics.jsonl, the progress bar and tensorboard/wandb."""
+
+    def __init__(self, a: Args, out: Path, rank: int, total: int, start: int):
+        self.rank, self.out, self.tb, self.wb = rank, out, None, None
+        self.bar = tqdm(total=total, initial=start, disable=rank != 0, dynamic_ncols=True)
+        if rank == 0 and a.report_to == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise SystemExit("--report-to tensorboard needs the tensorboard package: pip install tensorboard")
+            self.tb = SummaryWriter(str(out))
+        if rank == 0 and a.report_to == "wandb":
+            try:
+                import wandb
+            except ImportError:
+                raise SystemExit("--report-to wandb needs the wandb package: pip install wandb")
+            self.wb = wandb.init(project="lowres-align", name=out.name, config=asdict(a))
+
+    def log(self, m: dict):
+        if self.rank != 0:
+            return
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(m) + "\n")
+        self.bar.update(1)
+        self.bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in m.items() if k != "step"})
+        for k, v in m.items():
+            if self.tb is not None and k != "step":
+                self.tb.add_scalar(k, v, m["step"])
+        if self.wb is not None:
+            self.wb.log(m, step=m["step"])
+
+    def close(self):
+        self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wb is not None:
+            self.wb.finish()
+
+
+def all_sum(x: float, device) -> float:
+    if not dist.is_initialized():
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def gather_rows(x: torch.Tensor, rank: int, world: int, pad_value, side: str = "right") -> torch.Tensor:
+    """Each rank holds global rows rank, rank + world, ...; returns all rows in global order on every
+    rank, dim 1 padded to the longest. [b, T, ...] -> [b * world, T_max, ...]"""
+    if world == 1:
+        return x
+    T = torch.tensor([x.shape[1]], device=x.device)
+    dist.all_reduce(T, op=dist.ReduceOp.MAX)
+    extra = int(T.item()) - x.shape[1]
+    if extra:
+        filler = torch.full((x.shape[0], extra, *x.shape[2:]), pad_value, dtype=x.dtype, device=x.device)
+        x = torch.cat([filler, x] if side == "left" else [x, filler], dim=1)
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.stack(parts, dim=1).reshape(-1, *x.shape[1:])
+
+
+def warmup_constant(opt, warmup: int):
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)))
+
+
+# ---------------------------------------------------------------- stages
+def encode_items(kind, items, tok, max_length):
+    """Tokenize; pairs/examples longer than max_length are dropped. -> (kept encodings, n_skipped)"""
+    enc, skipped = [], 0
+    for it in items:
+        if kind == "pairwise":
+            e = (sequence_ids(tok, it[0], it[1]), sequence_ids(tok, it[0], it[2]))
+        else:
+            e = (sequence_ids(tok, it[0], it[1]), it[2])
+        if max(len(e[0]), len(e[1]) if kind == "pairwise" else 0) > max_length:
+            skipped += 1
+        else:
+            enc.append(e)
+    return enc, skipped
+
+
+def eval_pairs(scorer, tok, pairs, device, a: Args) -> float:
+    seqs = [sequence_ids(tok, p, r) for p, b, w in pairs for r in (b, w)]
+    s = score_sequences(scorer, seqs, tok.pad_token_id, device, a.eval_batch_size)
+    return pair_accuracy(s[0::2], s[1::2])
+
+
+def train_rm(a: Args, out: Path, rank: int, world: int, device):
+    tok = load_tokenizer(a.model)
+    if not a.train_data:
+        raise SystemExit("train-rm needs --train-data FILE [FILE ...] (pairwise or pointwise preferences)")
+    kind, items = None, []
+    for path in a.train_data:
+        k, its = parse_prefs(load_rows(path, a.dataset_split), path, a, a.loss)
+        if kind is not None and k != kind:
+            raise SystemExit(f"{path} is {k} but earlier --train-data files are {kind}; pass files of one kind or --loss")
+        kind, items = k, items + its
+    enc, skipped = encode_items(kind, items, tok, a.max_length)
+    if not enc:
+        raise SystemExit(f"every training example is longer than --max-length {a.max_length}; raise it")
+    evals = [(p, ranking_pairs(*parse_prefs(load_rows(p, a.dataset_split), p, a))) for p in a.eval_data]
+    steps_per_epoch = math.ceil(len(enc) / a.batch_size)
+    total = a.steps or a.epochs * steps_per_epoch
+
+    torch.manual_seed(a.seed)
+    scorer = load_scorer(a.model, tok, device)
+    model = DDP(scorer, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else scorer
+    opt = torch.optim.AdamW(scorer.parameters(), lr=a.lr, weight_decay=a.weight_decay)
+    sched = warmup_constant(opt, a.warmup_steps)
+    start = 0
+    if a.resume and (ck := newest_checkpoint(out)) is not None:
+        scorer.model.load_state_dict(AutoModelForSequenceClassification.from_pretrained(ck, num_labels=1).state_dict())
+        st = torch.load(ck / "trainer_state.pt", weights_only=False)
+        opt.load_state_dict(st["optimizer"]), sched.load_state_dict(st["scheduler"]), set_rng_state(st["rng"])
+        start = st["step"]
+    logger = Logger(a, out, rank, total, start)
+    for step in range(start, total):
+        t0 = time.time()
+        epoch, pos = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(enc), generator=torch.Generator().manual_seed(a.seed * 1000 + epoch)).tolist()
+        batch = order[pos * a.batch_size:(pos + 1) * a.batch_size]
+        mine = [enc[i] for i in batch[rank::world]]
+        if kind == "pairwise":
+            ids, mask = pad([e[0] for e in mine] + [e[1] for e in mine], tok.pad_token_id, "right")
+        else:
+            ids, mask = pad([e[0] for e in mine], tok.pad_token_id, "right")
+        ids, mask = ids.to(device), mask.to(device)
+        r = read_last(model(ids, mask), mask)
+        if kind == "pairwise":
+            n = len(mine)
+            losses = bradley_terry_loss(r[:n], r[n:])
+            correct = ((r[:n] > r[n:]).float() + 0.5 * (r[:n] == r[n:]).float()).sum().item()
+        else:
+            lab = torch.tensor([e[1] for e in mine], device=device)
+            losses = pointwise_bce_loss(r, lab)
+            correct = ((r > 0).long() == lab).float().sum().item()
+        # global mean over the batch; DDP averages gradients over ranks, hence * world
+        (losses.sum() / len(batch) * world).backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(scorer.parameters(), a.max_grad_norm)
+        skipped_nonfinite = 0
+        if torch.isfinite(gnorm):
+            opt.step()
+        else:
+            skipped_nonfinite = 1
+        opt.zero_grad(set_to_none=True)
+        lr = sched.get_last_lr()[0]
+        sched.step()
+        m = {"step": step + 1, "epoch": epoch, "loss": all_sum(losses.sum().item(), device) / len(batch),
+             "train_acc": all_sum(correct, device) / len(batch), "lr": lr,
+             "grad_norm": gnorm.item(), "skipped_nonfinite": skipped_nonfinite, "skipped_long": skipped,
+             "tokens_per_s": all_sum(mask.sum().item(), device) / (time.time() - t0)}
+        if evals and ((a.eval_every and (step + 1) % a.eval_every == 0) or step + 1 == total):
+            scorer.eval()
+            for p, pairs in evals:
+                m[f"eval_acc/{lang_of(p)}"] = eval_pairs(scorer, tok, pairs, device, a)
+            scorer.train()
+        logger.log(m)
+        if rank == 0 and a.save_every and (step + 1) % a.save_every == 0 and step + 1 < total:
+            save_atomic(out / f"checkpoint-{step + 1}", {"": scorer.model}, tok,
+                        {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state(), "step": step + 1})
+        if world > 1:
+            dist.barrier()
+    if rank == 0:
+        scorer.model.config.update({"rm_transfer": {"kind": kind, "train_data": a.train_data}})
+        save_atomic(out / "final", {"": scorer.model}, tok, None)
+    logger.close()
+
+
+def eval_rm(a: Args, out: Path, rank: int, world: int, device):
+    if not a.reward_model or not a.eval_data:
+        raise SystemExit("eval-rm needs --reward-model DIR [DIR ...] and --eval-data FILE [FILE ...]")
+    if a.train_data and len(a.train_data) != len(a.eval_data):
+        raise SystemExit(f"--train-data gives {len(a.train_data)} files for {len(a.eval_data)} --eval-data files; "
+                         "pass one training split per eval file, in the same order (or none to skip the baselines)")
+    cols = [lang_of(p) for p in a.eval_data]
+    cols = [c if cols.count(c) == 1 else Path(p).stem for c, p in zip(cols, a.eval_data)]
+    evals = [ranking_pairs(*parse_prefs(load_rows(p, a.dataset_split), p, a)) for p in a.eval_data]
+    table: dict[str, dict[str, float]] = {}
+    for rm_path in a.reward_model:
+        tok = load_tokenizer(rm_path)
+        scorer = load_scorer(rm_path, tok, device).eval()
+        info = getattr(scorer.model.config, "rm_transfer", None) or {}
+        src = ",".join(lang_of(p) for p in info.get("train_data", [])) or Path(rm_path).name
+        row = {}
+        for col, pairs in zip(cols, evals):
+            seqs = [sequence_ids(tok, p, r) for p, b, w in pairs for r in (b, w)]
+            s = torch.zeros(len(seqs), dtype=torch.float64)
+            s[rank::world] = score_sequences(scorer, seqs[rank::world], tok.pad_token_id, device, a.eval_batch_size).double()
+            if world > 1:
+                s = s.to(device)
+                dist.all_reduce(s)
+                s = s.cpu()
+            row[col] = pair_accuracy(s[0::2], s[1::2])
+        table[f"RM {src} ({rm_path})"] = row
+    if a.train_data:
+        maj, length = {}, {}
+        for col, tpath, pairs in zip(cols, a.train_data, evals):
+            train = [(b, w) for _, b, w in ranking_pairs(*parse_prefs(load_rows(tpath, a.dataset_split), tpath, a))]
+            val = [(b, w) for _, b, w in pairs]
+            maj[col] = majority_accuracy(val, fit_majority(train))
+            s, t = fit_length_rule(train)
+            length[col] = length_accuracy(val, s, t)
+            length[f"{col}_rule"] = f"A wins iff {s:+d}*(len(A)-len(B)) > {t:g}"
+        table["majority class"], table["length"] = maj, length
+    if rank == 0:
+        lines = ["| RM \\ eval | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        lines += [f"| {name} | " + " | ".join(f"{row[c]:.3f}" for c in cols) + " |" for name, row in table.items()]
+        md = "\n".join(lines) + f"\n\nPairs per eval set: {', '.join(f'{c}={len(p)}' for c, p in zip(cols, evals))}\n"
+        print(md)
+        (out / "accuracy.md").write_text(md)
+        (out / "accuracy.json").write_text(json.dumps({"columns": cols, "rows": table}, indent=1, ensure_ascii=False))
+    return table
+
+
+@torch.no_grad()
+def sample(policy, p_ids, p_mask, gens, a: Args, eos_id: int, pad_id: int):
+    """Tempered (and nucleus) sampling with one generator per prompt, so a prompt's response does not
+    depend on which rank or batch it is in. [B, P] -> response ids [B, R], mask [B, R] (1 up to and
+    including the first eos)."""
+    B = p_ids.shape[0]
+    pos = position_ids_from_mask(p_mask)
+    attn = p_mask.clone()
+    out = policy(input_ids=p_ids, attention_mask=attn, position_ids=pos, use_cache=True)
+    next_pos, done, toks = pos[:, -1:] + 1, torch.zeros(B, dtype=torch.bool, device=p_ids.device), []
+    for _ in range(a.max_new_tokens):
+        probs = torch.softmax(out.logits[:, -1].float() / a.temperature, -1)
+        if a.top_p < 1.0:
+            sp, si = probs.sort(-1, descending=True)
+            drop = sp.cumsum(-1) - sp > a.top_p
+            probs = probs.scatter(-1, si, sp.masked_fill(drop, 0.0))
+        tok = torch.stack([torch.multinomial(probs[i].cpu(), 1, generator=gens[i]) for i in range(B)]).to(p_ids.device)
+        tok = torch.where(done[:, None], torch.full_like(tok, pad_id), tok)
+        toks.append(tok)
+        done = done | (tok[:, 0] == eos_id)
+        if done.all():
+            break
+        attn = torch.cat([attn, torch.ones_like(tok)], 1)
+        out = policy(input_ids=tok, attention_mask=attn, position_ids=next_pos, past_key_values=out.past_key_values, use_cache=True)
+        next_pos = next_pos + 1
+    r_ids = torch.cat(toks, 1)
+    is_eos = (r_ids == eos_id).long()
+    after_eos = (is_eos.cumsum(1) - is_eos) > 0
+    return r_ids, (~after_eos).long()
+
+
+def response_logits(model, ids, mask, R: int) -> torch.Tensor:
+    """Logits that predict the last R tokens: position t-1 predicts token t. [B, P+R] -> [B, R, V]"""
+    return model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                 use_cache=False, logits_to_keep=R + 1).logits[:, :-1]
+
+
+def rl(a: Args, out: Path, rank: int, world: int, device):
+    if len(a.reward_model) != 1:
+        raise SystemExit("rl needs exactly one --reward-model DIR (the source-language RM)")
+    if a.rollout_batch_size % world or a.minibatch_size % world or a.rollout_batch_size % a.minibatch_size:
+        raise SystemExit(f"--rollout-batch-size {a.rollout_batch_size} and --minibatch-size {a.minibatch_size} must be "
+                         f"multiples of the {world} processes, and the first a multiple of the second")
+    tok = load_tokenizer(a.model)
+    rm_tok = load_tokenizer(a.reward_model[0])
+    if rm_tok.get_vocab() != tok.get_vocab():
+        raise SystemExit("the reward model's tokenizer differs from the policy's; the value model scores policy "
+                         "tokens, so train the RM from the policy's backbone (train-rm --model POLICY)")
+    rows = load_rows(a.prompts, a.dataset_split)
+    for i, r in enumerate(rows, 1):
+        if a.prompt_field not in r:
+            raise SystemExit(f'--prompts {a.prompts} row {i} has no field "{a.prompt_field}"; pass --prompt-field NAME')
+    prompts = list(dict.fromkeys(text_of(r[a.prompt_field]) for r in rows))
+    enc = [(p, prompt_ids(tok, p)) for p in prompts]
+    skipped_long = sum(len(e) + a.max_new_tokens > a.max_length for _, e in enc)
+    enc = [(p, e) for p, e in enc if len(e) + a.max_new_tokens <= a.max_length]
+    if not enc:
+        raise SystemExit(f"every prompt is longer than --max-length {a.max_length} minus --max-new-tokens; raise it")
+    per_epoch = max(1, len(enc) // a.rollout_batch_size)
+    total = a.steps or per_epoch
+
+    torch.manual_seed(a.seed)
+    policy = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).to(device)
+    ref = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).to(device).eval().requires_grad_(False)
+    rm = load_scorer(a.reward_model[0], tok, device).eval().requires_grad_(False)
+    value = load_scorer(a.reward_model[0], tok, device)
+    start = 0
+    ck = newest_checkpoint(out) if a.resume else None
+    if ck is not None:
+        policy.load_state_dict(AutoModelForCausalLM.from_pretrained(ck).state_dict())
+        value.model.load_state_dict(AutoModelForSequenceClassification.from_pretrained(ck / "value", num_labels=1).state_dict())
+    ddp = (lambda m: DDP(m, device_ids=[device.index] if device.type == "cuda" else None)) if world > 1 else (lambda m: m)
+    policy_d, value_d = ddp(policy), ddp(value)
+    opt_pi = torch.optim.AdamW(policy.parameters(), lr=a.lr, weight_decay=a.weight_decay)
+    opt_v = torch.optim.AdamW(value.parameters(), lr=a.lr, weight_decay=a.weight_decay)
+    sch_pi, sch_v = warmup_constant(opt_pi, a.warmup_steps), warmup_constant(opt_v, a.warmup_steps)
+    if ck is not None:
+        st = torch.load(ck / "trainer_state.pt", weights_only=False)
+        for o, k in ((opt_pi, "opt_pi"), (opt_v, "opt_v"), (sch_pi, "sch_pi"), (sch_v, "sch_v")):
+            o.load_state_dict(st[k])
+        set_rng_state(st["rng"])
+        start = st["step"]
+    logger = Logger(a, out, rank, total, start)
+    pad_id, eos_id = tok.pad_token_id, tok.eos_token_id
+    for step in range(start, total):
+        t0 = time.time()
+        # ---- rollout: this rank's prompts, sampled with per-prompt generators
+        epoch, pos = divmod(step, per_epoch)
+        order = torch.randperm(len(enc), generator=torch.Generator().manual_seed(a.seed * 1000 + epoch)).tolist()
+        gidx = order[pos * a.rollout_batch_size:(pos + 1) * a.rollout_batch_size][rank::world]
+        p_ids, p_mask = pad([enc[i][1] for i in gidx], pad_id, "left")
+        p_ids, p_mask = p_ids.to(device), p_mask.to(device)
+        gens = [torch.Generator().manual_seed((a.seed * 1_000_003 + step) * 1_000_003 + i) for i in gidx]
+        policy.eval()
+        r_ids, r_mask = sample(policy, p_ids, p_mask, gens, a, eos_id, pad_id)
+        R = r_ids.shape[1]
+        ids, mask = torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1)
+        with torch.no_grad():
+            lg, ref_lg = response_logits(policy, ids, mask, R), response_logits(ref, ids, mask, R)
+            o = fused_logprob_kl(lg, ref_lg, r_ids, temperature=a.temperature)
+            old_logp = o.logp
+            kl = o.kl if a.kl_estimator == "full" else o.logp - fused_logprob(ref_lg, r_ids, temperature=a.temperature)
+            del lg, ref_lg
+            old_values = value(ids, mask)[:, -R - 1:-1]  # V(s_t) is read where token t is predicted
+            score = read_last(rm(ids, mask), mask)
+        rf = r_mask.float()
+        # ---- everyone gets the global rollout, so minibatches do not depend on the world size
+        g = {k: gather_rows(v, rank, world, pv, side) for k, v, pv, side in [
+            ("p_ids", p_ids, pad_id, "left"), ("p_mask", p_mask, 0, "left"), ("r_ids", r_ids, pad_id, "right"),
+            ("r_mask", rf, 0.0, "right"), ("old_logp", old_logp, 0.0, "right"), ("kl", kl * rf, 0.0, "right"),
+            ("old_values", old_values * rf, 0.0, "right"), ("entropy", o.entropy * rf, 0.0, "right")]}
+        g["score"] = gather_rows(score[:, None], rank, world, 0.0)[:, 0]
+        m_ = g["r_mask"]
+        rewards = kl_rewards(g["kl"], g["score"], m_, a.beta)
+        adv, returns = gae(rewards, g["old_values"], m_, a.gamma, a.lam)
+        adv = masked_whiten(adv, m_)
+        ids_all, mask_all = torch.cat([g["p_ids"], g["r_ids"]], 1), torch.cat([g["p_mask"], m_.long()], 1)
+        Rg, B = m_.shape[1], m_.shape[0]
+        # ---- PPO epochs over minibatches; the value model trains alone during warm-up
+        update_policy = step >= a.value_warmup_steps
+        policy.train(), value.train()
+        stats = {"loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0, "n_tok": 0.0, "skipped_nonfinite": 0}
+        for ep in range(a.ppo_epochs):
+            perm = torch.randperm(B, generator=torch.Generator().manual_seed(a.seed * 100003 + step * 101 + ep)).tolist()
+            for mb0 in range(0, B, a.minibatch_size):
+                mb = perm[mb0:mb0 + a.minibatch_size]
+                mine = torch.tensor(mb[rank::world], device=device)
+                n_tok = m_[mb].sum().item()  # global token count of this minibatch
+                x, xm, mk = ids_all[mine], mask_all[mine], m_[mine]
+                for model_d, opt, params, is_pi in ((policy_d, opt_pi, policy.parameters(), True),
+                                                    (value_d, opt_v, value.parameters(), False)):
+                    if is_pi and not update_policy:
+                        continue
+                    if is_pi:
+                        logp = fused_logprob(response_logits(model_d, x, xm, Rg), g["r_ids"][mine], temperature=a.temperature)
+                        loss_sum, clipped = ppo_policy_loss(logp, g["old_logp"][mine], adv[mine], mk, a.clip_eps)
+                        stats["clipfrac"] += all_sum(clipped.item(), device)
+                    else:
+                        v = model_d(x, xm)[:, -Rg - 1:-1]
+                        loss_sum = ppo_value_loss(v, g["old_values"][mine], returns[mine], mk, a.value_clip)
+                    (loss_sum / n_tok * world).backward()
+                    gnorm = torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm)
+                    if torch.isfinite(gnorm):
+                        opt.step()
+                    else:
+                        stats["skipped_nonfinite"] += 1
+                    opt.zero_grad(set_to_none=True)
+                    stats["loss" if is_pi else "value_loss"] += all_sum(loss_sum.item(), device)
+                stats["n_tok"] += n_tok
+        lr = sch_pi.get_last_lr()[0]
+        sch_pi.step(), sch_v.step()
+        seq_kl = g["kl"].sum(1)
+        m = {"step": step + 1, "reward_mean": g["score"].mean().item(), "reward_std": g["score"].std(unbiased=False).item(),
+             "kl": seq_kl.mean().item(), "reward_total": (g["score"] - a.beta * seq_kl).mean().item(),
+             "entropy": (g["entropy"].sum() / m_.sum()).item(), "response_len": m_.sum(1).mean().item(),
+             "loss": stats["loss"] / stats["n_tok"] if update_policy else 0.0, "value_loss": stats["value_loss"] / stats["n_tok"],
+             "clipfrac": stats["clipfrac"] / stats["n_tok"] if update_policy else 0.0, "policy_updated": int(update_policy),
+             "skipped_nonfinite": stats["skipped_nonfinite"], "skipped_long": skipped_long, "lr": lr,
+             "tokens_per_s": m_.sum().item() / (time.time() - t0)}
+        logger.log(m)
+        if rank == 0 and a.sample_every and (step % a.sample_every == 0 or step + 1 == total):
+            with open(out / "samples.jsonl", "a") as f:
+                for i in range(min(3, B)):
+                    f.write(json.dumps({"step": step + 1, "prompt": tok.decode(g["p_ids"][i][g["p_mask"][i].bool()]),
+                                        "response": tok.decode(g["r_ids"][i][m_[i].bool()], skip_special_tokens=True),
+                                        "rm_score": g["score"][i].item(), "kl": seq_kl[i].item()}, ensure_ascii=False) + "\n")
+        last = step + 1 == total
+        if rank == 0 and (last or (a.save_every and (step + 1) % a.save_every == 0)):
+            save_atomic(out / f"checkpoint-{step + 1}", {"": policy, "value": value.model}, tok,
+                        {"opt_pi": opt_pi.state_dict(), "opt_v": opt_v.state_dict(), "sch_pi": sch_pi.state_dict(),
+                         "sch_v": sch_v.state_dict(), "rng": rng_state(), "step": step + 1})
+        if world > 1:
+            dist.barrier()
+    logger.close()
+
+
+def main(argv: list[str] | None = None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in STAGES:
+        argv = ["--stage", argv[0]] + argv[1:]
+    (a,) = HfArgumentParser(Args).parse_args_into_dataclasses(argv)
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    name = [a.output_dir or f"runs/rm_transfer-{a.stage}-{time.strftime('%Y%m%d-%H%M%S')}"]
+    if world > 1:
+        dist.broadcast_object_list(name)  # every rank uses rank 0's timestamp
+    out = Path(name[0])
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if not a.resume and (out / "metrics.jsonl").exists():
+            (out / "metrics.jsonl").unlink()
+        (out / "args.json").write_text(json.dumps(asdict(a), indent=1))
+    if world > 1:
+        dist.barrier()
+    random.seed(a.seed), np.random.seed(a.seed), torch.manual_seed(a.seed)
+    result = {"train-rm": train_rm, "eval-rm": eval_rm, "rl": rl}[a.stage](a, out, rank, world, device)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    main()
