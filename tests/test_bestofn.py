@@ -1,0 +1,295 @@
+"""bestofn.py: selection, KL bound, win-rate ceiling, judge scores, win rate + CI checked against
+plain loops and hand-computed numbers; end-to-end runs on the tiny models (1 vs 2 processes,
+resume of a half-written file, a fake OpenAI-compatible judge server)."""
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+import bestofn
+from conftest import ROOT, run_torchrun
+
+Z95 = 1.959963984540054
+
+
+# ----------------------------------------------------------------------------- selection
+def naive_best(scores: list[float]) -> int:
+    best = None
+    for i, s in enumerate(scores):
+        if math.isnan(s):
+            continue
+        if best is None or s > scores[best]:  # strict '>': the first of equal maxima stays
+            best = i
+    return 0 if best is None else best
+
+
+def test_select_best_matches_argmax_loop_with_ties_and_nan():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 4, (37, 13), generator=g).double()  # few values -> many ties
+    scores[3, 5] = float("nan")
+    scores[4] = float("nan")
+    scores[4, 7] = -1.0
+    scores[5] = 2.0  # all tied -> index 0
+    got = bestofn.select_best(scores)
+    assert got.tolist() == [naive_best(row) for row in scores.tolist()]
+    assert got[5] == 0 and got[4] == 7
+    assert int(bestofn.select_best(torch.tensor([1.0, 3.0, 3.0, 2.0]))) == 1
+    assert int(bestofn.select_best(torch.tensor([0.5]))) == 0
+
+
+# ----------------------------------------------------------------------------- KL bound, ceiling
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 8, 64, 1000])
+def test_kl_bound_and_ceiling_equal_their_formulas(n):
+    assert bestofn.best_of_n_kl_bound(n) == pytest.approx(math.log(n) - 1 + 1 / n, abs=1e-12)
+    assert bestofn.win_rate_ceiling(n) == pytest.approx(1 - 1 / (n + 1), abs=1e-12)
+
+
+def exact_best_of_n(probs: list[float], n: int) -> list[float]:
+    """Best-of-n distribution when rewards are distinct and increasing with the item index:
+    P(best = k) = F(k)^n - F(k-1)^n, with F the base CDF in reward order."""
+    out, cdf = [], 0.0
+    for p in probs:
+        out.append((cdf + p) ** n - cdf ** n)
+        cdf += p
+    return out
+
+
+@pytest.mark.parametrize("n", [2, 4, 16])
+def test_kl_bound_upper_bounds_exact_kl_and_is_tight_for_many_outcomes(n):
+    g = torch.Generator().manual_seed(n)
+    for m in (3, 17, 20000):
+        for base in ([1.0 / m] * m, (torch.rand(m, generator=g, dtype=torch.float64) + 0.1).tolist()):
+            total = sum(base)
+            base = [b / total for b in base]
+            bon = exact_best_of_n(base, n)
+            kl = sum(q * math.log(q / p) for q, p in zip(bon, base) if q > 0)
+            assert kl <= bestofn.best_of_n_kl_bound(n) + 1e-12
+            # exact P(best-of-n beats a fresh sample), ties (same item) counted half
+            cdf, win = 0.0, 0.0
+            for q, p in zip(bon, base):
+                win += q * (cdf + 0.5 * p)
+                cdf += p
+            assert win <= bestofn.win_rate_ceiling(n) + 1e-12
+            if m == 20000 and base[0] == base[1]:  # near-continuous uniform: both become equalities
+                assert kl == pytest.approx(bestofn.best_of_n_kl_bound(n), abs=2e-3)
+                assert win == pytest.approx(bestofn.win_rate_ceiling(n), abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- judge math
+def test_expected_score_matches_loop():
+    g = torch.Generator().manual_seed(3)
+    probs = torch.rand(5, 7, 9, generator=g, dtype=torch.float64) * 0.3  # unnormalised mass on the labels
+    values = torch.arange(1, 10, dtype=torch.float64)
+    got = bestofn.expected_score(probs, values)
+    for i in range(5):
+        for j in range(7):
+            num = sum((k + 1) * probs[i, j, k].item() for k in range(9))
+            den = sum(probs[i, j, k].item() for k in range(9))
+            assert got[i, j].item() == pytest.approx(num / den, rel=1e-12)
+
+
+def test_win_rate_and_intervals_match_hand_computed_judgments_with_order_swaps():
+    # (judge says A with best as A, judge says A with best as B) -> best's per-prompt win
+    cases = [(1.0, 0.0, 1.0),    # best wins in both orders
+             (1.0, 1.0, 0.5),    # judge always picks A: position bias cancels to a tie
+             (0.0, 1.0, 0.0),    # single sample wins in both orders
+             (0.5, 0.0, 0.75)]   # a tie, then a win
+    wins = []
+    for o1, o2, want in cases:
+        assert bestofn.win_both_orders(o1, o2) == want
+        wins.append(want)
+    assert bestofn.preference(0.7, 0.2) == 1.0 and bestofn.preference(0.1, 0.2) == 0.0
+    assert bestofn.preference(0.3, 0.3) == 0.5
+    r = bestofn.win_rate_ci(wins)
+    assert r["win_rate"] == 0.5625 and r["num_prompts"] == 4
+    # normal: sd (ddof 1) of [1, .5, 0, .75] = sqrt(0.546875 / 3)
+    se = math.sqrt(0.546875 / 3) / 2
+    assert r["ci95_normal"] == pytest.approx([0.5625 - Z95 * se, 0.5625 + Z95 * se], abs=1e-12)
+    # Wilson, by hand: p = 9/16, m = 4
+    z2 = Z95 ** 2
+    centre = (0.5625 + z2 / 8) / (1 + z2 / 4)
+    half = Z95 / (1 + z2 / 4) * math.sqrt(0.5625 * 0.4375 / 4 + z2 / 64)
+    assert r["ci95_wilson"] == pytest.approx([centre - half, centre + half], abs=1e-12)
+
+
+def test_wilson_interval_matches_published_values():
+    # 5/10 -> [0.2366, 0.7634]; 0/10 -> [0, 0.2775]; 10/10 -> [0.7225, 1] (standard tables)
+    assert bestofn.win_rate_ci([1.0] * 5 + [0.0] * 5)["ci95_wilson"] == pytest.approx([0.2366, 0.7634], abs=1e-4)
+    assert bestofn.win_rate_ci([0.0] * 10)["ci95_wilson"] == pytest.approx([0.0, 0.2775], abs=1e-4)
+    r = bestofn.win_rate_ci([1.0] * 10)
+    assert r["ci95_wilson"] == pytest.approx([0.7225, 1.0], abs=1e-4) and r["ci95_normal"] == [1.0, 1.0]
+
+
+def test_prompt_seed_depends_on_seed_index_and_stream_only():
+    assert bestofn.prompt_seed(0, 5, "bon") == bestofn.prompt_seed(0, 5, "bon")
+    seeds = {bestofn.prompt_seed(s, i, t) for s in (0, 1) for i in range(50) for t in ("bon", "single")}
+    assert len(seeds) == 200 and all(0 <= s < 2 ** 63 for s in seeds)
+
+
+# ----------------------------------------------------------------------------- models
+def test_reward_is_read_at_last_token_even_when_pad_equals_eos(tiny_rm_dir):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_rm_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_rm_dir)
+    rm.config.pad_token_id = tok.eos_token_id  # the pad == eos case (SmolLM2, Llama 3, ...)
+    responses = ["Oslo.", "Oslo er hovedstaden.", "Madrid<|im_end|>", "Osloo", "", "hei hei<|im_end|>"]
+    for template in (tok.chat_template, None):
+        tok.chat_template = template
+        got = bestofn.reward_model_scores(rm, tok, "Hva er hovedstaden i Norge?", responses, batch_size=2)
+        for r, s in zip(responses, got):
+            text = bestofn.chat_text(tok, [{"role": "user", "content": "Hva er hovedstaden i Norge?"},
+                                           {"role": "assistant", "content": r}], False)
+            ids = torch.tensor([tok(text, add_special_tokens=template is None).input_ids])
+            with torch.no_grad():
+                naive = rm.score(rm.model(ids).last_hidden_state[0, -1]).item()
+            assert s == pytest.approx(naive, abs=1e-5)
+    # without the fix HF pools before the trailing eos: the case above is a real one
+    ids = torch.tensor([tok("Madrid<|im_end|>").input_ids])
+    with torch.no_grad():
+        hf = rm(input_ids=ids).logits[0, 0].item()
+        last = rm.score(rm.model(ids).last_hidden_state[0, -1]).item()
+    assert abs(hf - last) > 1e-6
+
+
+def test_judge_label_probs_with_left_padding_match_one_sequence_at_a_time(tiny_lm_dir):
+    from transformers import AutoModelForCausalLM
+
+    lm, tok = bestofn.load_causal_lm(str(tiny_lm_dir), torch.float32, torch.device("cpu"), "--judge-model")
+    ids = bestofn.label_token_ids(tok, bestofn.SCORE_LABELS)
+    texts = [bestofn.chat_text(tok, bestofn.pointwise_messages("¿Cuánto es 15 más 27?", y, ref), True)
+             for y, ref in [("42", None), ("Son cuarenta y dos, creo yo.", "42"), ("", None)]]
+    got = bestofn.next_token_label_probs(lm, tok, texts, ids, batch_size=3)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    for t, row in zip(texts, got):
+        x = torch.tensor([tok(t, add_special_tokens=False).input_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(plain(x).logits[0, -1].double(), -1)
+        want = [sum(math.exp(logp[i].item()) for i in label) for label in ids]
+        assert row.tolist() == pytest.approx(want, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- fake judge server
+class FakeJudge(BaseHTTPRequestHandler):
+    """Pointwise: one-hot logprob on digit 1 + len(answer) % 9 (a programmatic reward).
+    Pairwise: always answers "A" as text, with no logprobs (a fully position-biased judge)."""
+    requests: list = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        FakeJudge.requests.append(body)
+        content = body["messages"][0]["content"]
+        if content.startswith("Which answer"):
+            choice = {"message": {"content": "A"}, "logprobs": None}
+        else:
+            answer = content.split("Answer:\n", 1)[1]
+            digit = str(1 + len(answer) % 9)
+            choice = {"message": {"content": digit},
+                      "logprobs": {"content": [{"token": digit, "logprob": 0.0,
+                                                "top_logprobs": [{"token": " " + digit, "logprob": 0.0},
+                                                                 {"token": "x", "logprob": -1.0}]}]}}
+        data = json.dumps({"choices": [choice]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture()
+def fake_judge_url():
+    FakeJudge.requests = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeJudge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/v1"
+    server.shutdown()
+
+
+def test_http_judge_reads_logprobs_then_text_and_counts_failures(fake_judge_url):
+    args = bestofn.Args(judge_retries=1, judge_timeout=5)
+    probs, how = bestofn.http_label_probs(fake_judge_url, "m", bestofn.pointwise_messages("q", "abc", None),
+                                          bestofn.SCORE_LABELS, args)
+    assert how == "logprobs" and probs == [0.0, 0.0, 0.0, 1.0] + [0.0] * 5  # " 4" read as label "4"
+    probs, how = bestofn.http_label_probs(fake_judge_url, "m", bestofn.pairwise_messages("q", "a", "b", None),
+                                          bestofn.PAIR_LABELS, args)
+    assert how == "text" and probs == [1.0, 0.0]
+    assert FakeJudge.requests[0]["logprobs"] is True and FakeJudge.requests[0]["max_tokens"] == 1
+    probs, how = bestofn.http_label_probs("http://127.0.0.1:9/v1", "m", [], bestofn.PAIR_LABELS, args)  # closed port
+    assert (probs, how) == (None, "failed")
+
+
+def test_end_to_end_with_url_judge_picks_the_max_and_cancels_position_bias(tiny_lm_dir, fake_judge_url, tmp_path):
+    out = tmp_path / "bon.jsonl"
+    bestofn.main(["--model", str(tiny_lm_dir), "--judge-url", fake_judge_url, "--n", "5", "--batch-size", "2",
+                  "--max-new-tokens", "6", "--max-prompts", "3", "--eval", "--output", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 1, 2]
+    pairwise = [q["messages"][0]["content"] for q in FakeJudge.requests if q["messages"][0]["content"].startswith("Which")]
+    for r in rows:
+        assert len(r["candidates"]) == 5
+        assert r["scores"] == [float(1 + len(c) % 9) for c in r["candidates"]]
+        assert r["best_index"] == naive_best(r["scores"]) and r["best"] == r["candidates"][r["best_index"]]
+        if r["single"] != r["best"]:  # asked twice, best first then best second
+            assert r["eval_a_wins"] == [1.0, 1.0] and r["win"] == 0.5
+            assert sum(f"Answer A:\n{r['best']}\n\nAnswer B:\n{r['single']}" in c for c in pairwise) >= 1
+            assert sum(f"Answer A:\n{r['single']}\n\nAnswer B:\n{r['best']}" in c for c in pairwise) >= 1
+    summary = json.loads((tmp_path / "bon.jsonl.summary.json").read_text())
+    assert summary["eval"]["win_rate"] == 0.5
+    assert summary["kl_upper_bound"] == pytest.approx(math.log(5) - 0.8)
+    assert summary["best_score_mean"] >= summary["candidate_score_mean"]
+    assert summary["judge_reads"]["logprobs"] == 15
+
+
+# ----------------------------------------------------------------------------- processes, resume, errors
+def run_args(lm, rm, out, prompts=5):
+    return ["--model", lm, "--reward-model", rm, "--num-samples", "3", "--batch-size", "2", "--max-new-tokens", "6",
+            "--max-prompts", str(prompts), "--eval", "--seed", "7", "--output", out]
+
+
+def test_two_processes_write_the_same_file_as_one(tiny_lm_dir, tiny_rm_dir, tmp_path):
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    subprocess.run([sys.executable, str(ROOT / "bestofn.py"), *run_args(tiny_lm_dir, tiny_rm_dir, one)],
+                   cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    run_torchrun("bestofn.py", run_args(tiny_lm_dir, tiny_rm_dir, two), nproc=2)  # 5 prompts: an uneven last round
+    assert len(one.read_text().splitlines()) == 5
+    assert two.read_bytes() == one.read_bytes()
+    assert json.loads((tmp_path / "two.jsonl.summary.json").read_text())["processes"] == 2
+
+
+def test_resume_of_half_written_output_equals_one_full_run(tiny_lm_dir, tiny_rm_dir, tmp_path):
+    full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
+    bestofn.main(run_args(str(tiny_lm_dir), str(tiny_rm_dir), str(full), prompts=4))
+    lines = full.read_bytes().splitlines(keepends=True)
+    part.write_bytes(b"".join(lines[:2]) + lines[2][: len(lines[2]) // 2])  # 2 rows + a truncated third
+    with pytest.raises(SystemExit, match="pass --resume"):
+        bestofn.main(run_args(str(tiny_lm_dir), str(tiny_rm_dir), str(part), prompts=4))
+    bestofn.main(run_args(str(tiny_lm_dir), str(tiny_rm_dir), str(part), prompts=4) + ["--resume"])
+    assert part.read_bytes() == full.read_bytes()
+
+
+def test_resume_refuses_an_output_made_from_other_prompts(tiny_lm_dir, tiny_rm_dir, tmp_path):
+    out = tmp_path / "bon.jsonl"
+    out.write_text(json.dumps({"index": 0, "prompt": "something else"}) + "\n")
+    with pytest.raises(SystemExit, match="does not match --prompts"):
+        bestofn.main(run_args(str(tiny_lm_dir), str(tiny_rm_dir), str(out)) + ["--resume"])
+
+
+def test_row_without_prompt_field_gives_clear_error(tmp_path):
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "hei"}\n{"text": "hola"}\n')
+    with pytest.raises(SystemExit, match=r'row 1 has no text field "prompt"; pass --prompt-field NAME'):
+        bestofn.load_prompts(bestofn.Args(prompts=str(bad)))
+    good = tmp_path / "q.jsonl"
+    good.write_text('{"text": "hei", "ref": "hi"}\n\n{"text": "hola"}\n')
+    rows = bestofn.load_prompts(bestofn.Args(prompts=str(good), prompt_field="text", reference_field="ref"))
+    assert rows == [{"prompt": "hei", "reference": "hi"}, {"prompt": "hola", "reference": None}]
