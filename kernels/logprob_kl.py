@@ -194,7 +194,7 @@ if triton is not None:
             if HAS_REF:
                 y = tl.load(y_row + idx, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
                 g += g_kl * tl.where(p > 0, p * (logp - (y - lse_q) - kl), 0.0)
-            tl.store(g_row + idx, (g * inv_temp).to(GRAD.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+            tl.store(g_row + idx, (g * inv_temp).to(GRAD.dtype.element_ty), mask=mask)
 
 
 def _launch_config(v: int):

@@ -244,3 +244,44 @@ def test_bad_shapes_raise_clear_errors():
 
 def test_public_names_match_design_contract():
     assert {"fused_logprob_kl", "fused_logprob"} <= set(kernels.__all__)
+
+
+COMPILE_FOR_GPU = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels import logprob_kl as K
+
+arch = int(sys.argv[1])
+rows = {"R1": "i32", "sx0": "i64", "sx1": "i64", "sy0": "i64", "sy1": "i64", "V": "i32", "inv_temp": "fp32",
+        "HAS_REF": "constexpr", "BLOCK_V": "constexpr"}
+for dt in ["bf16", "fp16", "fp32"]:
+    fwd = {"X": f"*{dt}", "Y": f"*{dt}", "TGT": "*i64", **{k: "*fp32" for k in ["LOGP", "KL", "ENT", "LSE_P", "LSE_Q"]}}
+    bwd = {"X": f"*{dt}", "Y": f"*{dt}", "TGT": "*i64", **{k: "*fp32" for k in ["LSE_P", "LSE_Q", "KL", "G_LP", "G_KL"]},
+           "GRAD": f"*{dt}"}
+    for fn, sig in [(K._fwd_kernel, {**fwd, **rows}), (K._bwd_kernel, {**bwd, **rows})]:
+        for has_ref in (True, False):
+            block, warps = K._launch_config(151936)
+            src = ASTSource(fn=fn, signature=sig, constexprs={"HAS_REF": has_ref, "BLOCK_V": block})
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+            assert compiled.asm["cubin"], (fn.__name__, dt)
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(K.triton is None, reason="triton is not installed (it is on Linux, where CI runs)")
+@pytest.mark.parametrize("arch", [80, 90])
+def test_triton_kernels_compile_for_the_gpu_without_one(arch):
+    """The interpreter skips Triton's compiler; compiling to a cubin for A100 (sm_80) and H100
+    (sm_90) runs it, and catches errors that only a GPU run would otherwise reveal."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    proc = subprocess.run([sys.executable, "-c", COMPILE_FOR_GPU, str(arch)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
