@@ -41,6 +41,7 @@ import os
 import random
 import sys
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -139,9 +140,11 @@ def pair_accuracy(r_better: torch.Tensor, r_worse: torch.Tensor) -> float:
 
 
 def orient(better: str, worse: str) -> tuple[str, str, bool]:
-    """Name the two responses of a pair A and B by string order (A < B), so that a constant rule
-    ("A wins") is a real classifier. Returns (A, B, A_is_better)."""
-    return (better, worse, True) if better < worse else (worse, better, False)
+    """Name the two responses of a pair A and B by a content-blind order, A = the one with the smaller
+    (crc32(utf-8 text), text), so that a constant rule ("A wins") is a real classifier whose expected
+    accuracy is 1/2. Returns (A, B, A_is_better)."""
+    key = lambda x: (zlib.crc32(x.encode("utf-8")), x)
+    return (better, worse, True) if key(better) < key(worse) else (worse, better, False)
 
 
 def fit_majority(pairs: list[tuple[str, str]]) -> bool:
@@ -158,13 +161,14 @@ def majority_accuracy(pairs: list[tuple[str, str]], predict_a: bool) -> float:
 def fit_length_rule(pairs: list[tuple[str, str]]) -> tuple[int, float]:
     """Length baseline fitted on training (better, worse) pairs. With d = len(A) - len(B) in
     characters, the rule predicts "A wins" iff s * d > t. s = +1 prefers the longer response,
-    s = -1 the shorter; t is the threshold. Candidates: s in (+1, -1), t in {min(s d) - 1} and the
-    midpoints between consecutive distinct training values of s d; the rule with the highest
+    s = -1 the shorter; t is the threshold. Candidates: s in (+1, -1), t in {min(s d) - 1} (always A),
+    the midpoints between consecutive distinct training values of s d, and max(s d) (never A); the
+    rule with the highest
     training accuracy wins, ties broken by s = +1 first, then the smallest |t|, then the smaller t."""
     best, best_acc = (1, 0.0), -1.0
     for s in (1, -1):
         vals = sorted({s * (len(a) - len(b)) for a, b, _ in (orient(*p) for p in pairs)})
-        cands = [vals[0] - 1.0] + [(x + y) / 2 for x, y in zip(vals, vals[1:])]
+        cands = [vals[0] - 1.0] + [(x + y) / 2 for x, y in zip(vals, vals[1:])] + [float(vals[-1])]
         for t in sorted(cands, key=lambda c: (abs(c), c)):
             acc = length_accuracy(pairs, s, t)
             if acc > best_acc:
@@ -262,13 +266,14 @@ def parse_prefs(rows: list[dict], path: str, a: Args, loss: str = "auto"):
         raise SystemExit(f'{path} row 1 has neither "{a.chosen_field}"/"{a.rejected_field}" nor '
                          f'"{a.response_field}"/"{a.label_field}"; pass --chosen-field/--rejected-field or '
                          f"--response-field/--label-field")
-    need = [a.prompt_field] + ([a.chosen_field, a.rejected_field] if kind == "pairwise" else [a.response_field, a.label_field])
+    need = {a.prompt_field: "--prompt-field"}
+    need.update({a.chosen_field: "--chosen-field", a.rejected_field: "--rejected-field"} if kind == "pairwise"
+                else {a.response_field: "--response-field", a.label_field: "--label-field"})
     items = []
     for i, r in enumerate(rows, 1):
-        for k in need:
+        for k, flag in need.items():
             if k not in r:
-                raise SystemExit(f'{path} row {i} has no field "{k}"; pass --{k.replace("_", "-")}-field NAME '
-                                 f"(or the matching --*-field flag)")
+                raise SystemExit(f'{path} row {i} has no field "{k}"; pass {flag} NAME')
         if kind == "pairwise":
             items.append((text_of(r[a.prompt_field]), text_of(r[a.chosen_field]), text_of(r[a.rejected_field])))
         else:
@@ -458,6 +463,10 @@ def gather_rows(x: torch.Tensor, rank: int, world: int, pad_value, side: str = "
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x.contiguous())
     return torch.stack(parts, dim=1).reshape(-1, *x.shape[1:])
+
+
+def prompt_order(seed: int, epoch: int, n: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
 
 
 def warmup_constant(opt, warmup: int):
@@ -671,8 +680,7 @@ def rl(a: Args, out: Path, rank: int, world: int, device):
     enc = [(p, e) for p, e in enc if len(e) + a.max_new_tokens <= a.max_length]
     if not enc:
         raise SystemExit(f"every prompt is longer than --max-length {a.max_length} minus --max-new-tokens; raise it")
-    per_epoch = max(1, len(enc) // a.rollout_batch_size)
-    total = a.steps or per_epoch
+    total = a.steps or math.ceil(len(enc) / a.rollout_batch_size)
 
     torch.manual_seed(a.seed)
     policy = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).to(device)
@@ -700,12 +708,12 @@ def rl(a: Args, out: Path, rank: int, world: int, device):
     for step in range(start, total):
         t0 = time.time()
         # ---- rollout: this rank's prompts, sampled with per-prompt generators
-        epoch, pos = divmod(step, per_epoch)
-        order = torch.randperm(len(enc), generator=torch.Generator().manual_seed(a.seed * 1000 + epoch)).tolist()
-        gidx = order[pos * a.rollout_batch_size:(pos + 1) * a.rollout_batch_size][rank::world]
+        # sample k of the prompt stream = prompt order(epoch)[pos], (epoch, pos) = divmod(k, #prompts)
+        ks = list(range(step * a.rollout_batch_size, (step + 1) * a.rollout_batch_size))[rank::world]
+        gidx = [prompt_order(a.seed, k // len(enc), len(enc))[k % len(enc)] for k in ks]
         p_ids, p_mask = pad([enc[i][1] for i in gidx], pad_id, "left")
         p_ids, p_mask = p_ids.to(device), p_mask.to(device)
-        gens = [torch.Generator().manual_seed((a.seed * 1_000_003 + step) * 1_000_003 + i) for i in gidx]
+        gens = [torch.Generator().manual_seed(a.seed * 1_000_003 + k) for k in ks]
         policy.eval()
         r_ids, r_mask = sample(policy, p_ids, p_mask, gens, a, eos_id, pad_id)
         R = r_ids.shape[1]
@@ -762,8 +770,10 @@ def rl(a: Args, out: Path, rank: int, world: int, device):
                     opt.zero_grad(set_to_none=True)
                     stats["loss" if is_pi else "value_loss"] += all_sum(loss_sum.item(), device)
                 stats["n_tok"] += n_tok
-        lr = sch_pi.get_last_lr()[0]
-        sch_pi.step(), sch_v.step()
+        lr = sch_pi.get_last_lr()[0] if update_policy else 0.0
+        if update_policy:  # the policy's warm-up starts when it starts moving
+            sch_pi.step()
+        sch_v.step()
         seq_kl = g["kl"].sum(1)
         m = {"step": step + 1, "reward_mean": g["score"].mean().item(), "reward_std": g["score"].std(unbiased=False).item(),
              "kl": seq_kl.mean().item(), "reward_total": (g["score"] - a.beta * seq_kl).mean().item(),

@@ -1,0 +1,331 @@
+"""rm_transfer.py: every loss, metric and advantage against a plain version written with loops in
+float64, reward reading under both paddings, a learning run (RM learns a token preference, PPO
+raises the RM score), 2-process gloo runs against 1 process, and resume."""
+import json
+import math
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import rm_transfer as rt
+from conftest import run_torchrun
+
+
+# ---------------------------------------------------------------- losses
+def test_bradley_terry_loss_matches_naive_values_and_grads():
+    g = torch.Generator().manual_seed(0)
+    rc = (torch.randn(13, generator=g, dtype=torch.float64) * 4).requires_grad_()
+    rr = (torch.randn(13, generator=g, dtype=torch.float64) * 4).requires_grad_()
+    with torch.no_grad():  # extreme margins must stay finite
+        rc[0], rr[0], rc[1], rr[1] = 60.0, -60.0, -60.0, 60.0
+    rt.bradley_terry_loss(rc, rr).sum().backward()
+    got = (rc.grad.clone(), rr.grad.clone())
+    for i in range(13):
+        d = rc[i].item() - rr[i].item()
+        naive = math.log1p(math.exp(-d)) if d > -30 else -d + math.log1p(math.exp(d))  # -log sigmoid(d)
+        assert rt.bradley_terry_loss(rc[i:i + 1], rr[i:i + 1]).item() == pytest.approx(naive, rel=1e-10, abs=1e-12)
+        dl_dd = -1.0 / (1.0 + math.exp(d))  # d/dd -log sigmoid(d) = -(1 - sigmoid(d))
+        assert got[0][i].item() == pytest.approx(dl_dd, rel=1e-9, abs=1e-12)
+        assert got[1][i].item() == pytest.approx(-dl_dd, rel=1e-9, abs=1e-12)
+
+
+def test_pointwise_bce_matches_naive_values_and_grads():
+    g = torch.Generator().manual_seed(1)
+    r = (torch.randn(11, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    labels = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1, 1, 1, 0])
+    rt.pointwise_bce_loss(r, labels).sum().backward()
+    for i in range(11):
+        p = 1.0 / (1.0 + math.exp(-r[i].item()))
+        naive = -(labels[i].item() * math.log(p) + (1 - labels[i].item()) * math.log(1 - p))
+        assert rt.pointwise_bce_loss(r[i:i + 1], labels[i:i + 1]).item() == pytest.approx(naive, rel=1e-10)
+        assert r.grad[i].item() == pytest.approx(p - labels[i].item(), rel=1e-9, abs=1e-12)
+
+
+# ---------------------------------------------------------------- accuracy and baselines
+def test_pair_accuracy_counts_ties_as_half():
+    better = torch.tensor([1.0, 2.0, 0.5, 3.0])
+    worse = torch.tensor([0.0, 2.0, 0.7, -1.0])
+    assert rt.pair_accuracy(better, worse) == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+
+
+# A = the response with the smaller crc32 of its utf-8 text. crc32 values used below:
+# a 3904355907, b 1908338681, c 112844655, d 2564639436, e 4024072794, f 1993550816, m 3775001192,
+# n 2013832146, p 2181537457, q 4110462503, w 476252946, x 2363233923, y 4225443349, z 1657960367,
+# aa 126491095, yyy 1933935082, aaaa 2912478533, bbbb 256898699, yyyy 3145165042, bbbbbb 956760648,
+# aaaaaaa 1535844468
+def test_majority_baseline_predicts_the_more_frequent_side_of_training_pairs():
+    train = [("a", "b"),  # A=b, worse
+             ("c", "d"),  # A=c, better
+             ("f", "e")]  # A=f, better  -> A better in 2 of 3: predict "A wins"
+    assert rt.fit_majority(train) is True
+    val = [("x", "y"),   # A=x better
+           ("z", "w"),   # A=w worse
+           ("m", "n"),   # A=n worse
+           ("q", "p")]   # A=p worse
+    assert rt.majority_accuracy(val, True) == 0.25
+    other = [("b", "a"), ("d", "c"), ("a", "b")]  # A=b better, A=c worse, A=b worse -> predict "B wins"
+    assert rt.fit_majority(other) is False
+    assert rt.majority_accuracy(other, False) == pytest.approx(2 / 3)
+
+
+def test_length_baseline_fits_shorter_preference_and_threshold_by_hand():
+    # (better, worse); the shorter response is better in every pair. d = len(A) - len(B)
+    train = [("aa", "bbbbbb"),   # A=aa better,      d = -4
+             ("a", "bbbb"),      # A=bbbb worse,     d = 3
+             ("yyy", "aaaa"),    # A=yyy better,     d = -1
+             ("m", "aaaaaaa")]   # A=aaaaaaa worse,  d = 6
+    # s=+1 reaches 2/4 at best. s=-1: s*d = 4, 1 (A better) vs -3, -6 (A worse): any t in [-3, 1) is perfect;
+    # candidates -7, -4.5, -1, 2.5, 4 -> the smallest |t| among the perfect ones is -1
+    assert rt.fit_length_rule(train) == (-1, -1.0)
+    assert rt.length_accuracy(train, -1, -1.0) == 1.0
+    val = [("x", "yyyy"),   # A=x better,   d = -3
+           ("yyy", "x"),    # A=yyy better, d = 2
+           ("aaaa", "b")]   # A=b worse,    d = -3
+    assert rt.length_accuracy(val, -1, 0.0) == pytest.approx(1 / 3)  # predicts A for rows 1, 3: right on row 1
+    assert rt.length_accuracy(val, 1, 0.0) == pytest.approx(2 / 3)   # predicts A for row 2: right on rows 2, 3
+    assert rt.length_accuracy(val, 1, 5.0) == pytest.approx(1 / 3)   # never A: right on row 3
+
+
+def test_length_rule_can_predict_never_a():
+    only_b = [("a", "b"), ("d", "c"), ("a", "bbbb")]  # A = b, c, bbbb: worse in every pair
+    s, t = rt.fit_length_rule(only_b)
+    assert rt.length_accuracy(only_b, s, t) == 1.0
+
+
+def test_length_rule_search_matches_brute_force():
+    rng = random.Random(3)
+    words = ["a" * k for k in range(1, 12)] + ["b" * k for k in range(1, 12)]
+    train = [tuple(rng.sample(words, 2)) for _ in range(40)]
+    s, t = rt.fit_length_rule(train)
+    best = max(rt.length_accuracy(train, ss, tt) for ss in (1, -1) for tt in [x / 2 for x in range(-30, 30)])
+    assert rt.length_accuracy(train, s, t) == pytest.approx(best)
+
+
+def test_pointwise_rows_become_all_good_bad_pairs_per_prompt():
+    items = [("p", "g1", 1), ("p", "b1", 0), ("p", "g2", 1), ("q", "g", 1), ("r", "b", 0), ("r", "b2", 0)]
+    pairs = rt.ranking_pairs("pointwise", items)
+    assert sorted(pairs) == [("p", "g1", "b1"), ("p", "g2", "b1")]
+
+
+# ---------------------------------------------------------------- reward at the last real token
+def test_last_token_index_left_and_right_padding():
+    right = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
+    assert rt.last_token_index(right).tolist() == [2, 4, 0]
+    assert rt.last_token_index(left).tolist() == [4, 4, 4]
+
+
+@pytest.mark.parametrize("pad_id", [0, 2])  # 2 = eos: pad == eos as in SmolLM2
+def test_reward_is_read_at_last_real_token_with_left_and_right_padding(tiny_rm_dir, tiny_tokenizer, pad_id):
+    scorer = rt.load_scorer(str(tiny_rm_dir), tiny_tokenizer, torch.device("cpu")).eval()
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(3, 300, (n,), generator=g).tolist() + [2] for n in (4, 9, 1, 6)]  # each ends in eos
+    with torch.no_grad():
+        alone = [scorer(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[0, -1].item() for s in seqs]
+        for side in ("left", "right"):
+            ids, mask = rt.pad(seqs, pad_id, side, length=12)
+            per_tok = scorer(ids, mask)
+            got = rt.read_last(per_tok, mask)
+            for i, s in enumerate(seqs):
+                last = 11 if side == "left" else len(s) - 1
+                assert got[i].item() == pytest.approx(per_tok[i, last].item(), abs=0)
+                assert got[i].item() == pytest.approx(alone[i], abs=1e-4), (side, i)
+
+
+# ---------------------------------------------------------------- PPO pieces
+def naive_gae(rewards, values, lengths, gamma, lam):
+    B, T = len(rewards), len(rewards[0])
+    adv = [[0.0] * T for _ in range(B)]
+    for b in range(B):
+        nxt_adv = 0.0
+        for t in range(lengths[b] - 1, -1, -1):
+            next_v = values[b][t + 1] if t + 1 < lengths[b] else 0.0
+            delta = rewards[b][t] + gamma * next_v - values[b][t]
+            nxt_adv = delta + gamma * lam * nxt_adv
+            adv[b][t] = nxt_adv
+    ret = [[adv[b][t] + values[b][t] if t < lengths[b] else 0.0 for t in range(T)] for b in range(B)]
+    return adv, ret
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.7), (1.0, 1.0), (0.99, 0.0)])
+def test_gae_matches_naive_backward_loop_with_varying_lengths(gamma, lam):
+    g = torch.Generator().manual_seed(7)
+    lengths = [7, 1, 0, 4, 7]
+    B, T = len(lengths), 7
+    mask = torch.tensor([[1.0 if t < n else 0.0 for t in range(T)] for n in lengths], dtype=torch.float64)
+    rewards = torch.randn(B, T, generator=g, dtype=torch.float64)
+    values = torch.randn(B, T, generator=g, dtype=torch.float64)
+    adv, ret = rt.gae(rewards, values, mask, gamma, lam)
+    n_adv, n_ret = naive_gae(rewards.tolist(), values.tolist(), lengths, gamma, lam)
+    assert torch.allclose(adv, torch.tensor(n_adv, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(ret, torch.tensor(n_ret, dtype=torch.float64), atol=1e-12)
+
+
+def test_masked_whiten_matches_naive_and_ignores_padding():
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 5, generator=g, dtype=torch.float64) * 3 + 2
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.float64)
+    vals = [x[b, t].item() for b in range(3) for t in range(5) if mask[b, t]]
+    mean = sum(vals) / len(vals)
+    var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)
+    out = rt.masked_whiten(x, mask, eps=0.0)
+    for b in range(3):
+        for t in range(5):
+            want = (x[b, t].item() - mean) / math.sqrt(var) if mask[b, t] else 0.0
+            assert out[b, t].item() == pytest.approx(want, abs=1e-12)
+
+
+def test_ppo_policy_loss_matches_naive_loop_values_and_grads():
+    g = torch.Generator().manual_seed(9)
+    B, T, eps = 4, 6, 0.2
+    old = torch.randn(B, T, generator=g, dtype=torch.float64)
+    logp = (old + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.4).requires_grad_()
+    adv = torch.randn(B, T, generator=g, dtype=torch.float64)
+    mask = (torch.rand(B, T, generator=g) > 0.3).double()
+    loss, clipped = rt.ppo_policy_loss(logp, old, adv, mask, eps)
+    loss.backward()
+    naive, n_clip = torch.zeros((), dtype=torch.float64), 0
+    lp2 = logp.detach().clone().requires_grad_()
+    for b in range(B):
+        for t in range(T):
+            if mask[b, t] == 0:
+                continue
+            ratio = torch.exp(lp2[b, t] - old[b, t])
+            unclipped = -adv[b, t] * ratio
+            clipped_ratio = min(max(ratio.item(), 1 - eps), 1 + eps)
+            # the clipped branch is a constant when the ratio is outside [1-eps, 1+eps]
+            clipped_term = -adv[b, t] * (ratio if 1 - eps <= ratio.item() <= 1 + eps else clipped_ratio)
+            naive = naive + (unclipped if unclipped.item() >= float(clipped_term.detach()) else clipped_term)
+            n_clip += abs(ratio.item() - 1) > eps
+    naive.backward()
+    assert loss.item() == pytest.approx(naive.item(), rel=1e-12)
+    assert clipped.item() == n_clip
+    assert torch.allclose(logp.grad, lp2.grad, atol=1e-12)
+
+
+def test_ppo_value_loss_matches_naive_loop_values_and_grads():
+    g = torch.Generator().manual_seed(10)
+    B, T, c = 3, 5, 0.2
+    old = torch.randn(B, T, generator=g, dtype=torch.float64)
+    v = (old + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
+    ret = torch.randn(B, T, generator=g, dtype=torch.float64)
+    mask = (torch.rand(B, T, generator=g) > 0.25).double()
+    rt.ppo_value_loss(v, old, ret, mask, c).backward()
+    v2 = v.detach().clone().requires_grad_()
+    naive = torch.zeros((), dtype=torch.float64)
+    for b in range(B):
+        for t in range(T):
+            if mask[b, t]:
+                d = v2[b, t] - old[b, t]
+                vc = old[b, t] + (d if -c <= d.item() <= c else torch.tensor(math.copysign(c, d.item()), dtype=torch.float64))
+                naive = naive + 0.5 * max((v2[b, t] - ret[b, t]) ** 2, (vc - ret[b, t]) ** 2, key=lambda z: z.item())
+    naive.backward()
+    assert rt.ppo_value_loss(v, old, ret, mask, c).item() == pytest.approx(naive.item(), rel=1e-12)
+    assert torch.allclose(v.grad, v2.grad, atol=1e-12)
+
+
+def test_kl_reward_has_penalty_on_every_token_and_score_on_the_last():
+    kl = torch.tensor([[0.1, 0.2, 0.3, 9.0], [0.5, 9.0, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 0, 0, 0]])
+    r = rt.kl_rewards(kl, torch.tensor([2.0, -1.0]), mask, beta=0.1)
+    want = torch.tensor([[-0.01, -0.02, -0.03 + 2.0, 0.0], [-0.05 - 1.0, 0, 0, 0]])
+    assert torch.allclose(r, want, atol=1e-7)
+
+
+# ---------------------------------------------------------------- runs
+def letter_pref_data(tmp, n, seed, name):
+    """Synthetic preference: the chosen response is made of letters a-m, the rejected one of n-z
+    (single byte tokens). A random tiny policy samples both kinds often, so PPO gets a dense signal."""
+    rng = random.Random(seed)
+    path = tmp / f"{name}.jsonl"
+    with open(path, "w") as f:
+        for _ in range(n):
+            good = "".join(rng.choice("abcdefghijklm") for _ in range(rng.randint(2, 8)))
+            bad = "".join(rng.choice("nopqrstuvwxyz") for _ in range(rng.randint(2, 8)))
+            f.write(json.dumps({"prompt": rng.choice(["Hva er hovedstaden i Norge?", "What is the capital?"]),
+                                "chosen": good, "rejected": bad}) + "\n")
+    return path
+
+
+def metrics(d):
+    return [json.loads(x) for x in open(d / "metrics.jsonl")]
+
+
+def test_rm_learns_letter_preference_then_ppo_raises_rm_score(tmp_path, tiny_lm_dir):
+    train = letter_pref_data(tmp_path, 64, 0, "train")
+    val = letter_pref_data(tmp_path, 32, 1, "val")
+    rt.main(["train-rm", "--model", str(tiny_lm_dir), "--train-data", str(train), "--eval-data", str(val),
+             "--steps", "24", "--batch-size", "16", "--lr", "3e-3", "--warmup-steps", "2", "--output-dir", str(tmp_path / "rm")])
+    m = metrics(tmp_path / "rm")
+    assert m[-1]["eval_acc/val"] >= 0.9, m[-1]
+    table = rt.main(["eval-rm", "--reward-model", str(tmp_path / "rm" / "final"), "--eval-data", str(val),
+                     "--train-data", str(train), "--output-dir", str(tmp_path / "ev")])
+    assert table["majority class"]["val"] <= 0.8 and table[next(iter(table))]["val"] >= 0.9
+    assert (tmp_path / "ev" / "accuracy.md").exists()
+
+    rt.main(["rl", "--model", str(tiny_lm_dir), "--reward-model", str(tmp_path / "rm" / "final"),
+             "--prompts", str(train), "--steps", "16", "--rollout-batch-size", "16", "--minibatch-size", "8",
+             "--ppo-epochs", "2", "--max-new-tokens", "6", "--lr", "3e-3", "--warmup-steps", "1",
+             "--value-warmup-steps", "1", "--beta", "0.01", "--output-dir", str(tmp_path / "rl")])
+    m = metrics(tmp_path / "rl")
+    first = sum(x["reward_mean"] for x in m[:3]) / 3
+    last = sum(x["reward_mean"] for x in m[-3:]) / 3
+    assert last > first + 0.5, [round(x["reward_mean"], 3) for x in m]
+    assert m[0]["policy_updated"] == 0 and m[1]["policy_updated"] == 1
+    assert m[-1]["kl"] > 0
+
+
+def tiny_rm_from_lm(tmp_path, tiny_lm_dir):
+    data = letter_pref_data(tmp_path, 16, 2, "d")
+    rt.main(["train-rm", "--model", str(tiny_lm_dir), "--train-data", str(data), "--steps", "1", "--batch-size", "8",
+             "--lr", "1e-3", "--output-dir", str(tmp_path / "rm0")])
+    return data, tmp_path / "rm0" / "final"
+
+
+def test_two_process_gloo_matches_one_process(tmp_path, tiny_lm_dir):
+    data, rm = tiny_rm_from_lm(tmp_path, tiny_lm_dir)
+    common_rm = ["train-rm", "--model", str(tiny_lm_dir), "--train-data", str(data), "--steps", "2", "--batch-size", "8",
+                 "--lr", "1e-3", "--warmup-steps", "1"]
+    common_rl = ["rl", "--model", str(tiny_lm_dir), "--reward-model", str(rm), "--prompts", str(data), "--steps", "2",
+                 "--rollout-batch-size", "4", "--minibatch-size", "2", "--ppo-epochs", "2", "--max-new-tokens", "5",
+                 "--lr", "1e-3", "--value-warmup-steps", "1", "--warmup-steps", "1"]
+    rt.main(common_rm + ["--output-dir", str(tmp_path / "rm1")])
+    rt.main(common_rl + ["--output-dir", str(tmp_path / "rl1")])
+    run_torchrun("rm_transfer.py", common_rm + ["--output-dir", tmp_path / "rm2"])
+    run_torchrun("rm_transfer.py", common_rl + ["--output-dir", tmp_path / "rl2"])
+    for one, two in [("rm1/final", "rm2/final"), ("rl1/checkpoint-2", "rl2/checkpoint-2"),
+                     ("rl1/checkpoint-2/value", "rl2/checkpoint-2/value")]:
+        w1, w2 = load_file(tmp_path / one / "model.safetensors"), load_file(tmp_path / two / "model.safetensors")
+        assert w1.keys() == w2.keys()
+        for k in w1:
+            assert torch.allclose(w1[k], w2[k], atol=2e-5), (one, k, (w1[k] - w2[k]).abs().max())
+    w0, w1 = load_file(tiny_lm_dir / "model.safetensors"), load_file(tmp_path / "rl1/checkpoint-2/model.safetensors")
+    assert max((w0[k] - w1[k]).abs().max().item() for k in w0) > 1e-4  # the policy did move
+    for a, b in zip(metrics(tmp_path / "rl1"), metrics(tmp_path / "rl2")):
+        assert a["reward_mean"] == pytest.approx(b["reward_mean"], abs=1e-4)
+        assert a["kl"] == pytest.approx(b["kl"], abs=1e-4)
+
+
+def test_rl_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path, tiny_lm_dir):
+    data, rm = tiny_rm_from_lm(tmp_path, tiny_lm_dir)
+    common = ["rl", "--model", str(tiny_lm_dir), "--reward-model", str(rm), "--prompts", str(data),
+              "--rollout-batch-size", "4", "--minibatch-size", "2", "--ppo-epochs", "1", "--max-new-tokens", "5",
+              "--lr", "1e-3", "--value-warmup-steps", "1", "--warmup-steps", "2", "--save-every", "2"]
+    rt.main(common + ["--steps", "3", "--output-dir", str(tmp_path / "full")])
+    rt.main(common + ["--steps", "2", "--output-dir", str(tmp_path / "part")])
+    rt.main(common + ["--steps", "3", "--resume", "--output-dir", str(tmp_path / "part")])
+    full, part = metrics(tmp_path / "full"), metrics(tmp_path / "part")
+    assert [x["step"] for x in part] == [1, 2, 3]
+    for a, b in zip(full, part):
+        for k in a:
+            if k != "tokens_per_s":
+                assert a[k] == pytest.approx(b[k], abs=1e-6), (a["step"], k)
+
+
+def test_row_without_field_gets_one_line_error_naming_file_row_and_fix(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
+    with pytest.raises(SystemExit, match=r'bad.jsonl row 2 has no field "rejected"; pass --rejected-field'):
+        rt.parse_prefs(rt.load_rows(str(bad), "train"), str(bad), rt.Args())
