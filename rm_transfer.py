@@ -35,6 +35,7 @@ Run (CPU or GPU; `torchrun --nproc_per_node=N` works for every stage, plain `pyt
   torchrun --nproc_per_node=2 rm_transfer.py rl --model $MODEL_DIR --reward-model runs/rm-en/final \
       --prompts data/prefs_nb_train.jsonl --steps 20 --output-dir runs/rl-nb
 """
+import functools
 import json
 import math
 import os
@@ -407,6 +408,9 @@ class Logger:
     def __init__(self, a: Args, out: Path, rank: int, total: int, start: int):
         self.rank, self.out, self.tb, self.wb = rank, out, None, None
         self.bar = tqdm(total=total, initial=start, disable=rank != 0, dynamic_ncols=True)
+        if rank == 0 and start and (out / "metrics.jsonl").exists():  # drop steps logged after the checkpoint
+            rows = [r for r in (out / "metrics.jsonl").read_text().splitlines() if json.loads(r)["step"] <= start]
+            (out / "metrics.jsonl").write_text("".join(r + "\n" for r in rows))
         if rank == 0 and a.report_to == "tensorboard":
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -465,7 +469,8 @@ def gather_rows(x: torch.Tensor, rank: int, world: int, pad_value, side: str = "
     return torch.stack(parts, dim=1).reshape(-1, *x.shape[1:])
 
 
-def prompt_order(seed: int, epoch: int, n: int) -> list[int]:
+@functools.lru_cache(maxsize=4)
+def data_order(seed: int, epoch: int, n: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
 
 
@@ -489,9 +494,13 @@ def encode_items(kind, items, tok, max_length):
     return enc, skipped
 
 
-def eval_pairs(scorer, tok, pairs, device, a: Args) -> float:
+def eval_pairs(scorer, tok, pairs, device, a: Args, rank: int = 0, world: int = 1) -> float:
+    """Pairwise accuracy of (prompt, better, worse) pairs; each rank scores a strided slice."""
     seqs = [sequence_ids(tok, p, r) for p, b, w in pairs for r in (b, w)]
-    s = score_sequences(scorer, seqs, tok.pad_token_id, device, a.eval_batch_size)
+    s = torch.zeros(len(seqs), dtype=torch.float64, device=device)
+    s[rank::world] = score_sequences(scorer, seqs[rank::world], tok.pad_token_id, device, a.eval_batch_size).double().to(device)
+    if world > 1:
+        dist.all_reduce(s)
     return pair_accuracy(s[0::2], s[1::2])
 
 
@@ -527,8 +536,7 @@ def train_rm(a: Args, out: Path, rank: int, world: int, device):
     for step in range(start, total):
         t0 = time.time()
         epoch, pos = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(enc), generator=torch.Generator().manual_seed(a.seed * 1000 + epoch)).tolist()
-        batch = order[pos * a.batch_size:(pos + 1) * a.batch_size]
+        batch = data_order(a.seed, epoch, len(enc))[pos * a.batch_size:(pos + 1) * a.batch_size]
         mine = [enc[i] for i in batch[rank::world]]
         if kind == "pairwise":
             ids, mask = pad([e[0] for e in mine] + [e[1] for e in mine], tok.pad_token_id, "right")
@@ -562,7 +570,7 @@ def train_rm(a: Args, out: Path, rank: int, world: int, device):
         if evals and ((a.eval_every and (step + 1) % a.eval_every == 0) or step + 1 == total):
             scorer.eval()
             for p, pairs in evals:
-                m[f"eval_acc/{lang_of(p)}"] = eval_pairs(scorer, tok, pairs, device, a)
+                m[f"eval_acc/{lang_of(p)}"] = eval_pairs(scorer, tok, pairs, device, a, rank, world)
             scorer.train()
         logger.log(m)
         if rank == 0 and a.save_every and (step + 1) % a.save_every == 0 and step + 1 < total:
@@ -591,17 +599,7 @@ def eval_rm(a: Args, out: Path, rank: int, world: int, device):
         scorer = load_scorer(rm_path, tok, device).eval()
         info = getattr(scorer.model.config, "rm_transfer", None) or {}
         src = ",".join(lang_of(p) for p in info.get("train_data", [])) or Path(rm_path).name
-        row = {}
-        for col, pairs in zip(cols, evals):
-            seqs = [sequence_ids(tok, p, r) for p, b, w in pairs for r in (b, w)]
-            s = torch.zeros(len(seqs), dtype=torch.float64)
-            s[rank::world] = score_sequences(scorer, seqs[rank::world], tok.pad_token_id, device, a.eval_batch_size).double()
-            if world > 1:
-                s = s.to(device)
-                dist.all_reduce(s)
-                s = s.cpu()
-            row[col] = pair_accuracy(s[0::2], s[1::2])
-        table[f"RM {src} ({rm_path})"] = row
+        table[f"RM {src} ({rm_path})"] = {c: eval_pairs(scorer, tok, p, device, a, rank, world) for c, p in zip(cols, evals)}
     if a.train_data:
         maj, length = {}, {}
         for col, tpath, pairs in zip(cols, a.train_data, evals):
@@ -710,7 +708,7 @@ def rl(a: Args, out: Path, rank: int, world: int, device):
         # ---- rollout: this rank's prompts, sampled with per-prompt generators
         # sample k of the prompt stream = prompt order(epoch)[pos], (epoch, pos) = divmod(k, #prompts)
         ks = list(range(step * a.rollout_batch_size, (step + 1) * a.rollout_batch_size))[rank::world]
-        gidx = [prompt_order(a.seed, k // len(enc), len(enc))[k % len(enc)] for k in ks]
+        gidx = [data_order(a.seed, k // len(enc), len(enc))[k % len(enc)] for k in ks]
         p_ids, p_mask = pad([enc[i][1] for i in gidx], pad_id, "left")
         p_ids, p_mask = p_ids.to(device), p_mask.to(device)
         gens = [torch.Generator().manual_seed(a.seed * 1_000_003 + k) for k in ks]
