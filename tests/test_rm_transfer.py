@@ -278,6 +278,20 @@ def test_rm_learns_letter_preference_then_ppo_raises_rm_score(tmp_path, tiny_lm_
     assert m[-1]["kl"] > 0
 
 
+def test_pointwise_rm_learns_letter_preference_from_labels(tmp_path, tiny_lm_dir):
+    pairs = [json.loads(x) for x in open(letter_pref_data(tmp_path, 64, 4, "pairs"))]
+    point = tmp_path / "point.jsonl"
+    with open(point, "w") as f:
+        for i, r in enumerate(pairs):  # one labelled response per row, alternating good and bad
+            f.write(json.dumps({"prompt": r["prompt"], "response": r["chosen" if i % 2 else "rejected"],
+                                "label": i % 2}) + "\n")
+    val = letter_pref_data(tmp_path, 32, 5, "val")
+    rt.main(["train-rm", "--model", str(tiny_lm_dir), "--train-data", str(point), "--eval-data", str(val),
+             "--steps", "24", "--batch-size", "16", "--lr", "3e-3", "--warmup-steps", "2", "--output-dir", str(tmp_path / "rm")])
+    m = metrics(tmp_path / "rm")
+    assert m[-1]["eval_acc/val"] >= 0.9 and m[-1]["train_acc"] >= 0.9, m[-1]
+
+
 def tiny_rm_from_lm(tmp_path, tiny_lm_dir):
     data = letter_pref_data(tmp_path, 16, 2, "d")
     rt.main(["train-rm", "--model", str(tiny_lm_dir), "--train-data", str(data), "--steps", "1", "--batch-size", "8",
@@ -313,7 +327,8 @@ def test_rl_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path, tiny
     data, rm = tiny_rm_from_lm(tmp_path, tiny_lm_dir)
     common = ["rl", "--model", str(tiny_lm_dir), "--reward-model", str(rm), "--prompts", str(data),
               "--rollout-batch-size", "4", "--minibatch-size", "2", "--ppo-epochs", "1", "--max-new-tokens", "5",
-              "--lr", "1e-3", "--value-warmup-steps", "1", "--warmup-steps", "2", "--save-every", "2"]
+              "--lr", "1e-3", "--value-warmup-steps", "1", "--warmup-steps", "2", "--save-every", "2",
+              "--kl-estimator", "k1"]
     rt.main(common + ["--steps", "3", "--output-dir", str(tmp_path / "full")])
     # a run that crashed after logging step 3 but before its checkpoint: resume from checkpoint-2
     rt.main(common + ["--steps", "3", "--output-dir", str(tmp_path / "part")])
