@@ -78,7 +78,7 @@ class Args:
     prompt_field: str = field(default="prompt", metadata={"help": "field holding the target-language prompt"})
     reference_field: str = field(default="reference", metadata={"help": "optional field with an English reference answer"})
     sft_data: str = field(default="", metadata={"help": "English SFT data (`messages` or `prompt`+`response`); empty: no SFT"})
-    sft_epochs: int = field(default=1, metadata={"help": "SFT epochs"})  # paper §3: one short SFT pass
+    sft_epochs: int = field(default=1, metadata={"help": "SFT epochs"})  # our choice: the paper's English SFT stage is short
     sft_lr: float = field(default=1e-5, metadata={"help": "SFT learning rate"})  # our choice: usual for small chat SFT
     sft_batch_size: int = field(default=8, metadata={"help": "SFT dialogues per optimizer step (all ranks)"})  # our choice
     messages_field: str = field(default="messages", metadata={"help": "SFT chat-list field"})
@@ -385,6 +385,7 @@ class HTTPJudge:
             url + ("/chat/completions" if url.endswith("/v1") else "/v1/chat/completions")
         self.args = args
         self.api_key = os.environ.get(args.judge_api_key_env, "")
+        self.last_error = ""
 
     def score_one(self, text: str) -> float:
         a = self.args
@@ -402,8 +403,10 @@ class HTTPJudge:
                 score = score_from_top_logprobs(reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"])
                 if score is not None:
                     return score
-            except (OSError, ValueError, KeyError, IndexError, TypeError):  # timeouts and HTTP errors are OSErrors
-                pass
+            except (OSError, ValueError, KeyError, IndexError, TypeError) as e:  # timeouts, HTTP errors: OSError
+                self.last_error = f"{type(e).__name__}: {e}"
+            else:
+                self.last_error = "no digit 1-9 among the top logprobs"
             if attempt < a.judge_retries:
                 time.sleep(a.judge_backoff * 2 ** attempt)
         return math.nan
@@ -524,22 +527,31 @@ def train(args: Args, reward_fn: Optional[RewardFn] = None):
     policy, tok = load_lm(args.model, "--model", device)
     rows = read_rows(args.prompts, "--prompts")
     prompts, too_long = [], 0
+    max_len = min(args.max_seq_len, getattr(policy.config, "max_position_embeddings", None) or args.max_seq_len)
     for i, row in enumerate(rows, 1):
         if not isinstance(row.get(args.prompt_field), str) or not row[args.prompt_field].strip():
             raise SystemExit(f'--prompts {args.prompts} row {i} has no text field "{args.prompt_field}"; '
                              f"pass --prompt-field NAME")
         ids = encode(tok, render_chat(tok, [{"role": "user", "content": row[args.prompt_field]}], True))
-        if len(ids) + args.max_new_tokens > args.max_seq_len:
+        if len(ids) + args.max_new_tokens > max_len:
             too_long += 1
             continue
         prompts.append({"text": row[args.prompt_field], "ids": ids, "reference": row.get(args.reference_field) or None})
     if not prompts:
-        raise SystemExit(f"--prompts {args.prompts}: all {len(rows)} prompts exceed --max-seq-len {args.max_seq_len} "
-                         f"with --max-new-tokens {args.max_new_tokens}; raise --max-seq-len")
+        raise SystemExit(f"--prompts {args.prompts}: all {len(rows)} prompts plus --max-new-tokens {args.max_new_tokens} exceed "
+                         f"{max_len} tokens (--max-seq-len or the model's context); lower --max-new-tokens")
 
     # ---- stage 1: English SFT (skipped when resuming; its result is the reference model) -------
     ckpt = latest_checkpoint(out) if args.resume else None
     sft_dir = out / "sft"
+    if not args.resume and rank == 0:  # a fresh run must not mix with an older one in the same folder
+        old = [p for p in [out / "metrics.jsonl", out / "samples.jsonl", sft_dir, *out.glob("checkpoint-*")] if p.exists()]
+        if old:
+            print(f"fresh run in {out} (no --resume): removing {', '.join(p.name for p in old)}")
+        for p in old:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    if ddp:
+        dist.barrier()
     if args.sft_data and ckpt is None and not (sft_dir / "config.json").exists():
         run_sft(args, policy, tok, device, rank, world, ddp, autocast)
         if rank == 0:
@@ -656,6 +668,9 @@ def train(args: Args, reward_fn: Optional[RewardFn] = None):
                    "skipped_steps": skipped_steps, "prompts_skipped": too_long,
                    "tokens_per_s": ntok / (time.time() - t0)}
         if rank == 0:
+            if metrics["judge_failures"] == n_seq:
+                tqdm.write(f"step {step}: the judge scored none of the {n_seq} responses (last error: "
+                           f"{getattr(judge, 'last_error', '') or 'prompt longer than the judge context'})")
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             if args.sample_every > 0 and step % args.sample_every == 0:
