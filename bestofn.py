@@ -25,7 +25,10 @@ Equations:
   (3) judge score  s = sum_k k p(k) / sum_k p(k),  k = 1..9,  p = judge's next-token probs
   (4) per-prompt win  w = (o_AB + (1 - o_BA)) / 2,  o = 1 if the judge prefers A, 0 if B,
       1/2 if tied; win rate = mean_x w; 95% CI: Wilson score interval over prompts (main),
-      plus the normal approximation mean +- 1.96 sd / sqrt(m) (reported as well).
+      plus the normal approximation mean +- 1.96 sd / sqrt(m) (reported as well). The "soft"
+      win rate puts the judge's P(A better) in place of o (p_A / (p_A + p_B) for an LLM judge,
+      sigma(r_A - r_B) for a reward model); it shows signal that hard decisions hide when a
+      weak judge always answers "A".
 
 Run (embedded SmolLM2 as policy and judge; --reward-model works with any num_labels=1
 sequence-classification folder, e.g. one written by rm_transfer.py):
@@ -266,14 +269,16 @@ def sample_responses(model, tok, prompt: str, n: int, args: Args, seed: int) -> 
 
 @torch.no_grad()
 def reward_model_scores(rm, tok, prompt: str, responses: list[str], batch_size: int) -> list[float]:
-    """r(x, y) read at the last token of each sequence, whatever the pad token is.
+    """r(x, y) read at the last token of chat(x) ++ y ++ eos, whatever the pad token is.
 
-    Sequences are batched only with others of the same length (no padding at all), and fed as
-    inputs_embeds so HF's pooling takes position -1 instead of searching for the pad id, which
-    would stop early when pad == eos and the text ends with eos."""
-    texts = [chat_text(tok, [{"role": "user", "content": prompt}, {"role": "assistant", "content": r}], False)
-             for r in responses]
-    ids = [tok(t, add_special_tokens=not tok.chat_template).input_ids for t in texts]
+    The input is the chat-formatted prompt, the response tokens and eos: the tokens the policy
+    produced when it stopped (the same layout rm_transfer.py trains on). Sequences are batched
+    only with others of the same length (no padding at all), and fed as inputs_embeds so HF's
+    pooling takes position -1 instead of searching for the pad id, which would stop one token
+    early when pad == eos. (HF warns once that it cannot see padding in inputs_embeds: there is none.)"""
+    head = tok(chat_text(tok, [{"role": "user", "content": prompt}], True), add_special_tokens=not tok.chat_template).input_ids
+    tail = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    ids = [head + tok(r, add_special_tokens=False).input_ids + tail for r in responses]
     scores = [0.0] * len(ids)
     by_len: dict[int, list[int]] = {}
     for i, seq in enumerate(ids):
@@ -392,13 +397,16 @@ def make_pointwise_scorer(args: Args, rm=None, judge=None):
 
 
 def make_pairwise_judge(args: Args, rm=None, judge=None, url: str = "", url_model: str = ""):
-    """Returns judge(prompt, reference, a, b) -> (1 if A better / 0 if B / 0.5 tie, how it was read)."""
+    """Returns judge(prompt, reference, a, b) -> (1 if A better / 0 if B / 0.5 tie, P(A better), how read).
+
+    P(A better) is the soft judgment: p_A / (p_A + p_B) for an LLM judge, sigma(r_A - r_B)
+    (Bradley-Terry) for a reward model."""
     if rm is not None:
         model, tok = rm
 
         def by_reward(prompt, ref, a, b):
             s = reward_model_scores(model, tok, prompt, [a, b], args.batch_size)
-            return preference(s[0], s[1]), "reward"
+            return preference(s[0], s[1]), 1.0 / (1.0 + math.exp(s[1] - s[0])), "reward"
         return by_reward
     ref_of = (lambda r: r) if args.judge_use_reference else (lambda r: None)
     if judge is not None:
@@ -406,13 +414,15 @@ def make_pairwise_judge(args: Args, rm=None, judge=None, url: str = "", url_mode
         ids = label_token_ids(tok, PAIR_LABELS)
 
         def by_lm(prompt, ref, a, b):
-            p = next_token_label_probs(model, tok, [chat_text(tok, pairwise_messages(prompt, a, b, ref_of(ref)), True)], ids, 1)[0]
-            return preference(p[0].item(), p[1].item()), "logprobs"
+            p = next_token_label_probs(model, tok, [chat_text(tok, pairwise_messages(prompt, a, b, ref_of(ref)), True)], ids, 1)[0].tolist()
+            return preference(p[0], p[1]), p[0] / (p[0] + p[1]), "logprobs"
         return by_lm
 
     def by_http(prompt, ref, a, b):
         probs, how = http_label_probs(url, url_model, pairwise_messages(prompt, a, b, ref_of(ref)), PAIR_LABELS, args)
-        return (preference(probs[0], probs[1]) if probs else 0.5), how  # counted fallback: unreadable -> tie
+        if not probs:
+            return 0.5, 0.5, how  # counted fallback: unreadable -> tie
+        return preference(probs[0], probs[1]), probs[0] / (probs[0] + probs[1]), how
     return by_http
 
 
@@ -433,8 +443,10 @@ def summarize(rows: list[dict], args: Args, extra: dict) -> dict:
         for k, v in r.get("judge_reads", {}).items():
             out["judge_reads"][k] = out["judge_reads"].get(k, 0) + v
     if args.eval:
-        ci = win_rate_ci([r["win"] for r in rows if "win" in r])
-        out["eval"] = {**ci, "identical_pairs": sum(r.get("single") == r["best"] for r in rows if "win" in r)}
+        judged = [r for r in rows if "win" in r]
+        out["eval"] = {**win_rate_ci([r["win"] for r in judged]),
+                       "identical_pairs": sum(r["single"] == r["best"] for r in judged),
+                       "soft": win_rate_ci([r["win_soft"] for r in judged])}
     return out
 
 
@@ -531,14 +543,15 @@ def main(argv: list[str] | None = None):
             (single,), t1 = sample_responses(policy, policy_tok, p["prompt"], 1, args, prompt_seed(args.seed, i, "single"))
             tokens += t1
             if single == row["best"]:
-                orders = [0.5, 0.5]  # the same text: a tie, no judge call
+                orders, soft = [0.5, 0.5], [0.5, 0.5]  # the same text: a tie, no judge call
             else:
-                o1, h1 = pair(p["prompt"], p["reference"], row["best"], single)
-                o2, h2 = pair(p["prompt"], p["reference"], single, row["best"])
-                orders = [o1, o2]
+                o1, s1, h1 = pair(p["prompt"], p["reference"], row["best"], single)
+                o2, s2, h2 = pair(p["prompt"], p["reference"], single, row["best"])
+                orders, soft = [o1, o2], [s1, s2]
                 for h in (h1, h2):
                     reads[f"eval_{h}"] = reads.get(f"eval_{h}", 0) + 1
-            row.update(single=single, eval_a_wins=orders, win=win_both_orders(*orders))
+            row.update(single=single, eval_a_wins=orders, win=win_both_orders(*orders),
+                       eval_p_a=soft, win_soft=win_both_orders(*soft))
         if reads:
             row["judge_reads"] = reads
         row["_tokens"] = tokens
@@ -593,6 +606,9 @@ def main(argv: list[str] | None = None):
             print(f"win rate best-of-{args.n} vs one sample ({eval_desc}, both orders, ties 1/2): {e['win_rate']:.3f} "
                   f"95% CI Wilson [{e['ci95_wilson'][0]:.3f}, {e['ci95_wilson'][1]:.3f}], "
                   f"normal [{e['ci95_normal'][0]:.3f}, {e['ci95_normal'][1]:.3f}] over {e['num_prompts']} prompts")
+            s = e["soft"]
+            print(f"soft win rate (judge probabilities, both orders): {s['win_rate']:.3f} "
+                  f"95% CI normal [{s['ci95_normal'][0]:.3f}, {s['ci95_normal'][1]:.3f}]")
         if summary["judge_reads"]:
             print(f"judge answers read via: {summary['judge_reads']}")
     if dist.is_initialized():

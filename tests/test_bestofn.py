@@ -139,23 +139,34 @@ def test_reward_is_read_at_last_token_even_when_pad_equals_eos(tiny_rm_dir):
     rm = AutoModelForSequenceClassification.from_pretrained(tiny_rm_dir).eval()
     tok = AutoTokenizer.from_pretrained(tiny_rm_dir)
     rm.config.pad_token_id = tok.eos_token_id  # the pad == eos case (SmolLM2, Llama 3, ...)
-    responses = ["Oslo.", "Oslo er hovedstaden.", "Madrid<|im_end|>", "Osloo", "", "hei hei<|im_end|>"]
-    for template in (tok.chat_template, None):
+    responses = ["Oslo.", "Oslo er hovedstaden.", "Madrid", "Osloo", "", "hei hei", "Oslo!"]
+    q = "Hva er hovedstaden i Norge?"
+    for template, head in ((tok.chat_template, f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"),
+                           (None, f"{q}\n\n")):
         tok.chat_template = template
-        got = bestofn.reward_model_scores(rm, tok, "Hva er hovedstaden i Norge?", responses, batch_size=2)
+        got = bestofn.reward_model_scores(rm, tok, q, responses, batch_size=2)
         for r, s in zip(responses, got):
-            text = bestofn.chat_text(tok, [{"role": "user", "content": "Hva er hovedstaden i Norge?"},
-                                           {"role": "assistant", "content": r}], False)
-            ids = torch.tensor([tok(text, add_special_tokens=template is None).input_ids])
+            ids = torch.tensor([tok(head).input_ids + tok(r).input_ids + [tok.eos_token_id]])  # chat(x) ++ y ++ eos
             with torch.no_grad():
                 naive = rm.score(rm.model(ids).last_hidden_state[0, -1]).item()
             assert s == pytest.approx(naive, abs=1e-5)
-    # without the fix HF pools before the trailing eos: the case above is a real one
-    ids = torch.tensor([tok("Madrid<|im_end|>").input_ids])
+    # HF's own pooling stops before a trailing eos when pad == eos: the case above is a real one
     with torch.no_grad():
         hf = rm(input_ids=ids).logits[0, 0].item()
-        last = rm.score(rm.model(ids).last_hidden_state[0, -1]).item()
-    assert abs(hf - last) > 1e-6
+    assert abs(hf - naive) > 1e-6
+
+
+def test_reward_model_pairwise_judgment_is_bradley_terry(tiny_rm_dir):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_rm_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_rm_dir)
+    pair = bestofn.make_pairwise_judge(bestofn.Args(), rm=(rm, tok))
+    for a, b in [("Madrid.", "Es Madrid, claro."), ("hola", "hola"), ("", "x")]:
+        ra, rb = bestofn.reward_model_scores(rm, tok, "¿Capital de España?", [a, b], batch_size=4)
+        hard, soft, how = pair("¿Capital de España?", None, a, b)
+        assert how == "reward" and hard == (1.0 if ra > rb else 0.0 if rb > ra else 0.5)
+        assert soft == pytest.approx(1 / (1 + math.exp(-(ra - rb))), abs=1e-12)
 
 
 def test_judge_label_probs_with_left_padding_match_one_sequence_at_a_time(tiny_lm_dir):
@@ -240,6 +251,7 @@ def test_end_to_end_with_url_judge_picks_the_max_and_cancels_position_bias(tiny_
         assert r["best_index"] == naive_best(r["scores"]) and r["best"] == r["candidates"][r["best_index"]]
         if r["single"] != r["best"]:  # asked twice, best first then best second
             assert r["eval_a_wins"] == [1.0, 1.0] and r["win"] == 0.5
+            assert r["eval_p_a"] == [1.0, 1.0] and r["win_soft"] == 0.5
             assert sum(f"Answer A:\n{r['best']}\n\nAnswer B:\n{r['single']}" in c for c in pairwise) >= 1
             assert sum(f"Answer A:\n{r['single']}\n\nAnswer B:\n{r['best']}" in c for c in pairwise) >= 1
     summary = json.loads((tmp_path / "bon.jsonl.summary.json").read_text())
@@ -293,3 +305,12 @@ def test_row_without_prompt_field_gives_clear_error(tmp_path):
     good.write_text('{"text": "hei", "ref": "hi"}\n\n{"text": "hola"}\n')
     rows = bestofn.load_prompts(bestofn.Args(prompts=str(good), prompt_field="text", reference_field="ref"))
     assert rows == [{"prompt": "hei", "reference": "hi"}, {"prompt": "hola", "reference": None}]
+
+
+def test_prompts_longer_than_the_context_are_skipped_and_counted(tiny_lm_dir, tiny_rm_dir, tmp_path):
+    out = tmp_path / "bon.jsonl"
+    args = run_args(str(tiny_lm_dir), str(tiny_rm_dir), str(out), prompts=2)
+    args[args.index("--max-new-tokens") + 1] = "500"  # tiny model: 512 positions
+    bestofn.main(args)
+    summary = json.loads((tmp_path / "bon.jsonl.summary.json").read_text())
+    assert out.read_text() == "" and summary["skipped_too_long"] == 2 and summary["eval"]["win_rate"] is None
