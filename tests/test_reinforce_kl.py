@@ -361,16 +361,20 @@ def test_resume_after_interruption_gives_identical_metrics(tiny_lm_dir, tmp_path
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_ddp_two_processes_match_one_process(tiny_lm_dir, tmp_path):
+def test_ddp_two_processes_match_one_process_for_sft_and_rl_step(tiny_lm_dir, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    flags = lambda out: base_flags(tiny_lm_dir, out, 1) + ["--prompts-per-step", "4"]  # noqa: E731
+    flags = lambda out: base_flags(tiny_lm_dir, out, 1) + [  # noqa: E731
+        "--prompts-per-step", "4", "--sft-data", SFT, "--sft-batch-size", "6", "--sft-lr", "1e-3"]
     rk.main(flags(one))
     run_torchrun("reinforce_kl.py", flags(two), nproc=2)
     m1, m2 = read_metrics(one)[0], read_metrics(two)[0]
     assert m1["frac_zero_adv"] < 1.0  # the step has a learning signal, so weights really move
     for k in ("reward_mean", "reward_std", "kl", "entropy", "response_len", "loss", "grad_norm"):
         assert m1[k] == pytest.approx(m2[k], rel=1e-4, abs=1e-6), k
-    start = load_file(str(tiny_lm_dir / "model.safetensors"))
+    s1, s2 = load_file(str(one / "sft" / "model.safetensors")), load_file(str(two / "sft" / "model.safetensors"))
+    for k in s1:
+        torch.testing.assert_close(s1[k], s2[k], rtol=1e-4, atol=1e-5)
+    start = s1
     w1 = load_file(str(one / "checkpoint-1" / "model.safetensors"))
     w2 = load_file(str(two / "checkpoint-1" / "model.safetensors"))
     assert any(not torch.equal(start[k], w1[k]) for k in start)
