@@ -36,6 +36,7 @@ Run (CPU or GPU; `torchrun --nproc_per_node=N` works for every stage, plain `pyt
       --prompts data/prefs_nb_train.jsonl --steps 20 --output-dir runs/rl-nb
 """
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -63,8 +64,7 @@ EMBEDDED_MODEL = str(Path(os.environ.get("LOWRES_ALIGN_CACHE", Path.home() / ".c
 
 @dataclass
 class Args:
-    stage: str = field(default="train-rm", metadata={"help": "train-rm | eval-rm | rl (or the first positional word)",
-                                                     "choices": STAGES})
+    stage: str = field(default="train-rm", metadata={"help": "train-rm | eval-rm | rl (or the first word)", "choices": STAGES})
     model: str = field(default=EMBEDDED_MODEL, metadata={"help": "train-rm: backbone (a causal LM folder works); rl: the SFT policy"})
     reward_model: list[str] = field(default_factory=list, metadata={"help": "eval-rm: one or more RM folders (matrix rows); rl: the RM (also initialises the value model)"})
     train_data: list[str] = field(default_factory=list, metadata={"help": "train-rm: preference files (JSONL or HF dataset name); eval-rm: the training split of each --eval-data file, same order, to fit the baselines"})
@@ -412,16 +412,10 @@ class Logger:
             rows = [r for r in (out / "metrics.jsonl").read_text().splitlines() if json.loads(r)["step"] <= start]
             (out / "metrics.jsonl").write_text("".join(r + "\n" for r in rows))
         if rank == 0 and a.report_to == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise SystemExit("--report-to tensorboard needs the tensorboard package: pip install tensorboard")
+            from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(out))
         if rank == 0 and a.report_to == "wandb":
-            try:
-                import wandb
-            except ImportError:
-                raise SystemExit("--report-to wandb needs the wandb package: pip install wandb")
+            import wandb
             self.wb = wandb.init(project="lowres-align", name=out.name, config=asdict(a))
 
     def log(self, m: dict):
@@ -431,8 +425,8 @@ class Logger:
             f.write(json.dumps(m) + "\n")
         self.bar.update(1)
         self.bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in m.items() if k != "step"})
-        for k, v in m.items():
-            if self.tb is not None and k != "step":
+        if self.tb is not None:
+            for k, v in m.items():
                 self.tb.add_scalar(k, v, m["step"])
         if self.wb is not None:
             self.wb.log(m, step=m["step"])
@@ -481,17 +475,10 @@ def warmup_constant(opt, warmup: int):
 # ---------------------------------------------------------------- stages
 def encode_items(kind, items, tok, max_length):
     """Tokenize; pairs/examples longer than max_length are dropped. -> (kept encodings, n_skipped)"""
-    enc, skipped = [], 0
-    for it in items:
-        if kind == "pairwise":
-            e = (sequence_ids(tok, it[0], it[1]), sequence_ids(tok, it[0], it[2]))
-        else:
-            e = (sequence_ids(tok, it[0], it[1]), it[2])
-        if max(len(e[0]), len(e[1]) if kind == "pairwise" else 0) > max_length:
-            skipped += 1
-        else:
-            enc.append(e)
-    return enc, skipped
+    enc = [(sequence_ids(tok, it[0], it[1]), sequence_ids(tok, it[0], it[2]) if kind == "pairwise" else it[2])
+           for it in items]
+    keep = [e for e in enc if max(len(e[0]), len(e[1]) if kind == "pairwise" else 0) <= max_length]
+    return keep, len(enc) - len(keep)
 
 
 def eval_pairs(scorer, tok, pairs, device, a: Args, rank: int = 0, world: int = 1) -> float:
@@ -802,6 +789,8 @@ def main(argv: list[str] | None = None):
     if argv and argv[0] in STAGES:
         argv = ["--stage", argv[0]] + argv[1:]
     (a,) = HfArgumentParser(Args).parse_args_into_dataclasses(argv)
+    if a.report_to != "none" and importlib.util.find_spec(a.report_to) is None:
+        raise SystemExit(f"--report-to {a.report_to} needs the {a.report_to} package: pip install {a.report_to}")
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
