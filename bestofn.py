@@ -483,6 +483,9 @@ def main(argv: list[str] | None = None):
             if not isinstance(i, int) or i >= len(prompts) or prompts[i]["prompt"] != r.get("prompt"):
                 raise SystemExit(f"--output {output} row for index {i} does not match --prompts {args.prompts}; "
                                  "resume with the same prompts file, or choose another --output")
+            if len(r.get("candidates", [])) != args.n or ("win" in r) != args.eval:
+                raise SystemExit(f"--output {output} row for index {i} was written with other --n/--eval settings; "
+                                 "resume with the same flags, or choose another --output")
     if world > 1:
         box = [sorted(r["index"] for r in done)]
         dist.broadcast_object_list(box, src=0)

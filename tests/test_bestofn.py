@@ -289,10 +289,13 @@ def test_resume_of_half_written_output_equals_one_full_run(tiny_lm_dir, tiny_rm_
     assert part.read_bytes() == full.read_bytes()
 
 
-def test_resume_refuses_an_output_made_from_other_prompts(tiny_lm_dir, tiny_rm_dir, tmp_path):
+def test_resume_refuses_an_output_made_from_other_prompts_or_flags(tiny_lm_dir, tiny_rm_dir, tmp_path):
     out = tmp_path / "bon.jsonl"
     out.write_text(json.dumps({"index": 0, "prompt": "something else"}) + "\n")
     with pytest.raises(SystemExit, match="does not match --prompts"):
+        bestofn.main(run_args(str(tiny_lm_dir), str(tiny_rm_dir), str(out)) + ["--resume"])
+    out.write_text(json.dumps({"index": 0, "prompt": "Hva er hovedstaden i Norge?", "candidates": ["a"]}) + "\n")
+    with pytest.raises(SystemExit, match="other --n/--eval settings"):
         bestofn.main(run_args(str(tiny_lm_dir), str(tiny_rm_dir), str(out)) + ["--resume"])
 
 
