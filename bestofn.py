@@ -92,6 +92,7 @@ class Args:
     dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16"})
     seed: int = field(default=0, metadata={"help": "sampling of prompt i is seeded by (seed, i): independent of processes and resume"})
     resume: bool = field(default=False, metadata={"help": "continue a partially written --output, skipping finished prompts"})
+    report_to: str = field(default="none", metadata={"help": "none | tensorboard (<output>.tb/) | wandb: per-prompt scores and wins, step = prompt index"})
 
 
 # ----------------------------------------------------------------------------- pure math
@@ -427,6 +428,32 @@ def make_pairwise_judge(args: Args, rm=None, judge=None, url: str = "", url_mode
 
 
 # ----------------------------------------------------------------------------- main
+def make_reporter(kind: str, output: Path, args: Args):
+    """Returns log(metrics, step) for --report-to; a clear error when the backend is missing."""
+    if kind == "none":
+        return lambda metrics, step: None
+    if kind == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise SystemExit("--report-to tensorboard needs `pip install tensorboard`; or pass --report-to none") from None
+        writer = SummaryWriter(f"{output}.tb")
+
+        def log_tb(metrics, step):
+            for k, v in metrics.items():
+                writer.add_scalar(k, v, step)
+            writer.flush()
+        return log_tb
+    if kind == "wandb":
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit("--report-to wandb needs `pip install wandb`; or pass --report-to none") from None
+        run = wandb.init(project="lowres-align", name=output.stem, config=asdict(args), resume="allow")
+        return lambda metrics, step: run.log(metrics, step=step)
+    raise SystemExit(f'--report-to must be none, tensorboard or wandb, got "{kind}"')
+
+
 def summarize(rows: list[dict], args: Args, extra: dict) -> dict:
     best = [r["scores"][r["best_index"]] for r in rows]
     mean_all = [sum(r["scores"]) / len(r["scores"]) for r in rows]
@@ -458,6 +485,8 @@ def main(argv: list[str] | None = None):
         raise SystemExit("pass exactly one selection scorer: --reward-model PATH, or --judge-model NAME / --judge-url URL")
     if args.temperature <= 0 or args.n < 1 or args.batch_size < 1:
         raise SystemExit("--temperature must be > 0 and --n, --batch-size >= 1 (best-of-n samples from the policy)")
+    if args.report_to not in ("none", "tensorboard", "wandb"):
+        raise SystemExit(f'--report-to must be none, tensorboard or wandb, got "{args.report_to}"')
 
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -566,6 +595,7 @@ def main(argv: list[str] | None = None):
 
         output.parent.mkdir(parents=True, exist_ok=True)
         bar = tqdm(total=len(pending), desc="best-of-n", dynamic_ncols=True)
+        report = make_reporter(args.report_to, output, args)
     skipped, tokens, t0 = 0, 0, time.time()
     fout = open(output, "a", encoding="utf-8") if rank == 0 else None
     for r0 in range(0, len(pending), world):
@@ -585,7 +615,11 @@ def main(argv: list[str] | None = None):
                 else:
                     tokens += row.pop("_tokens")
                     fout.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    bar.set_postfix(best_score=f"{row['best_score']:.3f}", win=row.get("win", "-"))
+                    metrics = {"best_score": row["best_score"], "candidate_score_mean": sum(row["scores"]) / len(row["scores"])}
+                    if "win" in row:
+                        metrics.update(win=row["win"], win_soft=row["win_soft"])
+                    bar.set_postfix({k: round(v, 3) for k, v in metrics.items()})
+                    report(metrics, row["index"])
             fout.flush()
             bar.update(sum(r is not None for r in got))
 

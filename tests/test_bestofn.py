@@ -317,3 +317,39 @@ def test_prompts_longer_than_the_context_are_skipped_and_counted(tiny_lm_dir, ti
     bestofn.main(args)
     summary = json.loads((tmp_path / "bon.jsonl.summary.json").read_text())
     assert out.read_text() == "" and summary["skipped_too_long"] == 2 and summary["eval"]["win_rate"] is None
+
+
+def test_in_process_llm_judge_scores_are_the_expected_digit_and_both_orders_are_recorded(tiny_lm_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "bon.jsonl"
+    bestofn.main(["--model", str(tiny_lm_dir), "--judge-model", str(tiny_lm_dir), "--n", "3", "--batch-size", "2",
+                  "--max-new-tokens", "5", "--max-prompts", "2", "--eval", "--output", str(out)])
+    plain = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    digits = [tok.convert_tokens_to_ids(str(k)) for k in range(1, 10)]  # the tiny vocab has no " k" tokens
+    prompts = bestofn.load_prompts(bestofn.Args())
+    for line in out.read_text().splitlines():
+        r = json.loads(line)
+        for y, s in zip(r["candidates"], r["scores"]):
+            text = bestofn.chat_text(tok, bestofn.pointwise_messages(r["prompt"], y, prompts[r["index"]]["reference"]), True)
+            with torch.no_grad():
+                p = torch.softmax(plain(torch.tensor([tok(text, add_special_tokens=False).input_ids])).logits[0, -1].double(), -1)
+            want = sum((k + 1) * p[t].item() for k, t in enumerate(digits)) / sum(p[t].item() for t in digits)
+            assert s == pytest.approx(want, abs=1e-5)
+        p1, p2 = r["eval_p_a"]
+        assert r["win_soft"] == pytest.approx((p1 + 1 - p2) / 2) and r["win"] == (r["eval_a_wins"][0] + 1 - r["eval_a_wins"][1]) / 2
+
+
+def test_report_to_needs_its_backend(tiny_lm_dir, tiny_rm_dir, tmp_path):
+    import importlib.util
+
+    args = run_args(str(tiny_lm_dir), str(tiny_rm_dir), str(tmp_path / "bon.jsonl"), prompts=1) + ["--report-to", "tensorboard"]
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(SystemExit, match="pip install tensorboard"):
+            bestofn.main(args)
+    else:
+        bestofn.main(args)
+        assert (tmp_path / "bon.jsonl.tb").is_dir()
+    with pytest.raises(SystemExit, match="none, tensorboard or wandb"):
+        bestofn.main(run_args(str(tiny_lm_dir), str(tiny_rm_dir), str(tmp_path / "b2.jsonl"), prompts=1) + ["--report-to", "x"])
