@@ -34,10 +34,16 @@ Run (embedded SmolLM2 as policy and judge; --reward-model works with any num_lab
 sequence-classification folder, e.g. one written by rm_transfer.py):
   python bestofn.py --model ~/.cache/lowres-align/SmolLM2-135M-Instruct \
       --judge-model ~/.cache/lowres-align/SmolLM2-135M-Instruct \
-      --prompts data/bon_prompts.jsonl --n 8 --max-new-tokens 48 --eval --output runs/bon.jsonl
-  OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 bestofn.py --num-samples 8 ... (same flags, but
+      --prompts data/bon_prompts.jsonl --n 4 --batch-size 4 --max-new-tokens 48 --eval --seed 0 \
+      --output runs/bon-readme.jsonl
+  OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 bestofn.py --num-samples 4 ... (same flags, but
       --num-samples for --n, which torchrun's parser takes for its own --nnodes; same output file)
 Re-running with --resume and the same --output skips the prompts already written.
+
+Output: one JSONL row per prompt, in prompt order: index, prompt, candidates, scores, best,
+best_index, best_score (+ reference; with --eval: single, eval_a_wins = [o_AB, o_BA], win,
+eval_p_a, win_soft; judge_reads = how judge answers were read). <output>.summary.json holds the
+KL bound, the ceiling, mean scores, the win rates with their intervals, and the arguments.
 """
 import hashlib
 import json
