@@ -267,7 +267,7 @@ def run_args(lm, rm, out, prompts=5):
             "--max-prompts", str(prompts), "--eval", "--seed", "7", "--output", out]
 
 
-def test_two_processes_write_the_same_file_as_one(tiny_lm_dir, tiny_rm_dir, tmp_path):
+def test_two_processes_write_the_same_file_as_one_and_resume_it(tiny_lm_dir, tiny_rm_dir, tmp_path):
     one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     subprocess.run([sys.executable, str(ROOT / "bestofn.py"), *run_args(tiny_lm_dir, tiny_rm_dir, one)],
@@ -276,6 +276,12 @@ def test_two_processes_write_the_same_file_as_one(tiny_lm_dir, tiny_rm_dir, tmp_
     assert len(one.read_text().splitlines()) == 5
     assert two.read_bytes() == one.read_bytes()
     assert json.loads((tmp_path / "two.jsonl.summary.json").read_text())["processes"] == 2
+    # a 1-process file cut mid-row, resumed by 2 processes, ends as the full file
+    three = tmp_path / "three.jsonl"
+    lines = one.read_bytes().splitlines(keepends=True)
+    three.write_bytes(b"".join(lines[:2]) + lines[2][:40])
+    run_torchrun("bestofn.py", run_args(tiny_lm_dir, tiny_rm_dir, three) + ["--resume"], nproc=2)
+    assert three.read_bytes() == one.read_bytes()
 
 
 def test_resume_of_half_written_output_equals_one_full_run(tiny_lm_dir, tiny_rm_dir, tmp_path):
