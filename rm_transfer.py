@@ -27,7 +27,7 @@ Equations (numbering ours). r(x, y) = the RM head read at the last non-padding t
 
 Run (CPU or GPU; `torchrun --nproc_per_node=N` works for every stage, plain `python` is 1 process):
   python rm_transfer.py train-rm --model $MODEL_DIR --train-data data/prefs_en_train.jsonl \
-      --eval-data data/prefs_en_val.jsonl --epochs 2 --output-dir runs/rm-en
+      --eval-data data/prefs_en_val.jsonl data/prefs_nb_val.jsonl --epochs 3 --lr 2e-5 --output-dir runs/rm-en
   python rm_transfer.py eval-rm --reward-model runs/rm-en/final \
       --eval-data data/prefs_en_val.jsonl data/prefs_nb_val.jsonl data/prefs_es_val.jsonl \
       --train-data data/prefs_en_train.jsonl data/prefs_nb_train.jsonl data/prefs_es_train.jsonl \
@@ -577,9 +577,10 @@ def eval_rm(a: Args, out: Path, rank: int, world: int, device):
     if a.train_data and len(a.train_data) != len(a.eval_data):
         raise SystemExit(f"--train-data gives {len(a.train_data)} files for {len(a.eval_data)} --eval-data files; "
                          "pass one training split per eval file, in the same order (or none to skip the baselines)")
-    cols = [lang_of(p) for p in a.eval_data]
+    parsed = [parse_prefs(load_rows(p, a.dataset_split), p, a) for p in a.eval_data]
+    cols = [lang_of(p) + (" pointwise" if kind == "pointwise" else "") for p, (kind, _) in zip(a.eval_data, parsed)]
     cols = [c if cols.count(c) == 1 else Path(p).stem for c, p in zip(cols, a.eval_data)]
-    evals = [ranking_pairs(*parse_prefs(load_rows(p, a.dataset_split), p, a)) for p in a.eval_data]
+    evals = [ranking_pairs(*x) for x in parsed]
     table: dict[str, dict[str, float]] = {}
     for rm_path in a.reward_model:
         tok = load_tokenizer(rm_path)

@@ -323,6 +323,17 @@ def test_two_process_gloo_matches_one_process(tmp_path, tiny_lm_dir):
         assert a["kl"] == pytest.approx(b["kl"], abs=1e-4)
 
 
+def test_ppo_ratio_is_one_when_the_policy_does_not_move(tmp_path, tiny_lm_dir):
+    """lr = 0: the log-probs recomputed in the PPO minibatches (global padding, train mode) must equal
+    the rollout's, so no token is clipped and the whitened-advantage loss is 0."""
+    data, rm = tiny_rm_from_lm(tmp_path, tiny_lm_dir)
+    rt.main(["rl", "--model", str(tiny_lm_dir), "--reward-model", str(rm), "--prompts", str(data), "--steps", "2",
+             "--rollout-batch-size", "8", "--minibatch-size", "4", "--ppo-epochs", "2", "--max-new-tokens", "8",
+             "--lr", "0", "--value-warmup-steps", "0", "--output-dir", str(tmp_path / "rl")])
+    for m in metrics(tmp_path / "rl"):
+        assert m["clipfrac"] == 0 and abs(m["loss"]) < 1e-5, m
+
+
 def test_rl_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path, tiny_lm_dir):
     data, rm = tiny_rm_from_lm(tmp_path, tiny_lm_dir)
     common = ["rl", "--model", str(tiny_lm_dir), "--reward-model", str(rm), "--prompts", str(data),
