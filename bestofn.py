@@ -126,6 +126,12 @@ def expected_score(label_probs: torch.Tensor, values: torch.Tensor) -> torch.Ten
     return (p * values.double()).sum(-1) / p.sum(-1)
 
 
+def finite_mean(xs: list[float]) -> float:
+    """Mean over the scored entries (unreadable judgments are NaN); NaN when none is scored."""
+    xs = [x for x in xs if math.isfinite(x)]
+    return sum(xs) / len(xs) if xs else math.nan
+
+
 def preference(p_a: float, p_b: float) -> float:
     """One pairwise judgment: 1 if A is preferred, 0 if B, 1/2 if tied."""
     return 1.0 if p_a > p_b else 0.0 if p_b > p_a else 0.5
@@ -397,8 +403,8 @@ def make_pointwise_scorer(args: Args, rm=None, judge=None):
         for y in ys:
             probs, how = http_label_probs(args.judge_url, args.judge_model, pointwise_messages(prompt, y, ref_of(ref)), SCORE_LABELS, args)
             counts[how] = counts.get(how, 0) + 1
-            # counted fallback: an unreadable judgment gets the scale midpoint (5)
-            scores.append(expected_score(torch.tensor(probs), values).item() if probs else 5.0)
+            # unreadable judgment: NaN, counted in judge_reads; select_best never picks it
+            scores.append(expected_score(torch.tensor(probs), values).item() if probs else math.nan)
         return scores, counts
     return score_http
 
@@ -461,8 +467,8 @@ def make_reporter(kind: str, output: Path, args: Args):
 
 
 def summarize(rows: list[dict], args: Args, extra: dict) -> dict:
-    best = [r["scores"][r["best_index"]] for r in rows]
-    mean_all = [sum(r["scores"]) / len(r["scores"]) for r in rows]
+    best = [r["scores"][r["best_index"]] for r in rows if math.isfinite(r["scores"][r["best_index"]])]
+    mean_all = [finite_mean(r["scores"]) for r in rows if any(map(math.isfinite, r["scores"]))]
     out = {
         "n": args.n, "num_prompts": len(rows),
         "kl_upper_bound": best_of_n_kl_bound(args.n),
@@ -621,7 +627,7 @@ def main(argv: list[str] | None = None):
                 else:
                     tokens += row.pop("_tokens")
                     fout.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    metrics = {"best_score": row["best_score"], "candidate_score_mean": sum(row["scores"]) / len(row["scores"])}
+                    metrics = {"best_score": row["best_score"], "candidate_score_mean": finite_mean(row["scores"])}
                     if "win" in row:
                         metrics.update(win=row["win"], win_soft=row["win_soft"])
                     bar.set_postfix({k: round(v, 3) for k, v in metrics.items()})

@@ -238,6 +238,14 @@ def test_http_judge_reads_logprobs_then_text_and_counts_failures(fake_judge_url)
     assert (probs, how) == (None, "failed")
 
 
+def test_unreadable_judgment_scores_nan_is_counted_and_never_selected():
+    args = bestofn.Args(judge_url="http://127.0.0.1:9/v1", judge_retries=0, judge_timeout=1)  # closed port
+    scores, counts = bestofn.make_pointwise_scorer(args)("q", None, ["a", "b"])
+    assert all(math.isnan(x) for x in scores) and counts == {"failed": 2}
+    assert bestofn.select_best(torch.tensor([math.nan, 0.2, math.nan])).item() == 1
+    assert bestofn.finite_mean([math.nan, 1.0, 3.0]) == 2.0 and math.isnan(bestofn.finite_mean([math.nan]))
+
+
 def test_end_to_end_with_url_judge_picks_the_max_and_cancels_position_bias(tiny_lm_dir, fake_judge_url, tmp_path):
     out = tmp_path / "bon.jsonl"
     bestofn.main(["--model", str(tiny_lm_dir), "--judge-url", fake_judge_url, "--n", "5", "--batch-size", "2",
