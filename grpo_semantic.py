@@ -133,6 +133,7 @@ class Args:
     num_iterations: int = field(default=1, metadata={"help": "policy updates per sampled batch (mu)"})  # DeepSeekMath §4.2: 1
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})  # our choice: standard
     eval_max_new_tokens: int = field(default=64, metadata={"help": "greedy output cap in evaluation and --tau auto"})  # our choice: short references
+    eval_base: bool = field(default=True, metadata={"help": "with --sft-data: also evaluate the model before SFT (stage \"base\")"})
     rouge_tokens: str = field(default="whitespace", metadata={"help": "ROUGE-L units: whitespace | char (use char for Han/Tibetan)"})
     bleu_tokenize: str = field(default="13a", metadata={"help": "sacrebleu tokenizer (13a, zh, char, flores200, ...)"})
     bf16: bool = field(default=True, metadata={"help": "bfloat16 autocast on CUDA (weights stay float32); ignored on CPU"})
@@ -538,30 +539,33 @@ def truncate_jsonl(path: Path, last_step: int):
 
 
 class Reporter:
+    """The metrics dict of each step to tensorboard or wandb (rank 0), when installed."""
+
     def __init__(self, kind: str, out: Path, args: Args):
-        self.kind, self.writer = kind, None
-        if kind == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise SystemExit("--report-to tensorboard needs `pip install tensorboard`; or pass --report-to none")
-            self.writer = SummaryWriter(str(out / "tb"))
-        elif kind == "wandb":
-            try:
-                import wandb
-            except ImportError:
-                raise SystemExit("--report-to wandb needs `pip install wandb`; or pass --report-to none")
-            self.writer = wandb.init(project="lowres-align", name=out.name, config=asdict(args), resume="allow")
-        elif kind != "none":
+        if kind not in ("none", "tensorboard", "wandb"):
             raise SystemExit(f'--report-to must be none, tensorboard or wandb, got "{kind}"')
+        self.kind = kind
+        try:
+            if kind == "tensorboard":
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(out / "tb"))
+            elif kind == "wandb":
+                import wandb
+                self.writer = wandb.init(project="lowres-align", name=out.name, config=asdict(args), resume="allow")
+        except ImportError:
+            raise SystemExit(f"--report-to {kind} needs `pip install {kind}`; or pass --report-to none")
 
     def log(self, metrics: dict):
         if self.kind == "tensorboard":
             for k, v in metrics.items():
-                if isinstance(v, (int, float)):
-                    self.writer.add_scalar(k, v, metrics["step"])
+                self.writer.add_scalar(k, v, metrics["step"])
         elif self.kind == "wandb":
             self.writer.log(metrics, step=metrics["step"])
+
+
+def eos_of(model, tok) -> List[int]:
+    gen_eos = model.generation_config.eos_token_id
+    return sorted({tok.eos_token_id, *([gen_eos] if isinstance(gen_eos, int) else gen_eos or [])})
 
 
 def gather(obj, ddp: bool) -> list:
@@ -691,7 +695,7 @@ def train(args: Args, embed_fn: Optional[EmbedFn] = None):
         train_rows, held_out = train_rows[:-args.tau_holdout], train_rows[-args.tau_holdout:]
     if not train_rows:
         raise SystemExit(f"--train-data {args.train_data}: every prompt exceeds --max-prompt-len {args.max_prompt_len}")
-    eval_rows = load_pairs(args, args.eval_data, "--eval-data", tok)[0] if args.eval_data else []
+    eval_rows, eval_skipped = load_pairs(args, args.eval_data, "--eval-data", tok) if args.eval_data else ([], 0)
     general = []
     if args.general_text:
         if not os.path.isfile(args.general_text):
@@ -699,8 +703,25 @@ def train(args: Args, embed_fn: Optional[EmbedFn] = None):
         general = [l.strip() for l in open(args.general_text, encoding="utf-8") if l.strip()]
     steps = args.steps or math.ceil(len(train_rows) / args.prompts_per_step)
 
-    # ---- stage 1: cold-start SFT (skipped when its result exists); its weights are pi_ref --------
+    embed = embed_fn or Embedder(args.embedder, device, args.embed_batch_size)
     ckpt = latest_checkpoint(out) if args.resume else None
+    if ckpt is None and rank == 0:  # a fresh start in an existing --output-dir replaces its logs
+        for name in ("metrics.jsonl", "samples.jsonl", "eval.jsonl"):
+            (out / name).unlink(missing_ok=True)
+
+    def run_eval(stage: str, step: int, policy):
+        if not (eval_rows or general):
+            return
+        res = evaluate(args, policy, tok, eval_rows, general, embed, eos_of(policy, tok), rank, world, ddp, device)
+        if rank == 0:
+            outputs = res.pop("outputs", [])
+            with open(out / "eval.jsonl", "a") as f:
+                f.write(json.dumps({"stage": stage, "step": step, **res, "eval_prompts_skipped": eval_skipped}) + "\n")
+            with open(out / f"eval_outputs-{stage}.jsonl", "w") as f:
+                f.writelines(json.dumps(o, ensure_ascii=False) + "\n" for o in outputs)
+            print(f"eval ({stage}): " + ", ".join(f"{k}={v:.4g}" for k, v in res.items()))
+
+    # ---- stage 1: cold-start SFT (skipped when its result exists); its weights are pi_ref --------
     sft_dir = out / "sft"
     start_path = args.model
     if args.sft_data:
@@ -708,6 +729,8 @@ def train(args: Args, embed_fn: Optional[EmbedFn] = None):
             if ckpt is not None:
                 raise SystemExit(f"{sft_dir} is missing, so the reference model cannot be rebuilt; start a new --output-dir")
             policy = with_lora(load_lm(args.model, "--model", device))
+            if args.eval_base:
+                run_eval("base", 0, policy)  # the model before the cold start: the reference for the SFT's tax
             run_sft(args, policy, tok, device, rank, world, ddp, autocast)
             if rank == 0:
                 shutil.rmtree(out / ".tmp-sft", ignore_errors=True)
@@ -720,9 +743,7 @@ def train(args: Args, embed_fn: Optional[EmbedFn] = None):
     policy = with_lora(load_lm(start_path, "--model", device))
     ref = copy.deepcopy(policy).requires_grad_(False) if args.lora_r == 0 else None
     ref_ctx = (lambda: contextlib.nullcontext(ref)) if ref is not None else (lambda: lora_disabled(policy))
-    embed = embed_fn or Embedder(args.embedder, device, args.embed_batch_size)
-    eos_ids = sorted({tok.eos_token_id, *([policy.generation_config.eos_token_id] if isinstance(
-        policy.generation_config.eos_token_id, int) else policy.generation_config.eos_token_id or [])})
+    eos_ids = eos_of(policy, tok)
 
     # ---- optimizer, resume, tau ----------------------------------------------------------------
     model = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None) if ddp else policy
@@ -751,20 +772,8 @@ def train(args: Args, embed_fn: Optional[EmbedFn] = None):
             print(f"--tau auto: mean similarity of the cold-start policy on {len(held_out)} held-out rows = {tau:.4f}")
     reporter = Reporter(args.report_to, out, args) if rank == 0 else None
 
-    def run_eval(stage: str, step: int):
-        if not (eval_rows or general):
-            return
-        res = evaluate(args, policy, tok, eval_rows, general, embed, eos_ids, rank, world, ddp, device)
-        if rank == 0:
-            outputs = res.pop("outputs", [])
-            with open(out / "eval.jsonl", "a") as f:
-                f.write(json.dumps({"stage": stage, "step": step, **res}) + "\n")
-            with open(out / f"eval_outputs-{stage}.jsonl", "w") as f:
-                f.writelines(json.dumps(o, ensure_ascii=False) + "\n" for o in outputs)
-            print(f"eval ({stage}): " + ", ".join(f"{k}={v:.4g}" for k, v in res.items()))
-
     if ckpt is None:
-        run_eval("start", 0)
+        run_eval("start", 0, policy)
 
     n_seq = args.prompts_per_step * args.group_size  # N in eq. (7), all ranks
     bar = tqdm(range(start + 1, steps + 1), initial=start, total=steps, disable=rank != 0)
@@ -855,7 +864,7 @@ def train(args: Args, embed_fn: Optional[EmbedFn] = None):
                 dist.barrier()
     policy.eval()
     if start < steps:
-        run_eval("final", steps)
+        run_eval("final", steps, policy)
     if rank == 0:
         print(f"outputs in {out}/: args.json, metrics.jsonl, samples.jsonl, eval.jsonl, checkpoint-{steps}/")
     if ddp:
