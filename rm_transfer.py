@@ -27,7 +27,7 @@ Equations (numbering ours). r(x, y) = the RM head read at the last non-padding t
 
 Run (CPU or GPU; `torchrun --nproc_per_node=N` works for every stage, plain `python` is 1 process):
   python rm_transfer.py train-rm --model $MODEL_DIR --train-data data/prefs_en_train.jsonl \
-      --eval-data data/prefs_en_val.jsonl data/prefs_nb_val.jsonl --epochs 3 --lr 2e-5 --output-dir runs/rm-en
+      --eval-data data/prefs_en_val.jsonl data/prefs_nb_val.jsonl --epochs 4 --lr 2e-5 --output-dir runs/rm-en
   python rm_transfer.py eval-rm --reward-model runs/rm-en/final \
       --eval-data data/prefs_en_val.jsonl data/prefs_nb_val.jsonl data/prefs_es_val.jsonl \
       --train-data data/prefs_en_train.jsonl data/prefs_nb_train.jsonl data/prefs_es_train.jsonl \
@@ -41,6 +41,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 import zlib
@@ -79,7 +80,7 @@ class Args:
     label_field: str = field(default="label", metadata={"help": "pointwise: 1 = good, 0 = bad"})
     loss: str = field(default="auto", metadata={"help": "auto | pairwise | pointwise; auto picks from the data's fields", "choices": ("auto", "pairwise", "pointwise")})
     max_length: int = field(default=512, metadata={"help": "longer prompt+response sequences are skipped and counted"})  # our choice: the toy data is < 100 tokens
-    epochs: int = field(default=2, metadata={"help": "train-rm: passes over the data when --steps is 0"})  # our choice: tiny data
+    epochs: int = field(default=2, metadata={"help": "train-rm: passes over the data when --steps is 0 (the last partial batch of each is dropped)"})  # our choice: tiny data
     steps: int = field(default=0, metadata={"help": "optimizer steps (train-rm) or PPO iterations (rl); 0 = one value derived from the data (--epochs passes / one pass over the prompts)"})
     batch_size: int = field(default=32, metadata={"help": "train-rm: global batch (pairs or labelled responses)"})  # paper §4: batch size 32
     eval_batch_size: int = field(default=32, metadata={"help": "sequences per forward pass when scoring"})
@@ -385,16 +386,20 @@ def set_rng_state(s: dict):
 
 def save_atomic(path: Path, models: dict, tok, state: dict | None):
     """models: {subfolder: HF model} ('' = the folder itself); written to path.tmp then renamed."""
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        import shutil
-        shutil.rmtree(tmp)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    for p in (tmp, old):
+        if p.exists():
+            shutil.rmtree(p)
     for sub, m in models.items():
         m.save_pretrained(tmp / sub)
     tok.save_pretrained(tmp)
     if state is not None:
         torch.save(state, tmp / "trainer_state.pt")
+    if path.exists():  # a folder of the same name from an earlier run: replaced, never half-written
+        os.rename(path, old)
     os.rename(tmp, path)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def newest_checkpoint(out: Path) -> Path | None:
@@ -505,7 +510,10 @@ def train_rm(a: Args, out: Path, rank: int, world: int, device):
     if not enc:
         raise SystemExit(f"every training example is longer than --max-length {a.max_length}; raise it")
     evals = [(p, ranking_pairs(*parse_prefs(load_rows(p, a.dataset_split), p, a))) for p in a.eval_data]
-    steps_per_epoch = math.ceil(len(enc) / a.batch_size)
+    if a.batch_size % world or len(enc) < a.batch_size:
+        raise SystemExit(f"--batch-size {a.batch_size} must be a multiple of the {world} processes and at most the "
+                         f"{len(enc)} training examples")
+    steps_per_epoch = len(enc) // a.batch_size  # the last partial batch of each (reshuffled) epoch is dropped
     total = a.steps or a.epochs * steps_per_epoch
 
     torch.manual_seed(a.seed)

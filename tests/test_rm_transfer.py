@@ -355,6 +355,23 @@ def test_rl_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path, tiny
                 assert a[k] == pytest.approx(b[k], abs=1e-6), (a["step"], k)
 
 
+def test_train_rm_resume_gives_the_same_metrics_and_weights(tmp_path, tiny_lm_dir):
+    data = letter_pref_data(tmp_path, 24, 6, "d")
+    common = ["train-rm", "--model", str(tiny_lm_dir), "--train-data", str(data), "--batch-size", "8", "--lr", "1e-3",
+              "--warmup-steps", "3", "--save-every", "2"]
+    rt.main(common + ["--steps", "5", "--output-dir", str(tmp_path / "full")])
+    rt.main(common + ["--steps", "3", "--output-dir", str(tmp_path / "part")])  # saves checkpoint-2, logs step 3
+    rt.main(common + ["--steps", "5", "--resume", "--output-dir", str(tmp_path / "part")])
+    full, part = metrics(tmp_path / "full"), metrics(tmp_path / "part")
+    assert [x["step"] for x in part] == [1, 2, 3, 4, 5]
+    for a, b in zip(full, part):
+        for k in a:
+            if k != "tokens_per_s":
+                assert a[k] == pytest.approx(b[k], abs=1e-6), (a["step"], k)
+    w1, w2 = load_file(tmp_path / "full/final/model.safetensors"), load_file(tmp_path / "part/final/model.safetensors")
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
 def test_row_without_field_gets_one_line_error_naming_file_row_and_fix(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
