@@ -13,10 +13,11 @@ The method in five lines:
      updates per batch, and a KL penalty to the reference policy (GRPO).
   4. Only LoRA adapters on all attention and MLP projections are trained, which together with the
      meaning-level (not token-level) reward is what keeps general ability: no alignment tax.
-  5. Evaluation: BLEU/chrF/ROUGE-L, mean similarity, script consistency, and the alignment-tax probe
-     (token NLL and full-vocabulary KL to the base model on general text).
+  5. Evaluation (before SFT, before GRPO, at the end): BLEU/chrF/ROUGE-L, mean similarity, script
+     consistency, and the alignment-tax probe (token NLL and full-vocabulary KL to the base model
+     on general text; the probe loads --model a second time, for the duration of the probe).
 
-Equations (paper §3, numbered here):
+Equations (as the paper states them; our numbering):
   (1) s        = cos(f(y), f(y_ref))          f = sentence embedder, embeddings L2-normalised
   (2) R_sim    = 0 if s <= tau else (s - tau) / (1 - tau)
                  tau = --tau, or "auto": the mean s of the cold-start policy (greedy) on a held-out
@@ -26,7 +27,7 @@ Equations (paper §3, numbered here):
                  punctuation, symbols, whitespace and script-less combining marks are neutral.
                  "Written in" = at least --script-threshold of the letters are in the target script.
                  An empty or all-neutral output has no letters and gets R_lang = 0.
-  (4) R        = lambda_sim R_sim + lambda_lang R_lang        (paper: lambda_sim 1.5, lambda_lang 1.0)
+  (4) R        = lambda_sim R_sim + lambda_lang R_lang        (paper: lambda_sim = 1.5, lambda_lang = 1.0)
   (5) A_i      = (R_i - mean_j R_j) / std_j R_j over the K outputs of one prompt (population std);
                  A_i = 0 when the group has no spread
   (6) rho_t    = pi_theta(y_t | x, y_<t) / pi_old(y_t | x, y_<t)
@@ -46,11 +47,12 @@ copy of the model); after the cold-start SFT its LoRA is merged into the base, s
 cold-start policy, as in GRPO. `save_pretrained` writes merged weights (a plain HF model).
 --lora-r 0 trains all weights; pi_ref is then a frozen copy of the starting policy.
 
-Run (CPU, embedded SmolLM2-135M-Instruct and all-MiniLM-L6-v2; a few minutes):
+Run (CPU, embedded SmolLM2-135M-Instruct and all-MiniLM-L6-v2; about 10 minutes on 2 cores):
   python grpo_semantic.py --model ~/.cache/lowres-align/SmolLM2-135M-Instruct \\
       --sft-data data/semantic_sft.jsonl --train-data data/semantic_train.jsonl \\
       --eval-data data/semantic_eval.jsonl --general-text data/general_text.txt \\
-      --steps 6 --prompts-per-step 2 --group-size 4 --max-new-tokens 24 --output-dir runs/grpo_semantic
+      --tau auto --prompts-per-step 2 --group-size 4 --max-new-tokens 24 --eval-max-new-tokens 32 \\
+      --lr 1e-4 --output-dir runs/grpo_semantic-cpu
 Several processes (one per GPU; gloo on CPU), a real model and embedder:
   torchrun --nproc_per_node=8 grpo_semantic.py --model Qwen/Qwen3-4B \\
       --embedder sentence-transformers/LaBSE --sft-data SFT.jsonl --train-data TRAIN.jsonl --tau auto
@@ -106,26 +108,26 @@ class Args:
     target_script: str = field(default="latin", metadata={"help": "tibetan | han | latin | cyrillic | arabic | devanagari"})
     embedder: str = field(default_factory=embedded_embedder, metadata={"help": "sentence-transformers model (e.g. sentence-transformers/LaBSE)"})
     embed_batch_size: int = field(default=64, metadata={"help": "embedder batch size"})
-    tau: str = field(default="0.5", metadata={"help": 'similarity threshold of eq. (2): a float in [-1, 1), or "auto"'})  # our choice for MiniLM; paper tunes tau per embedder
+    tau: str = field(default="0.5", metadata={"help": 'similarity threshold of eq. (2): a float in [-1, 1), or "auto"'})  # our choice: mid-range cosine for MiniLM; or "auto"
     tau_holdout: int = field(default=4, metadata={"help": "--tau auto: last N --train-data rows held out to set tau"})  # our choice: small bundled set
-    lambda_sim: float = field(default=1.5, metadata={"help": "weight of R_sim"})  # paper §3
-    lambda_lang: float = field(default=1.0, metadata={"help": "weight of R_lang"})  # paper §3
+    lambda_sim: float = field(default=1.5, metadata={"help": "weight of R_sim"})  # paper
+    lambda_lang: float = field(default=1.0, metadata={"help": "weight of R_lang"})  # paper
     script_threshold: float = field(default=0.9, metadata={"help": "fraction of letters that must be in the target script for R_lang = 1"})  # our choice: tolerates a borrowed name
-    sft_epochs: int = field(default=2, metadata={"help": "cold-start SFT epochs"})  # paper §4: 2 epochs
+    sft_epochs: int = field(default=2, metadata={"help": "cold-start SFT epochs"})  # paper: 2 epochs
     sft_lr: float = field(default=2e-4, metadata={"help": "SFT learning rate"})  # our choice: usual for LoRA SFT
     sft_batch_size: int = field(default=8, metadata={"help": "SFT examples per optimizer step (all ranks)"})  # our choice
-    lora_r: int = field(default=64, metadata={"help": "LoRA rank; 0 trains all weights"})  # paper §4
-    lora_alpha: float = field(default=128.0, metadata={"help": "LoRA alpha (scale alpha / r)"})  # paper §4
-    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})  # paper §4
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank; 0 trains all weights"})  # paper
+    lora_alpha: float = field(default=128.0, metadata={"help": "LoRA alpha (scale alpha / r)"})  # paper
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})  # paper
     lora_targets: str = field(default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", metadata={"help": "names of the nn.Linear layers that get LoRA"})  # paper: all attention and MLP projections
     output_dir: str = field(default="", metadata={"help": "default runs/grpo_semantic-<YYYYmmdd-HHMMSS>"})
-    steps: int = field(default=0, metadata={"help": "GRPO batches; 0: one epoch over --train-data"})  # paper §4: one epoch
+    steps: int = field(default=0, metadata={"help": "GRPO batches; 0: one epoch over --train-data"})  # paper: one epoch
     prompts_per_step: int = field(default=8, metadata={"help": "prompts per batch across all ranks"})  # our choice
-    group_size: int = field(default=8, metadata={"help": "outputs sampled per prompt (K)"})  # paper §4: K = 8
-    max_prompt_len: int = field(default=256, metadata={"help": "longer prompts are skipped and counted"})  # paper §4
-    max_new_tokens: int = field(default=256, metadata={"help": "output length cap"})  # paper §4
-    temperature: float = field(default=0.8, metadata={"help": "sampling temperature (also in log-probs and KL)"})  # paper §4
-    top_p: float = field(default=0.9, metadata={"help": "nucleus sampling"})  # paper §4
+    group_size: int = field(default=8, metadata={"help": "outputs sampled per prompt (K)"})  # paper: K = 8
+    max_prompt_len: int = field(default=256, metadata={"help": "longer prompts are skipped and counted"})  # paper
+    max_new_tokens: int = field(default=256, metadata={"help": "output length cap"})  # paper
+    temperature: float = field(default=0.8, metadata={"help": "sampling temperature (also in log-probs and KL)"})  # paper
+    top_p: float = field(default=0.9, metadata={"help": "nucleus sampling"})  # paper
     lr: float = field(default=2e-5, metadata={"help": "AdamW learning rate (constant)"})  # our choice: common for LoRA GRPO
     beta: float = field(default=0.04, metadata={"help": "KL coefficient"})  # DeepSeekMath §4.2: 0.04
     kl_estimator: str = field(default="k3", metadata={"help": "k3 (GRPO) | full (exact, whole vocabulary)"})  # DeepSeekMath eq. 4
