@@ -15,15 +15,18 @@ Gradient w.r.t. the policy logits, for upstream gradients g_lp and g_kl of one r
 The reference logits never receive a gradient.
 
 Forward, one pass over the row (one Triton program per row): an online log-sum-exp over blocks of
-the vocabulary for both x and y at once. With a running maximum m and running sums rescaled
-whenever m grows,
+the vocabulary for both x and y at once. Each lane of the block keeps its own running maximum m
+and running sums, rescaled whenever its m grows:
 
-    m' = max(m, max_blk x),  s' = s e^{m - m'} + sum_blk e^{x - m'},
-    a' = a e^{m - m'} + sum_blk e^{x - m'} (x - y),  b' = b e^{m - m'} + sum_blk e^{x - m'} x,
+    m' = max(m, x),  s' = s e^{m - m'} + e^{x - m'},
+    a' = a e^{m - m'} + e^{x - m'} (x - y),  b' = b e^{m - m'} + e^{x - m'} x,
 
-so that at the end lse_p = m + log s, E_p[x - y] = a / s, E_p[x] = b / s. The same recurrence
-gives lse_q. Only O(1) numbers per row are saved for the backward pass, which reads z and r once
-more and writes the gradient: 5 N V element transfers in all, the memory-traffic floor.
+and the lanes are combined once at the end (M = max_lanes m, S = sum_lanes s e^{m - M}, ...), so
+that lse_p = M + log S, E_p[x - y] = A / S, E_p[x] = B / S. No reduction across threads happens
+inside the loop, and one of e^{m - m'}, e^{x - m'} is always e^0 = 1, so each element costs a
+single exponential: e^{-|x - m|}. The same recurrence gives lse_q. Only O(1) numbers per row are
+saved for the backward pass, which reads z and r once more and writes the gradient: 5 N V element
+transfers in all, the memory-traffic floor.
 
 Entries may be -inf (a masked vocabulary) as long as each row has a finite entry; a word with
 p_w = 0 contributes nothing (0 log 0 = 0). Where q_w = 0 but p_w > 0 the KL is +inf, as it
@@ -119,6 +122,13 @@ def _torch_backward(x, y, targets, inv_temp, lse_p, lse_q, kl, g_lp, g_kl, grad)
 if triton is not None:
 
     @triton.jit
+    def _online_update(m, x):
+        """One step of the per-lane online log-sum-exp; returns (m', e^{m-m'}, e^{x-m'})."""
+        grew = x > m
+        t = tl.exp(-tl.abs(x - m))  # one exponential: the other factor is e^0 = 1
+        return tl.maximum(m, x), tl.where(grew, t, 1.0), tl.where(grew, 1.0, t)
+
+    @triton.jit
     def _fwd_kernel(
         X, Y, TGT, LOGP, KL, ENT, LSE_P, LSE_Q,
         R1, sx0, sx1, sy0, sy1, V, inv_temp,
@@ -128,39 +138,40 @@ if triton is not None:
         x_row = X + (row // R1) * sx0 + (row % R1) * sx1
         y_row = Y + (row // R1) * sy0 + (row % R1) * sy1
         cols = tl.arange(0, BLOCK_V)
-        # running maxima start finite, so that a leading block of -inf gives no NaN
-        m_x = tl.full([], -1.0e30, tl.float32)
-        s_x = tl.zeros([], tl.float32)
-        a = tl.zeros([], tl.float32)  # sum e^{x-m} (x - y)
-        b = tl.zeros([], tl.float32)  # sum e^{x-m} x
-        m_y = tl.full([], -1.0e30, tl.float32)
-        s_y = tl.zeros([], tl.float32)
+        # per-lane running state; maxima start finite so that -inf entries give no NaN (e^{-inf} = 0)
+        m_x = tl.full([BLOCK_V], -1.0e30, tl.float32)
+        s_x = tl.zeros([BLOCK_V], tl.float32)
+        a = tl.zeros([BLOCK_V], tl.float32)  # sum e^{x-m} (x - y)
+        b = tl.zeros([BLOCK_V], tl.float32)  # sum e^{x-m} x
+        m_y = tl.full([BLOCK_V], -1.0e30, tl.float32)
+        s_y = tl.zeros([BLOCK_V], tl.float32)
         for start in range(0, V, BLOCK_V):
             mask = start + cols < V
             x = tl.load(x_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-            m_new = tl.maximum(m_x, tl.max(x, 0))
-            scale = tl.exp(m_x - m_new)
-            e = tl.exp(x - m_new)
-            live = e > 0
-            s_x = s_x * scale + tl.sum(e, 0)
-            b = b * scale + tl.sum(tl.where(live, e * x, 0.0), 0)
+            m_x, scale, e = _online_update(m_x, x)
+            live = e > 0  # skips 0 * (-inf) = NaN for masked words
+            s_x = s_x * scale + e
+            b = b * scale + tl.where(live, e * x, 0.0)
             if HAS_REF:
                 y = tl.load(y_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-                a = a * scale + tl.sum(tl.where(live, e * (x - y), 0.0), 0)
-                my_new = tl.maximum(m_y, tl.max(y, 0))
-                s_y = s_y * tl.exp(m_y - my_new) + tl.sum(tl.exp(y - my_new), 0)
-                m_y = my_new
-            m_x = m_new
-        lse_p = m_x + tl.log(s_x)
+                a = a * scale + tl.where(live, e * (x - y), 0.0)
+                m_y, scale_y, e_y = _online_update(m_y, y)
+                s_y = s_y * scale_y + e_y
+        # combine the lanes
+        m = tl.max(m_x, 0)
+        w = tl.exp(m_x - m)
+        s_tot = tl.sum(s_x * w, 0)
+        lse_p = m + tl.log(s_tot)
         t = tl.load(TGT + row)
         valid = (t >= 0) & (t < V)
         x_t = tl.load(x_row + t, mask=valid, other=0.0).to(tl.float32) * inv_temp
         tl.store(LOGP + row, tl.where(valid, x_t - lse_p, 0.0))
-        tl.store(ENT + row, lse_p - b / s_x)
+        tl.store(ENT + row, lse_p - tl.sum(b * w, 0) / s_tot)
         tl.store(LSE_P + row, lse_p)
         if HAS_REF:
-            lse_q = m_y + tl.log(s_y)
-            tl.store(KL + row, a / s_x - (lse_p - lse_q))
+            my = tl.max(m_y, 0)
+            lse_q = my + tl.log(tl.sum(s_y * tl.exp(m_y - my), 0))
+            tl.store(KL + row, tl.sum(a * w, 0) / s_tot - (lse_p - lse_q))
             tl.store(LSE_Q + row, lse_q)
         else:
             tl.store(KL + row, 0.0)
@@ -197,9 +208,11 @@ if triton is not None:
             tl.store(g_row + idx, (g * inv_temp).to(GRAD.dtype.element_ty), mask=mask)
 
 
-def _launch_config(v: int):
-    block = min(triton.next_power_of_2(max(v, 1)), 4096)
-    return block, (8 if block >= 2048 else 4)
+def _launch_config(v: int, backward: bool) -> dict:
+    """Block size and warps of each kernel, chosen with `python bench/sweep_kernels.py` on an H100."""
+    cap, warps, stages = (4096, 8, 1) if backward else (2048, 8, 1)
+    block = min(triton.next_power_of_2(max(v, 1)), cap)
+    return dict(BLOCK_V=block, num_warps=warps if block >= 2048 else 4, num_stages=stages)
 
 
 # ----------------------------------------------------------------------------- autograd wrapper
@@ -227,12 +240,11 @@ class _FusedLogProbKL(torch.autograd.Function):
         if use_triton:
             n = r0 * r1
             out = [torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(5)]
-            block, warps = _launch_config(v)
             yy = y3 if y3 is not None else x3
             if n > 0:
                 _fwd_kernel[(n,)](
                     x3, yy, tgt, *out, r1, x3.stride(0), x3.stride(1), yy.stride(0), yy.stride(1),
-                    v, inv_temp, HAS_REF=y3 is not None, BLOCK_V=block, num_warps=warps,
+                    v, inv_temp, HAS_REF=y3 is not None, **_launch_config(v, backward=False),
                 )
             logp, kl, ent, lse_p, lse_q = out
         else:
@@ -259,13 +271,12 @@ class _FusedLogProbKL(torch.autograd.Function):
         r0, r1, v = x3.shape
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         if ctx.use_triton:
-            block, warps = _launch_config(v)
             yy = y3 if y3 is not None else x3
             if n > 0:
                 _bwd_kernel[(n,)](
                     x3, yy, tgt, lse_p, lse_q, kl, g_lp, g_kl, grad,
                     r1, x3.stride(0), x3.stride(1), yy.stride(0), yy.stride(1), v, ctx.inv_temp,
-                    HAS_REF=y3 is not None, BLOCK_V=block, num_warps=warps,
+                    HAS_REF=y3 is not None, **_launch_config(v, backward=True),
                 )
         else:
             y2 = y3.reshape(-1, v) if y3 is not None else None

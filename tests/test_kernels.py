@@ -260,11 +260,12 @@ for dt in ["bf16", "fp16", "fp32"]:
     fwd = {"X": f"*{dt}", "Y": f"*{dt}", "TGT": "*i64", **{k: "*fp32" for k in ["LOGP", "KL", "ENT", "LSE_P", "LSE_Q"]}}
     bwd = {"X": f"*{dt}", "Y": f"*{dt}", "TGT": "*i64", **{k: "*fp32" for k in ["LSE_P", "LSE_Q", "KL", "G_LP", "G_KL"]},
            "GRAD": f"*{dt}"}
-    for fn, sig in [(K._fwd_kernel, {**fwd, **rows}), (K._bwd_kernel, {**bwd, **rows})]:
+    for fn, sig, backward in [(K._fwd_kernel, {**fwd, **rows}, False), (K._bwd_kernel, {**bwd, **rows}, True)]:
         for has_ref in (True, False):
-            block, warps = K._launch_config(151936)
-            src = ASTSource(fn=fn, signature=sig, constexprs={"HAS_REF": has_ref, "BLOCK_V": block})
-            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+            cfg = K._launch_config(151936, backward)
+            src = ASTSource(fn=fn, signature=sig, constexprs={"HAS_REF": has_ref, "BLOCK_V": cfg["BLOCK_V"]})
+            options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
             assert compiled.asm["cubin"], (fn.__name__, dt)
 print("compiled")
 """
