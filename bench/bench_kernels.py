@@ -43,7 +43,7 @@ def copy_bandwidth(nbytes=4 << 30):
     """Device-to-device copy bandwidth in bytes/s (read + write counted)."""
     import triton.testing
 
-    x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda")
+    x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()  # never time zeros
     y = torch.empty_like(x)
     ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=25, rep=200)
     del x, y

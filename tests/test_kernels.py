@@ -87,7 +87,7 @@ def test_batch_time_vocab_and_noncontiguous_slice(impl):
 def test_minus_inf_entries_are_masked_vocabulary(impl):
     z, r, t = rand_case((4,), 5000, seed=3)
     banned = torch.rand(4, 5000, generator=torch.Generator().manual_seed(4)) < 0.3
-    banned[:, :4200] = True  # a whole leading block (BLOCK_V=4096) of -inf
+    banned[:, :4200] = True  # whole leading blocks of -inf (the forward's BLOCK_V is 1024)
     banned[torch.arange(4), t] = False
     z = z.masked_fill(banned, float("-inf"))
     r = r.masked_fill(banned, float("-inf"))
