@@ -95,6 +95,13 @@ def tiny_rm_dir(tmp_path_factory, tiny_tokenizer):
     return path
 
 
+@pytest.fixture
+def cpu_only(monkeypatch):
+    """The in-process run of a 1-process vs 2-process comparison must run where torchrun's runs do
+    (CPU, gloo: run_torchrun hides the GPUs), or a GPU machine compares CUDA with CPU numerics."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 def run_torchrun(script, args, nproc=2, timeout=600, env=None):
     """Run `torchrun --nproc_per_node=nproc script args` on CPU (gloo); return CompletedProcess."""
     import subprocess

@@ -275,7 +275,7 @@ def run_args(lm, rm, out, prompts=5):
             "--max-prompts", str(prompts), "--eval", "--seed", "7", "--output", out]
 
 
-def test_two_processes_write_the_same_file_as_one_and_resume_it(tiny_lm_dir, tiny_rm_dir, tmp_path):
+def test_two_processes_write_the_same_file_as_one_and_resume_it(tiny_lm_dir, tiny_rm_dir, tmp_path, cpu_only):
     one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     subprocess.run([sys.executable, str(ROOT / "bestofn.py"), *run_args(tiny_lm_dir, tiny_rm_dir, one)],
@@ -338,7 +338,8 @@ def test_in_process_llm_judge_scores_are_the_expected_digit_and_both_orders_are_
 
     out = tmp_path / "bon.jsonl"
     bestofn.main(["--model", str(tiny_lm_dir), "--judge-model", str(tiny_lm_dir), "--n", "3", "--batch-size", "2",
-                  "--max-new-tokens", "5", "--max-prompts", "2", "--eval", "--output", str(out)])
+                  "--max-new-tokens", "5", "--max-prompts", "2", "--eval", "--output", str(out),
+                  "--dtype", "float32"])  # the check below runs the judge in float32 on CPU
     plain = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
     tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
     digits = [tok.convert_tokens_to_ids(str(k)) for k in range(1, 10)]  # the tiny vocab has no " k" tokens

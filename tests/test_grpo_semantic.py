@@ -298,12 +298,14 @@ def test_semantic_reward_rises_on_a_tiny_model(tmp_path, tiny_tokenizer):
     make_tiny_llama(len(tiny_tokenizer), seed=0, initializer_range=0.2).save_pretrained(model_dir)
     tiny_tokenizer.save_pretrained(model_dir)
     train = write_rows(tmp_path / "train.jsonl", 4)
-    gs.main(base_flags(model_dir, tmp_path / "run", train, steps=12, **{"group-size": 8, "lora-r": 8, "lora-alpha": 16,
+    # 30 steps: over seeds 0-5 (and on CUDA's other random streams) the reward of the last 5 steps
+    # reaches 1.5 (the maximum) every time; with 12 steps two seeds of six rose by under 0.3
+    gs.main(base_flags(model_dir, tmp_path / "run", train, steps=30, **{"group-size": 8, "lora-r": 8, "lora-alpha": 16,
             "lr": 2e-2, "temperature": 1.0, "top-p": 1.0, "beta": 0.0, "lambda-lang": 0.0}), embed_fn=toy_embedder)
     m = read_metrics(tmp_path / "run")
-    first = sum(x["reward_mean"] for x in m[:3]) / 3
-    last = sum(x["reward_mean"] for x in m[-3:]) / 3
-    assert last > first + 0.3, (first, last)  # reward = 1.5 R_sim in [0, 1.5]
+    first = sum(x["reward_mean"] for x in m[:5]) / 5
+    last = sum(x["reward_mean"] for x in m[-5:]) / 5
+    assert last > first + 0.4 and last > 1.3, (first, last)  # reward = 1.5 R_sim in [0, 1.5]
 
 
 def test_resumed_run_reproduces_the_uninterrupted_metrics(tmp_path, tiny_lm_dir):
@@ -348,7 +350,7 @@ def test_bad_row_names_file_row_and_fix(tmp_path, tiny_lm_dir):
         gs.main(base_flags(tiny_lm_dir, tmp_path / "run", train, tau="often"), embed_fn=toy_embedder)
 
 
-def test_two_processes_match_one_process(tmp_path, tiny_lm_dir):
+def test_two_processes_match_one_process(tmp_path, tiny_lm_dir, cpu_only):
     """SFT + GRPO with LoRA on 2 gloo processes gives the same merged weights as 1 process."""
     from safetensors.torch import load_file
 

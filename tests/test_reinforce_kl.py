@@ -361,7 +361,7 @@ def test_resume_after_interruption_gives_identical_metrics(tiny_lm_dir, tmp_path
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_ddp_two_processes_match_one_process_for_sft_and_rl_step(tiny_lm_dir, tmp_path):
+def test_ddp_two_processes_match_one_process_for_sft_and_rl_step(tiny_lm_dir, tmp_path, cpu_only):
     one, two = tmp_path / "one", tmp_path / "two"
     flags = lambda out: base_flags(tiny_lm_dir, out, 1) + [  # noqa: E731
         "--prompts-per-step", "4", "--sft-data", SFT, "--sft-batch-size", "6", "--sft-lr", "1e-3"]

@@ -299,7 +299,7 @@ def tiny_rm_from_lm(tmp_path, tiny_lm_dir):
     return data, tmp_path / "rm0" / "final"
 
 
-def test_two_process_gloo_matches_one_process(tmp_path, tiny_lm_dir):
+def test_two_process_gloo_matches_one_process(tmp_path, tiny_lm_dir, cpu_only):
     data, rm = tiny_rm_from_lm(tmp_path, tiny_lm_dir)
     common_rm = ["train-rm", "--model", str(tiny_lm_dir), "--train-data", str(data), "--steps", "2", "--batch-size", "8",
                  "--lr", "1e-3", "--warmup-steps", "1"]
