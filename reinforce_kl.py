@@ -501,7 +501,7 @@ def main(argv: Optional[List[str]] = None, reward_fn: Optional[RewardFn] = None)
 def train(args: Args, reward_fn: Optional[RewardFn] = None):
     ddp = "RANK" in os.environ
     if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")  # CPU tensors (metrics) too
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":

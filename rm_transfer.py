@@ -801,7 +801,7 @@ def main(argv: list[str] | None = None):
     if a.report_to != "none" and importlib.util.find_spec(a.report_to) is None:
         raise SystemExit(f"--report-to {a.report_to} needs the {a.report_to} package: pip install {a.report_to}")
     if "RANK" in os.environ:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")  # CPU tensors (metrics) too
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
