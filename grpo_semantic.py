@@ -47,7 +47,7 @@ copy of the model); after the cold-start SFT its LoRA is merged into the base, s
 cold-start policy, as in GRPO. `save_pretrained` writes merged weights (a plain HF model).
 --lora-r 0 trains all weights; pi_ref is then a frozen copy of the starting policy.
 
-Run (CPU, embedded SmolLM2-135M-Instruct and all-MiniLM-L6-v2; about 10 minutes on 2 cores):
+Run (CPU, embedded SmolLM2-135M-Instruct and all-MiniLM-L6-v2; about 5 minutes on 2 cores):
   python grpo_semantic.py --model ~/.cache/lowres-align/SmolLM2-135M-Instruct \\
       --sft-data data/semantic_sft.jsonl --train-data data/semantic_train.jsonl \\
       --eval-data data/semantic_eval.jsonl --general-text data/general_text.txt \\
