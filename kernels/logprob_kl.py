@@ -29,9 +29,11 @@ saved for the backward pass, which reads z and r once more and writes the gradie
 transfers in all, the memory-traffic floor.
 
 Entries may be -inf (a masked vocabulary) as long as each row has a finite entry; a word with
-p_w = 0 contributes nothing (0 log 0 = 0). Where q_w = 0 but p_w > 0 the KL is +inf, as it
-should be. Targets outside [0, V) (e.g. -100) are ignored: logp = 0 there and no gradient flows
-through it, as with `ignore_index` in `torch.nn.functional.cross_entropy`.
+p_w = 0 contributes nothing (0 log 0 = 0). Mask with -inf, not torch.finfo(dtype).min: a row of
+only finfo.min has lse = min + log V, which float32 rounds to min (as torch.logsumexp does).
+Where q_w = 0 but p_w > 0 the KL is +inf, as it should be. Targets outside [0, V) (e.g. -100)
+are ignored: logp = 0 there and no gradient flows through it, as with `ignore_index` in
+`torch.nn.functional.cross_entropy`.
 
 Accumulation is float32 whatever the input dtype. CPU tensors use `_torch_forward` /
 `_torch_backward`, the same math in plain PyTorch over chunks of rows (bounded memory); CUDA
