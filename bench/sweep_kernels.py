@@ -137,7 +137,6 @@ def main():
                 continue
             rows.append(dict(size=f"{n} x {v}", kernel=name, **c, ms=ms, tbs=moved[name] / (ms * 1e-3) / 1e12))
             print(f"{rows[-1]['size']} {name:14s} {c} {ms:8.3f} ms {rows[-1]['tbs']:.2f} TB/s", flush=True)
-        launches["fwd"](K._launch_config(v, backward=False))
         del x, y, grad
         if device == "cuda":
             torch.cuda.empty_cache()
