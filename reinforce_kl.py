@@ -24,45 +24,62 @@ Equations (our numbering):
       N = number of sequences in the GLOBAL batch (all ranks), |y_i| = response tokens incl. EOS.
 
 --kl-estimator picks what stands in for KL_t in (4); each is differentiated as written:
-  full: eq. (3); its gradient is the exact gradient of the per-position KL given the sampled
-        prefix (the prefix's own dependence on theta is left to the REINFORCE term).
+  full: eq. (3). Its gradient is the exact gradient of each position's KL with the sampled prefix
+        y_<t held fixed. The KL's dependence on theta THROUGH the prefix (which states the policy
+        visits: sum_t grad log pi(y_t) * sum_{t'>t} KL_t') is dropped, since the advantage carries
+        the judge's reward only. So (4) is not the gradient of the sequence-level KL penalty; it
+        is the paper's per-token Rao-Blackwellised regulariser (§3, "Rao-Blackwellized KL").
   k1:   log pi(y_t) - log pi_ref(y_t) of the sampled token. Its gradient is grad log pi(y_t), whose
         expectation under pi is ZERO: as a loss term k1 only adds noise (kept for comparison).
   k3:   exp(d) - d - 1 with d = log pi_ref(y_t) - log pi(y_t). Gradient (1 - pi_ref/pi) grad log pi,
         whose expectation is grad KL(pi_ref || pi): the reverse KL, not eq. (3).
 The logged `kl` is always eq. (3) (free: the fused kernel computes it with the log-probs);
-`kl_estimate` is the value of the chosen estimator.
+`kl_estimate` is the value of the chosen estimator. `judge_digit_mass` is the judge's probability
+on "1".."9": when it is small, eq. (1) renormalises noise (the embedded 135M judge: 0.2-0.35).
+
+Scale (issue 12): DDP by default; `--fsdp` shards the policy, its optimizer, the reference and an
+in-process judge with FSDP2 (bf16 compute, fp32 master weights and gradient reduction on GPUs);
+`--gradient-checkpointing`, `--ref-offload`. Rollouts (issue 13): all prompts x G of a rank in one
+batched `generate` (static KV cache + compiled decoding on CUDA), sampled by the Gumbel-max trick
+with noise keyed by (seed, step, prompt, sample, position): exact, and the same on any number of
+processes. Log-probs for the loss always come from the training forward.
 
 Run (CPU, embedded SmolLM2-135M-Instruct as policy and judge; `make demo` does this):
   python reinforce_kl.py --model ~/.cache/lowres-align/SmolLM2-135M-Instruct \\
       --prompts data/rl_prompts.jsonl --steps 4 --prompts-per-step 2 --group-size 4 \\
       --max-new-tokens 32 --output-dir runs/demo
-With English SFT first, several processes and a judge served by vLLM on another machine:
-  torchrun --nproc_per_node=8 reinforce_kl.py --model Qwen/Qwen2.5-1.5B-Instruct \\
-      --sft-data data/sft_en.jsonl --sft-epochs 1 --prompts data/rl_prompts.jsonl \\
+With English SFT first, 8 GPUs, FSDP2 and a judge served by vLLM on another machine:
+  torchrun --nproc_per_node=8 reinforce_kl.py --model Qwen/Qwen2.5-7B-Instruct --fsdp \\
+      --gradient-checkpointing --sft-data data/sft_en.jsonl --prompts data/rl_prompts.jsonl \\
       --judge-url http://judge-host:8000 --judge-server-model meta-llama/Llama-3.3-70B-Instruct
 """
 import contextlib
 import copy
+import errno
+import http.client
 import json
 import math
 import os
 import random
 import shutil
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, HfArgumentParser,
+                          LogitsProcessor, LogitsProcessorList)
 
 from kernels import fused_logprob, fused_logprob_kl
 
@@ -78,7 +95,7 @@ class Args:
     prompt_field: str = field(default="prompt", metadata={"help": "field holding the target-language prompt"})
     reference_field: str = field(default="reference", metadata={"help": "optional field with an English reference answer"})
     sft_data: str = field(default="", metadata={"help": "English SFT data (`messages` or `prompt`+`response`); empty: no SFT"})
-    sft_epochs: int = field(default=1, metadata={"help": "SFT epochs"})  # our choice: the paper's English SFT stage is short
+    sft_epochs: int = field(default=1, metadata={"help": "SFT epochs"})  # paper: LIMA, 1 epoch
     sft_lr: float = field(default=1e-5, metadata={"help": "SFT learning rate"})  # our choice: usual for small chat SFT
     sft_batch_size: int = field(default=8, metadata={"help": "SFT dialogues per optimizer step (all ranks)"})  # our choice
     messages_field: str = field(default="messages", metadata={"help": "SFT chat-list field"})
@@ -88,15 +105,17 @@ class Args:
     judge_url: str = field(default="", metadata={"help": "OpenAI-compatible server (e.g. vLLM); overrides --judge-model"})
     judge_server_model: str = field(default="default", metadata={"help": "`model` field sent to --judge-url"})
     judge_api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "env var with the server's API key, if any"})
-    judge_timeout: float = field(default=60.0, metadata={"help": "seconds per judge request"})  # our choice: a 70B judge answers 1 token in well under this
-    judge_retries: int = field(default=3, metadata={"help": "retries per judge request before it counts as a failure"})
+    judge_timeout: float = field(default=60.0, metadata={"help": "seconds per judge request, the whole reply included"})  # our choice: a 70B judge answers 1 token in well under this
+    judge_retries: int = field(default=3, metadata={"help": "retries per judge request (not for 4xx replies) before it counts as a failure"})
     judge_backoff: float = field(default=1.0, metadata={"help": "first retry delay in s, doubled each retry"})
     judge_top_logprobs: int = field(default=20, metadata={"help": "top_logprobs asked from the server (OpenAI allows <= 20)"})
     judge_concurrency: int = field(default=8, metadata={"help": "parallel requests to --judge-url per rank"})
     judge_batch_size: int = field(default=8, metadata={"help": "batch size of the in-process judge"})
+    judge_max_failed_steps: int = field(default=3, metadata={"help": "stop when the judge scores nothing for this many steps in a row"})
     reward: str = field(default="judge", metadata={"help": "judge | token-frequency (programmatic, for tests)"})
     reward_tokens: str = field(default="", metadata={"help": "token-frequency: reward = fraction of response tokens among this text's tokens"})
     output_dir: str = field(default="", metadata={"help": "default runs/reinforce_kl-<YYYYmmdd-HHMMSS>"})
+    overwrite: bool = field(default=False, metadata={"help": "delete a previous run in --output-dir first"})
     steps: int = field(default=200, metadata={"help": "optimizer steps"})  # our choice: fits one GPU-day at 135M-1.5B
     prompts_per_step: int = field(default=16, metadata={"help": "prompts per optimizer step across all ranks"})  # our choice
     group_size: int = field(default=8, metadata={"help": "responses sampled per prompt (G)"})  # paper: 8 samples per prompt
@@ -107,13 +126,51 @@ class Args:
     beta: float = field(default=0.05, metadata={"help": "KL coefficient"})  # our choice: typical RLHF range 0.01-0.1
     kl_estimator: str = field(default="full", metadata={"help": "full | k1 | k3 (see docstring)"})  # paper: full (Rao-Blackwellised)
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})  # our choice: standard
-    bf16: bool = field(default=True, metadata={"help": "bfloat16 autocast on CUDA (weights stay float32); ignored on CPU"})
+    bf16: bool = field(default=True, metadata={"help": "bfloat16 compute on CUDA (master weights stay float32); ignored on CPU"})
+    fsdp: bool = field(default=False, metadata={"help": "shard policy, optimizer, reference and judge with FSDP2 (needs torchrun)"})
+    ref_offload: bool = field(default=False, metadata={"help": "with --fsdp: keep the frozen reference's shards in CPU memory"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward pass (less memory)"})
+    compile_rollout: bool = field(default=True, metadata={"help": "CUDA without --fsdp: static KV cache + compiled decoding"})
     seed: int = field(default=42, metadata={"help": "seed of data order, sampling and init"})
-    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --output-dir"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --output-dir from its newest checkpoint"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (and at the end)"})
-    sample_every: int = field(default=1, metadata={"help": "write samples.jsonl every N steps"})
+    save_total_limit: Optional[int] = field(default=None, metadata={"help": "keep only the newest N checkpoints"})
+    sample_every: int = field(default=1, metadata={"help": "write samples.jsonl every N steps (0: never)"})
     samples_logged: int = field(default=2, metadata={"help": "prompt groups written to samples.jsonl each time"})
     report_to: str = field(default="none", metadata={"help": "none | tensorboard | wandb"})
+
+    def __post_init__(self):  # one line per bad value, before anything loads (issue 10)
+        rules = [("steps", self.steps >= 1, ">= 1"), ("prompts_per_step", self.prompts_per_step >= 1, ">= 1"),
+                 ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"), ("temperature", self.temperature > 0, "> 0"),
+                 ("top_p", 0 < self.top_p <= 1, "in (0, 1]"), ("lr", self.lr > 0, "> 0"), ("beta", self.beta >= 0, ">= 0"),
+                 ("max_grad_norm", self.max_grad_norm > 0, "> 0"), ("max_seq_len", self.max_seq_len >= 2, ">= 2"),
+                 ("sft_epochs", self.sft_epochs >= 1, ">= 1"), ("sft_lr", self.sft_lr > 0, "> 0"),
+                 ("sft_batch_size", self.sft_batch_size >= 1, ">= 1"), ("judge_timeout", self.judge_timeout > 0, "> 0"),
+                 ("judge_retries", self.judge_retries >= 0, ">= 0"), ("judge_backoff", self.judge_backoff >= 0, ">= 0"),
+                 ("judge_top_logprobs", 1 <= self.judge_top_logprobs <= 20, "in 1..20"),
+                 ("judge_concurrency", self.judge_concurrency >= 1, ">= 1"), ("judge_batch_size", self.judge_batch_size >= 1, ">= 1"),
+                 ("judge_max_failed_steps", self.judge_max_failed_steps >= 1, ">= 1"), ("save_every", self.save_every >= 1, ">= 1"),
+                 ("save_total_limit", self.save_total_limit is None or self.save_total_limit >= 1, ">= 1"),
+                 ("sample_every", self.sample_every >= 0, ">= 0"), ("samples_logged", self.samples_logged >= 0, ">= 0"),
+                 ("kl_estimator", self.kl_estimator in ("full", "k1", "k3"), "full, k1 or k3"),
+                 ("reward", self.reward in ("judge", "token-frequency"), "judge or token-frequency"),
+                 ("report_to", self.report_to in ("none", "tensorboard", "wandb"), "none, tensorboard or wandb")]
+        for name, ok, need in rules:
+            if not ok:
+                raise SystemExit(f"--{name.replace('_', '-')} must be {need}, got {getattr(self, name)!r}")
+        if self.group_size < 2:
+            raise SystemExit(f"--group-size must be >= 2 (group-normalised advantages need two samples per prompt), got {self.group_size}")
+        if self.resume and self.overwrite:
+            raise SystemExit("--resume continues the run in --output-dir and --overwrite deletes it; pass one of them")
+        if self.reward == "token-frequency" and not self.reward_tokens:
+            raise SystemExit("--reward token-frequency needs --reward-tokens TEXT")
+
+
+# Flags a resumed run may change: they do not change what is computed (issue 10, item 7).
+RESUME_MAY_CHANGE = {"resume", "overwrite", "steps", "save_every", "save_total_limit", "sample_every", "samples_logged",
+                     "report_to", "judge_url", "judge_api_key_env", "judge_timeout", "judge_retries", "judge_backoff",
+                     "judge_concurrency", "judge_batch_size", "judge_max_failed_steps", "fsdp", "ref_offload",
+                     "gradient_checkpointing", "compile_rollout"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,7 +198,8 @@ def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor, tokens: torch.Tenso
     elif estimator in ("k1", "k3"):
         ref_logp = fused_logprob(ref_logits.detach(), tokens, temperature=temperature).detach()
         log_ratio = out.logp - ref_logp  # log pi - log pi_ref of the sampled token
-        kl_term = log_ratio if estimator == "k1" else torch.exp(-log_ratio) + log_ratio - 1.0
+        # k3 = exp(-log_ratio) + log_ratio - 1; clamped so that padding (masked later) cannot overflow
+        kl_term = log_ratio if estimator == "k1" else torch.exp(-log_ratio.clamp(max=80.0)) + log_ratio - 1.0
     else:
         raise ValueError(f'--kl-estimator must be full, k1 or k3, got "{estimator}"')
     return out.logp, kl_term, out.kl.detach(), out.entropy
@@ -165,19 +223,26 @@ def expected_score(digit_logits: torch.Tensor) -> torch.Tensor:
     return (((p * values).sum(-1) - 1.0) / 8.0).float()
 
 
-def score_from_top_logprobs(top_logprobs: Sequence[dict]) -> Optional[float]:
-    """Eq. (1) from an OpenAI-style `top_logprobs` list [{"token": str, "logprob": float}, ...].
-    Tokens that are a digit 1-9 up to whitespace (" 7", "7") are merged; None when none is."""
+def score_from_top_logprobs(top_logprobs) -> Tuple[Optional[float], float]:
+    """Eq. (1) from an OpenAI-style `top_logprobs` list [{"token": str, "logprob": float}, ...] ->
+    (score, probability mass on the digits). Tokens that are a digit 1-9 up to whitespace (" 7",
+    "7") are merged. Anything that is not such a list of finite log-probs <= 0 raises ValueError
+    (a broken server: the caller counts a failure); no digit among the tokens gives (None, 0)."""
+    if not isinstance(top_logprobs, list):
+        raise ValueError(f"top_logprobs is a {type(top_logprobs).__name__}, not a list")
     probs = [0.0] * 9
     for entry in top_logprobs:
-        tok = str(entry.get("token", "")).strip()
-        lp = entry.get("logprob")
-        if len(tok) == 1 and tok in SCORE_DIGITS and isinstance(lp, (int, float)) and math.isfinite(lp):
-            probs[int(tok) - 1] += math.exp(lp)
-    if sum(probs) <= 0.0:
-        return None
+        tok, lp = entry.get("token") if isinstance(entry, dict) else None, entry.get("logprob") if isinstance(entry, dict) else None
+        if not isinstance(tok, str) or isinstance(lp, bool) or not isinstance(lp, (int, float)) \
+                or not math.isfinite(lp) or lp > 1e-4:
+            raise ValueError(f"unreadable top_logprobs entry {str(entry)[:80]}")
+        if len(tok.strip()) == 1 and tok.strip() in SCORE_DIGITS:
+            probs[int(tok.strip()) - 1] += math.exp(min(lp, 0.0))
+    mass = sum(probs)
+    if mass <= 0.0:
+        return None, 0.0
     logp = torch.tensor([math.log(p) if p > 0 else -math.inf for p in probs])
-    return float(expected_score(logp[None])[0])
+    return float(expected_score(logp[None])[0]), mass
 
 
 def token_frequency_reward(response_ids: Sequence[Sequence[int]], target_ids: set) -> List[float]:
@@ -191,27 +256,48 @@ def masked_nll(logp: torch.Tensor, mask: torch.Tensor, num_tokens: int) -> torch
 
 
 # ----------------------------------------------------------------------------------------------
-# Data, chat formatting, sampling
+# Data, chat formatting
 # ----------------------------------------------------------------------------------------------
 def read_rows(path: str, flag: str) -> List[dict]:
-    """JSONL through the json module; anything else (hub name, csv, parquet) through `datasets`."""
-    if os.path.isfile(path) and path.endswith((".jsonl", ".json")):
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
+    """Rows of a JSONL (or JSON array) file read directly, or of anything `datasets` loads (a hub
+    name, csv, parquet). Bad bytes, bad JSON and non-object rows name the file and line."""
+    local = os.path.expanduser(path)
+    if os.path.isfile(local) and local.endswith((".jsonl", ".json")):
+        data = open(local, "rb").read()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data[:e.start].count(b"\n") + 1
+            raise SystemExit(f"{flag} {path} line {line} is not UTF-8 ({e.reason}); re-save the file as UTF-8")
+        if local.endswith(".json") and text.lstrip().startswith("["):
+            try:
+                rows, where = json.loads(text), "row"
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{flag} {path} line {e.lineno} is not valid JSON ({e.msg}); fix the file")
+        else:
+            rows, where = [], "line"
+            for i, line in enumerate(text.splitlines(), 1):
                 if line.strip():
                     try:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as e:
-                        raise SystemExit(f"{flag} {path} line {i} is not valid JSON ({e}); fix or remove that line")
+                        raise SystemExit(f"{flag} {path} line {i} is not valid JSON ({e.msg}); fix or remove that line")
+                    if not isinstance(rows[-1], dict):
+                        raise SystemExit(f"{flag} {path} line {i} is a JSON {type(rows[-1]).__name__}, not an object; "
+                                         f"write one JSON object per line")
+        bad = next((i for i, r in enumerate(rows, 1) if not isinstance(r, dict)), None)
+        if bad:
+            raise SystemExit(f"{flag} {path} {where} {bad} is not a JSON object; write one object per row")
     else:
-        if not os.path.exists(path) and (path.startswith((".", "/", "~")) or path.endswith((".jsonl", ".json", ".csv"))):
-            raise SystemExit(f"{flag} {path} does not exist; pass a JSONL file or a Hugging Face data set name")
-        import datasets  # lazily: the GPU image may lack it and JSONL does not need it
+        import datasets  # lazily: JSONL needs no `datasets`
 
-        ext = os.path.splitext(path)[1].lstrip(".")
-        ds = datasets.load_dataset(ext, data_files=path, split="train") if os.path.isfile(path) else \
-            datasets.load_dataset(path, split="train")
+        try:
+            ext = os.path.splitext(local)[1].lstrip(".")
+            ds = datasets.load_dataset(ext, data_files=local, split="train") if os.path.isfile(local) else \
+                datasets.load_dataset(path, split="train")
+        except Exception as e:  # noqa: BLE001 - every failure of the hub path gets the same one line
+            raise SystemExit(f"{flag} {path}: no such file, and no data set of that name could be loaded "
+                             f"({type(e).__name__}); check the path, or unset HF_HUB_OFFLINE to download")
         rows = [dict(r) for r in ds]
     if not rows:
         raise SystemExit(f"{flag} {path} has no rows; pass a non-empty data set")
@@ -244,6 +330,20 @@ def sft_example(tokenizer, messages: List[dict]):
     return ids, mask
 
 
+def step_prompt_indices(n: int, seed: int, step: int, per_step: int) -> List[int]:
+    """Global prompt indices of `step` (1-based): a fresh seeded permutation every epoch."""
+    perms, out = {}, []
+    for k in range((step - 1) * per_step, step * per_step):
+        epoch, pos = divmod(k, n)
+        if epoch not in perms:
+            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
+        out.append(int(perms[epoch][pos]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollout: one batched generation; swap this block for an inference server to scale further
+# ----------------------------------------------------------------------------------------------
 def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """[B, V] -> [B, V] probabilities of softmax(logits / T), optionally nucleus-truncated."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -256,29 +356,76 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> to
     return probs
 
 
+def _u64(c: int) -> int:  # a 64-bit constant as the int64 with the same bits
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+GOLDEN, MIX1, MIX2 = _u64(0x9E3779B97F4A7C15), _u64(0xBF58476D1CE4E5B9), _u64(0x94D049BB133111EB)
+
+
+def _shr(x: torch.Tensor, k: int) -> torch.Tensor:  # logical shift right of int64 bits
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finaliser (Steele et al. 2014) on int64 tensors: arithmetic wraps mod 2^64."""
+    x = (x ^ _shr(x, 30)) * MIX1
+    x = (x ^ _shr(x, 27)) * MIX2
+    return x ^ _shr(x, 31)
+
+
+def keyed_gumbel(keys: torch.Tensor, position: int, vocab: int) -> torch.Tensor:
+    """[N, K] int64 keys -> [N, V] float64 standard Gumbel noise, a pure function of (key, position,
+    word): the i-th word of a row reads SplitMix64's stream at state h + i * golden, whose 53 high
+    bits make a uniform u in (0, 1); g = -log(-log u)."""
+    h = torch.zeros(keys.shape[0], dtype=torch.int64, device=keys.device)
+    for j in range(keys.shape[1]):
+        h = _mix64(h + GOLDEN ^ keys[:, j])
+    h = _mix64(h + GOLDEN ^ position)
+    words = torch.arange(1, vocab + 1, dtype=torch.int64, device=keys.device) * GOLDEN
+    u = (_shr(_mix64(h[:, None] + words), 11).double() + 0.5) * 2.0 ** -53
+    return -torch.log(-torch.log(u))
+
+
+class KeyedSampler(LogitsProcessor):
+    """Gumbel-max: argmax_w (log p(w) + g_w) with g iid standard Gumbel is an exact sample from p
+    = softmax(logits / T), top-p renormalised. Run under greedy decoding, so `generate` takes that
+    argmax. The noise depends only on each row's key and the position, not on the batch."""
+
+    def __init__(self, keys: torch.Tensor, prompt_len: int, temperature: float, top_p: float):
+        self.keys, self.prompt_len, self.temperature, self.top_p = keys, prompt_len, temperature, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logp = sampling_probs(scores, self.temperature, self.top_p).log()
+        return logp.double() + keyed_gumbel(self.keys, input_ids.shape[1] - self.prompt_len, scores.shape[-1])
+
+
 @torch.no_grad()
-def sample_group(model, prompt_ids: List[int], args: Args, eos_ids: List[int], pad_id: int,
-                 generator: torch.Generator, device):
-    """G samples for one prompt with a KV cache and our own generator, so every prompt group is
-    reproducible from (seed, step, prompt index) whatever the number of ranks.
-    Returns tokens [G, R] (pad after the first EOS) and mask [G, R] (True up to and incl. EOS)."""
-    G = args.group_size
-    out = model(input_ids=torch.tensor([prompt_ids] * G, device=device), use_cache=True, logits_to_keep=1)
-    eos = torch.tensor(eos_ids, device=device)
-    done = torch.zeros(G, dtype=torch.bool, device=device)
-    tokens = []
-    for _ in range(args.max_new_tokens):
-        probs = sampling_probs(out.logits[:, -1], args.temperature, args.top_p)
-        nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        tokens.append(nxt)
-        done = done | torch.isin(nxt, eos)
-        if bool(done.all()):
-            break
-        out = model(input_ids=nxt[:, None], past_key_values=out.past_key_values, use_cache=True)
-    tokens = torch.stack(tokens, 1)
-    ended_before = torch.cumsum(torch.isin(tokens, eos).long(), 1) - torch.isin(tokens, eos).long()
-    return tokens, ended_before == 0
+def rollout(model, prompts: List[List[int]], keys: List[Tuple[int, ...]], args: Args, eos_ids: List[int],
+            pad_id: int, pad_to: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """All samples of this rank in ONE `generate` call (issue 13). prompts: token ids per row (a
+    prompt repeated G times gives G rows); keys: one tuple of ints per row (seed, step, prompt,
+    sample) that fixes its sampling noise. Returns tokens [N, R] (pad after the first EOS) and mask
+    [N, R] (True up to and including the first EOS). pad_to: left-pad prompts to this length so
+    that a static cache keeps one shape across steps (compiled once)."""
+    device = next(model.parameters()).device
+    P = max(pad_to, max(len(p) for p in prompts))
+    ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts], device=device)
+    attn = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=device)
+    static = device.type == "cuda" and args.compile_rollout and not args.fsdp
+    gen = GenerationConfig(do_sample=False, max_new_tokens=args.max_new_tokens, eos_token_id=eos_ids,
+                           pad_token_id=pad_id, cache_implementation="static" if static else None)
+    sampler = KeyedSampler(torch.tensor(keys, dtype=torch.int64, device=device), P, args.temperature, args.top_p)
+    saved, model.generation_config = model.generation_config, GenerationConfig()  # no hub defaults (penalties, top-k)
+    try:
+        out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen,
+                             logits_processor=LogitsProcessorList([sampler]))
+    finally:
+        model.generation_config = saved
+    tokens = out[:, P:]
+    is_eos = torch.isin(tokens, torch.tensor(eos_ids, device=device))
+    mask = (torch.cumsum(is_eos.long(), 1) - is_eos.long()) == 0
+    return torch.where(mask, tokens, pad_id), mask
 
 
 def response_logits(model, prompt_ids: List[int], tokens: torch.Tensor, mask: torch.Tensor):
@@ -288,21 +435,6 @@ def response_logits(model, prompt_ids: List[int], tokens: torch.Tensor, mask: to
     attn = torch.cat([torch.ones_like(prompt), mask.long()], 1)
     logits = model(input_ids=torch.cat([prompt, tokens], 1), attention_mask=attn, logits_to_keep=R + 1).logits
     return logits[:, :-1]
-
-
-def group_seed(seed: int, step: int, prompt_index: int) -> int:
-    return (seed * 1_000_003 + step) * 1_000_033 + prompt_index
-
-
-def step_prompt_indices(n: int, seed: int, step: int, per_step: int) -> List[int]:
-    """Global prompt indices of `step` (1-based): a fresh seeded permutation every epoch."""
-    perms, out = {}, []
-    for k in range((step - 1) * per_step, step * per_step):
-        epoch, pos = divmod(k, n)
-        if epoch not in perms:
-            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
-        out.append(int(perms[epoch][pos]))
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,37 +479,52 @@ def digit_token_ids(tokenizer) -> List[int]:
 
 
 class HFJudge:
-    """In-process judge: one batched no-grad forward, next-token logits at the last prompt token."""
+    """In-process judge: no-grad forwards over left-padded batches of similar length, reading only
+    the next-token logits of the last position (`logits_to_keep=1`, never [B, L, V]).
+    Returns (scores, digit masses); prompts longer than the judge's context score NaN (counted).
+    Under FSDP every rank runs the same number of forwards (each all-gathers the judge's layers)."""
 
-    def __init__(self, model, tokenizer, batch_size: int, device):
-        self.model, self.tok, self.bs, self.device = model, tokenizer, batch_size, device
+    def __init__(self, model, tokenizer, batch_size: int, device, lockstep: bool = False):
+        self.model, self.tok, self.bs, self.device, self.lockstep = model, tokenizer, batch_size, device, lockstep
         self.digits = torch.tensor(digit_token_ids(tokenizer), device=device)
         self.max_len = getattr(model.config, "max_position_embeddings", None) or 10**9
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     @torch.no_grad()
-    def __call__(self, prompts, responses, references) -> List[float]:
+    def __call__(self, prompts, responses, references) -> Tuple[List[float], List[float]]:
         ids = [encode(self.tok, render_chat(self.tok, [{"role": "user", "content": judge_prompt(p, r, ref)}], True))
                for p, r, ref in zip(prompts, responses, references)]
-        scores = [math.nan] * len(ids)  # too long for the judge's context: a counted failure
-        ok = [i for i, x in enumerate(ids) if len(x) <= self.max_len]
-        for b in range(0, len(ok), self.bs):
-            batch = ok[b:b + self.bs]
-            L = max(len(ids[i]) for i in batch)
-            inp = torch.tensor([ids[i] + [self.pad] * (L - len(ids[i])) for i in batch], device=self.device)
-            attn = torch.tensor([[1] * len(ids[i]) + [0] * (L - len(ids[i])) for i in batch], device=self.device)
-            logits = self.model(input_ids=inp, attention_mask=attn).logits  # right padding: read each row's last real token
-            last = torch.tensor([len(ids[i]) - 1 for i in batch], device=self.device)
-            digit_logits = logits[torch.arange(len(batch), device=self.device), last][:, self.digits]
-            for i, s in zip(batch, expected_score(digit_logits).tolist()):
-                scores[i] = s
-        return scores
+        scores, masses = [math.nan] * len(ids), [math.nan] * len(ids)
+        ok = sorted((i for i, x in enumerate(ids) if len(x) <= self.max_len), key=lambda i: len(ids[i]))
+        batches = [ok[b:b + self.bs] for b in range(0, len(ok), self.bs)]
+        if self.lockstep:
+            n = torch.tensor([len(batches)], device=self.device)
+            dist.all_reduce(n, op=dist.ReduceOp.MAX)
+            batches += [[]] * (int(n) - len(batches))  # an empty batch runs one dummy forward
+        for batch in batches:
+            rows = [ids[i] for i in batch] or [[self.pad]]
+            L = max(map(len, rows))
+            inp = torch.tensor([[self.pad] * (L - len(x)) + x for x in rows], device=self.device)
+            attn = torch.tensor([[0] * (L - len(x)) + [1] * len(x) for x in rows], device=self.device)
+            pos = (attn.cumsum(-1) - 1).clamp(min=0)
+            last = self.model(input_ids=inp, attention_mask=attn, position_ids=pos, logits_to_keep=1).logits[:, -1]
+            digit_logp = torch.log_softmax(last.float(), -1)[:, self.digits]
+            for i, s, m in zip(batch, expected_score(digit_logp).tolist(), digit_logp.exp().sum(-1).tolist()):
+                scores[i], masses[i] = s, m
+        return scores, masses
+
+
+class JudgeHTTPError(Exception):
+    def __init__(self, status: int, body: bytes):
+        super().__init__(f"HTTP {status}: {body[:200].decode('utf-8', 'replace')}")
+        self.status = status
 
 
 class HTTPJudge:
     """OpenAI-compatible /v1/chat/completions with max_tokens=1 and top_logprobs. A request that
-    times out, errors or cannot be read is retried with exponential backoff, then scored NaN
-    (the sample gets A = 0 and is counted in `judge_failures`); training never stops for it."""
+    fails or cannot be read is retried with exponential backoff (not a 4xx other than 408/429:
+    the request itself is wrong), then scored NaN: the sample gets A = 0 and is counted in
+    `judge_failures`. --judge-timeout bounds the whole request, the reply's last byte included."""
 
     def __init__(self, args: Args):
         url = args.judge_url.rstrip("/")
@@ -387,103 +534,330 @@ class HTTPJudge:
         self.api_key = os.environ.get(args.judge_api_key_env, "")
         self.last_error = ""
 
-    def score_one(self, text: str) -> float:
+    def post(self, body: bytes) -> dict:
+        deadline = time.monotonic() + self.args.judge_timeout
+        u = urllib.parse.urlsplit(self.url)
+        conn = (http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection)(
+            u.hostname, u.port, timeout=self.args.judge_timeout)
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})}
+        try:
+            conn.request("POST", u.path + (f"?{u.query}" if u.query else ""), body, headers)
+            sock = conn.sock  # kept: the connection drops its reference once the reply says "close"
+            resp, chunks = conn.getresponse(), []
+            while True:  # read against the deadline: a server that trickles bytes still times out
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no complete reply within --judge-timeout {self.args.judge_timeout} s")
+                sock.settimeout(left)
+                chunk = resp.read1(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            data = b"".join(chunks)
+            if resp.status >= 400:
+                raise JudgeHTTPError(resp.status, data)
+            return json.loads(data)
+        finally:
+            conn.close()
+
+    def score_one(self, text: str) -> Tuple[float, float]:
         a = self.args
         body = json.dumps({"model": a.judge_server_model, "messages": [{"role": "user", "content": text}],
                            "max_tokens": 1, "temperature": 0.0, "logprobs": True,
                            "top_logprobs": a.judge_top_logprobs}).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
         for attempt in range(a.judge_retries + 1):
             try:
-                req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=a.judge_timeout) as resp:
-                    reply = json.loads(resp.read().decode())
-                score = score_from_top_logprobs(reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"])
+                reply = self.post(body)
+                score, mass = score_from_top_logprobs(reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"])
                 if score is not None:
-                    return score
-            except (OSError, ValueError, KeyError, IndexError, TypeError) as e:  # timeouts, HTTP errors: OSError
-                self.last_error = f"{type(e).__name__}: {e}"
-            else:
+                    return score, mass
                 self.last_error = "no digit 1-9 among the top logprobs"
+            except JudgeHTTPError as e:
+                self.last_error = str(e)
+                if 400 <= e.status < 500 and e.status not in (408, 429):
+                    break
+            except (OSError, http.client.HTTPException, ValueError, LookupError, TypeError, AttributeError) as e:
+                self.last_error = f"{type(e).__name__}: {str(e)[:200]}"  # timeouts, dropped links, bad JSON/types
             if attempt < a.judge_retries:
                 time.sleep(a.judge_backoff * 2 ** attempt)
-        return math.nan
+        return math.nan, math.nan
 
-    def __call__(self, prompts, responses, references) -> List[float]:
+    def __call__(self, prompts, responses, references) -> Tuple[List[float], List[float]]:
         texts = [judge_prompt(p, r, ref) for p, r, ref in zip(prompts, responses, references)]
-        with ThreadPoolExecutor(max_workers=max(1, self.args.judge_concurrency)) as pool:
-            return list(pool.map(self.score_one, texts))
+        with ThreadPoolExecutor(max_workers=self.args.judge_concurrency) as pool:
+            pairs = list(pool.map(self.score_one, texts))
+        return [s for s, _ in pairs], [m for _, m in pairs]
 
 
 # ----------------------------------------------------------------------------------------------
-# Loading, checkpoints, logging
+# Loading and sharding
 # ----------------------------------------------------------------------------------------------
-def load_lm(path: str, flag: str, device):
-    if path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(path)):
+def load_lm(path: str, flag: str, device, dtype=torch.float32):
+    """(model in eval mode, tokenizer); eval: no dropout while sampling or scoring."""
+    local = os.path.expanduser(path)
+    if os.path.isdir(local) and not os.path.isfile(os.path.join(local, "config.json")):
+        raise SystemExit(f"{flag} {path} is a folder without a model (no config.json); pass a folder written by "
+                         f"save_pretrained, or a hub name")
+    if not os.path.exists(local) and (local.startswith((".", "/", "~")) or os.path.exists(local.split("/")[0])):
         raise SystemExit(f"{flag} {path} does not exist; run `python tools/export_smollm2.py` for the embedded "
                          f"model or pass a Hugging Face model name")
     try:
-        tok = AutoTokenizer.from_pretrained(os.path.expanduser(path))
-        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(path), dtype=torch.float32).to(device)
-    except OSError as e:
-        raise SystemExit(f"{flag} {path} could not be loaded ({e}); check the name, or unset HF_HUB_OFFLINE to download")
+        tok = AutoTokenizer.from_pretrained(local)
+        model = AutoModelForCausalLM.from_pretrained(local, dtype=dtype).to(device)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{flag} {path} could not be loaded ({type(e).__name__}: {str(e)[:150]}); check the name, "
+                         f"or unset HF_HUB_OFFLINE to download")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    return model.eval(), tok  # eval: no dropout, so the loss sees the distribution we sampled from
+    return model.eval(), tok
 
 
-def save_checkpoint(out: Path, step: int, model, tok, optimizer, extra: dict):
-    """checkpoint-<step>/ written under a temporary name and renamed: never half-written."""
+def saved_dtype(path: str) -> torch.dtype:
+    """The dtype a model was published in (checkpoints are written in it, not in fp32 copies)."""
+    d = getattr(AutoConfig.from_pretrained(os.path.expanduser(path)), "dtype", None)
+    return getattr(torch, d) if isinstance(d, str) else d or torch.float32
+
+
+def disable_dropout(model):
+    """Dropout off everywhere, so a train-mode forward (needed by gradient checkpointing) sees the
+    distribution we sampled from."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+
+
+def shard(model, args: Args, device, frozen: bool):
+    """FSDP2 (issue 12): fully_shard each decoder layer (the model's `_no_split_modules`), then the
+    root. On GPUs: bf16 compute, fp32 gradient reduction (the trained model keeps fp32 master
+    weights); on CPU fp32 throughout, so CPU tests compare exactly. A frozen model is loaded in
+    its compute dtype; --ref-offload keeps its shards in CPU memory between forwards."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    bf16 = device.type == "cuda" and args.bf16
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 and not frozen \
+        else MixedPrecisionPolicy()
+    offload = CPUOffloadPolicy() if frozen and args.ref_offload else OffloadPolicy()
+    layers = [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or [])]
+    if not layers:
+        raise SystemExit(f"--fsdp: {type(model).__name__} names no decoder layer class (_no_split_modules); run without --fsdp")
+    for layer in layers:
+        fully_shard(layer, mp_policy=mp, offload_policy=offload, reshard_after_forward=True)
+    fully_shard(model, mp_policy=mp, offload_policy=offload)
+    return model
+
+
+@contextlib.contextmanager
+def gathered(model, fsdp: bool):
+    """Sampling under FSDP2 (issue 12.3): all-gather every layer ONCE and keep it gathered for the
+    whole `generate` (a per-token all-gather of every layer would cost ~100x the decode time).
+    Needs the full model's parameters in the compute dtype (2 bytes per parameter in bf16) plus
+    the KV cache on each GPU, for the length of the rollout."""
+    from torch.distributed.fsdp import FSDPModule
+
+    mods = [m for m in model.modules() if isinstance(m, FSDPModule)] if fsdp else []
+    for m in mods:
+        if m is not model:  # the root never reshards after forward (FSDP2's default for it)
+            m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.reshard()
+            if m is not model:
+                m.set_reshard_after_forward(True, recurse=False)
+
+
+def local_bytes(tensors) -> int:
+    """Bytes this rank holds (the local shard of a DTensor)."""
+    return sum((t.to_local() if hasattr(t, "to_local") else t).nbytes for t in tensors if torch.is_tensor(t))
+
+
+# ----------------------------------------------------------------------------------------------
+# Output folder, checkpoints, logs
+# ----------------------------------------------------------------------------------------------
+def prepare_output_dir(args: Args, rank: int, world: int) -> Tuple[Path, Optional[Path]]:
+    """A folder that holds a run is never mixed with another (issue 10): without --resume it is
+    refused, --overwrite deletes it, --resume checks that no flag which changes results differs and
+    cuts the logs back to the newest checkpoint (step 0 when there is none yet)."""
+    name = [args.output_dir or f"runs/reinforce_kl-{time.strftime('%Y%m%d-%H%M%S')}"]
+    if world > 1:
+        dist.broadcast_object_list(name, src=0)  # ranks may disagree on the clock
+    out = Path(name[0])
+    is_run = (out / "args.json").exists()
+    if out.is_dir() and any(out.iterdir()) and not is_run:
+        raise SystemExit(f"--output-dir {out} is not empty and holds no run (no args.json); pass a new or empty folder")
+    if is_run and not (args.resume or args.overwrite):
+        raise SystemExit(f"--output-dir {out} holds a previous run; pass --resume to continue it or --overwrite to replace it")
+    ckpt, changed = None, {}
+    if args.resume and is_run:
+        try:
+            saved = json.loads((out / "args.json").read_text())
+        except ValueError:
+            raise SystemExit(f"{out}/args.json is corrupt, so --resume cannot check the flags; fix it or pass --overwrite")
+        for k, v in asdict(args).items():
+            if k in saved and saved[k] != v and k not in ("resume", "overwrite"):
+                if k not in RESUME_MAY_CHANGE:
+                    raise SystemExit(f"--resume: --{k.replace('_', '-')} is {v!r} but the run in {out} used {saved[k]!r} "
+                                     f"(args.json); pass the same value, or --overwrite to start over")
+                changed[k] = [saved[k], v]
+        ckpt = latest_checkpoint(out)
+    if world > 1:
+        dist.barrier()  # every rank has read the folder before rank 0 changes it
+    if rank == 0:
+        if args.overwrite and is_run:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        for tmp in out.glob(".tmp-*"):  # what a kill during a save left behind
+            shutil.rmtree(tmp, ignore_errors=True)
+        if args.resume and is_run:
+            step = int(ckpt.name.split("-")[1]) if ckpt else 0
+            for log in ("metrics.jsonl", "samples.jsonl"):
+                trim_jsonl(out / log, step)
+            saved.setdefault("_resumed", []).append({"step": step, "changed": changed})
+            atomic_write(out / "args.json", json.dumps(saved, indent=2))
+            print(f"resuming {out} from " + (f"{ckpt.name}" if ckpt else "step 0 (no checkpoint yet)")
+                  + (f"; changed flags: {changed}" if changed else ""))
+        else:
+            atomic_write(out / "args.json", json.dumps(asdict(args), indent=2))
+    if world > 1:
+        dist.barrier()
+    return out, ckpt
+
+
+def atomic_write(path: Path, text: str):
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def trim_jsonl(path: Path, last_step: int):
+    """Keep the rows of steps <= last_step. A torn last line (a kill or a full disk mid-write) is
+    dropped; a corrupt line elsewhere stops the run rather than silently losing what follows."""
+    if not path.exists():
+        return
+    lines = path.read_bytes().split(b"\n")
+    keep = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if any(rest.strip() for rest in lines[i:]):
+                raise SystemExit(f"{path} line {i} is corrupt; fix or delete that line, then --resume again")
+            break
+        if row.get("step", 0) <= last_step:
+            keep.append(line.decode("utf-8") + "\n")
+    atomic_write(path, "".join(keep))
+
+
+def finite_or_none(x):
+    """JSON has no NaN: a value that does not exist is null (issue 10, item 9)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, (list, tuple)):
+        return [finite_or_none(v) for v in x]
+    return {k: finite_or_none(v) for k, v in x.items()} if isinstance(x, dict) else x
+
+
+def append_jsonl(path: Path, rows: List[dict]):
+    with open(path, "a", encoding="utf-8") as f:
+        f.writelines(json.dumps(finite_or_none(r), ensure_ascii=False, allow_nan=False) + "\n" for r in rows)
+
+
+def save_hf(path: Path, model, tok, dtype: torch.dtype, rank: int):
+    """Consolidated Hugging Face folder in `dtype` (all ranks take part; rank 0 writes)."""
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        model.save_pretrained(path, state_dict={k: v.to(dtype) for k, v in full.items()})
+        tok.save_pretrained(path)
+
+
+def save_checkpoint(out: Path, step: int, model, tok, optimizer, state: dict, args: Args, dtype, rank: int, world: int):
+    """checkpoint-<step>/: a Hugging Face folder in the model's own dtype (from_pretrained, vLLM),
+    trainer/ (torch.distributed.checkpoint: fp32 weights and optimizer, sharded under FSDP),
+    rng_state_<rank>.pth for every rank, trainer_state.json. Written as .tmp-checkpoint-<step> and
+    renamed, so it is never half-written; a full disk removes the temporary folder and says so."""
     final, tmp = out / f"checkpoint-{step}", out / f".tmp-checkpoint-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "step": step, "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "numpy_rng": np.random.get_state(), "python_rng": random.getstate(), **extra},
-               tmp / "trainer_state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(tmp, final)
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        if world > 1:
+            dist.barrier()
+        save_hf(tmp, model, tok, dtype, rank)
+        dcp.save({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)},
+                 checkpoint_id=str(tmp / "trainer"))
+        torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+                   tmp / f"rng_state_{rank}.pth")
+        if rank == 0:
+            atomic_write(tmp / "trainer_state.json", json.dumps({"step": step, "world_size": world, **state}))
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or "unexpected pos" in str(e):
+            prev = latest_checkpoint(out)
+            raise SystemExit(f"no space left in {out} while writing checkpoint-{step}; free space and run again with "
+                             f"--resume ({prev.name + ' is intact' if prev else 'no earlier checkpoint'})")
+        raise
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        done = sorted((p for p in out.glob("checkpoint-*") if p.name[11:].isdigit()), key=lambda p: int(p.name[11:]))
+        for old in done[:-args.save_total_limit] if args.save_total_limit else []:
+            shutil.rmtree(old)
+    if world > 1:
+        dist.barrier()
+
+
+def load_checkpoint(ckpt: Path, model, optimizer, rank: int) -> dict:
+    """Weights and optimizer from trainer/ (resharded to this run's layout), this rank's RNG."""
+    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=str(ckpt / "trainer"))
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    rng_file = ckpt / f"rng_state_{rank}.pth"
+    if not rng_file.exists():  # more processes than the run that wrote it
+        print(f"rank {rank}: {ckpt} has no RNG state of this rank; using rank 0's")
+        rng_file = ckpt / "rng_state_0.pth"
+    rng = torch.load(rng_file, weights_only=False)
+    torch.set_rng_state(rng["torch"]), np.random.set_state(rng["numpy"]), random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return json.loads((ckpt / "trainer_state.json").read_text())
 
 
 def latest_checkpoint(out: Path) -> Optional[Path]:
-    done = [p for p in out.glob("checkpoint-*") if (p / "trainer_state.pt").exists() and p.name[11:].isdigit()]
+    done = [p for p in out.glob("checkpoint-*") if (p / "trainer_state.json").exists() and p.name[11:].isdigit()]
     return max(done, key=lambda p: int(p.name[11:])) if done else None
-
-
-def truncate_jsonl(path: Path, last_step: int):
-    """Drop lines a crashed run wrote after its last checkpoint, so a resumed run appends cleanly."""
-    if path.exists():
-        keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= last_step]
-        path.write_text("".join(l + "\n" for l in keep))
 
 
 class Reporter:
     def __init__(self, kind: str, out: Path, args: Args):
         self.kind, self.writer = kind, None
-        if kind == "tensorboard":
-            try:
+        try:
+            if kind == "tensorboard":
                 from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise SystemExit("--report-to tensorboard needs `pip install tensorboard`; or pass --report-to none")
-            self.writer = SummaryWriter(str(out / "tb"))
-        elif kind == "wandb":
-            try:
+                self.writer = SummaryWriter(str(out / "tb"))
+            elif kind == "wandb":
                 import wandb
-            except ImportError:
-                raise SystemExit("--report-to wandb needs `pip install wandb`; or pass --report-to none")
-            self.writer = wandb.init(project="lowres-align", name=out.name, config=asdict(args), resume="allow")
-        elif kind != "none":
-            raise SystemExit(f'--report-to must be none, tensorboard or wandb, got "{kind}"')
+                self.writer = wandb.init(project="lowres-align", name=out.name, config=asdict(args), resume="allow")
+        except ImportError:
+            raise SystemExit(f"--report-to {kind} needs `pip install {kind}`; or pass --report-to none")
 
     def log(self, metrics: dict):
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         if self.kind == "tensorboard":
-            for k, v in metrics.items():
+            for k, v in numbers.items():
                 self.writer.add_scalar(k, v, metrics["step"])
         elif self.kind == "wandb":
-            self.writer.log(metrics, step=metrics["step"])
+            self.writer.log(numbers, step=metrics["step"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -499,7 +873,10 @@ def main(argv: Optional[List[str]] = None, reward_fn: Optional[RewardFn] = None)
 
 
 def train(args: Args, reward_fn: Optional[RewardFn] = None):
+    # ---- PLUMBING: processes, output folder, data ------------------------------------------------
     ddp = "RANK" in os.environ
+    if args.fsdp and not ddp:
+        raise SystemExit("--fsdp needs torchrun (any --nproc_per_node, 1 included)")
     if ddp:
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")  # CPU tensors (metrics) too
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
@@ -508,24 +885,16 @@ def train(args: Args, reward_fn: Optional[RewardFn] = None):
         torch.cuda.set_device(device)
     if args.prompts_per_step % world:
         raise SystemExit(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {world} processes")
-    if args.kl_estimator not in ("full", "k1", "k3"):
-        raise SystemExit(f'--kl-estimator must be full, k1 or k3, got "{args.kl_estimator}"')
-    if args.reward not in ("judge", "token-frequency"):
-        raise SystemExit(f'--reward must be judge or token-frequency, got "{args.reward}"')
-    out_name = [args.output_dir or f"runs/reinforce_kl-{time.strftime('%Y%m%d-%H%M%S')}"]
-    if ddp:
-        dist.broadcast_object_list(out_name, src=0)  # ranks may disagree on the clock
-    out = Path(out_name[0])
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(asdict(args), indent=2))
+    rows = read_rows(args.prompts, "--prompts")
+    out, ckpt = prepare_output_dir(args, rank, world)
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" and args.bf16 \
         else contextlib.nullcontext
+    load_device = torch.device("cpu") if args.fsdp else device  # fully_shard moves each rank's shard to its GPU
+    frozen_dtype = torch.bfloat16 if args.fsdp and device.type == "cuda" and args.bf16 else torch.float32
 
-    # ---- data -----------------------------------------------------------------------------
-    policy, tok = load_lm(args.model, "--model", device)
-    rows = read_rows(args.prompts, "--prompts")
+    policy, tok = load_lm(args.model, "--model", load_device)
+    dtype = saved_dtype(args.model)
     prompts, too_long = [], 0
     max_len = min(args.max_seq_len, getattr(policy.config, "max_position_embeddings", None) or args.max_seq_len)
     for i, row in enumerate(rows, 1):
@@ -536,105 +905,105 @@ def train(args: Args, reward_fn: Optional[RewardFn] = None):
         if len(ids) + args.max_new_tokens > max_len:
             too_long += 1
             continue
-        prompts.append({"text": row[args.prompt_field], "ids": ids, "reference": row.get(args.reference_field) or None})
+        ref = row.get(args.reference_field)
+        prompts.append({"text": row[args.prompt_field], "ids": ids, "reference": ref if isinstance(ref, str) and ref.strip() else None})
     if not prompts:
-        raise SystemExit(f"--prompts {args.prompts}: all {len(rows)} prompts plus --max-new-tokens {args.max_new_tokens} exceed "
-                         f"{max_len} tokens (--max-seq-len or the model's context); lower --max-new-tokens")
+        raise SystemExit(f"--prompts {args.prompts}: all {len(rows)} prompts plus --max-new-tokens {args.max_new_tokens} "
+                         f"exceed {max_len} tokens; lower --max-new-tokens or raise --max-seq-len (at most the model's context)")
+    if rank == 0 and too_long:
+        print(f"{too_long} of {len(rows)} prompts skipped: longer than {max_len} tokens with --max-new-tokens")
 
-    # ---- stage 1: English SFT (skipped when resuming; its result is the reference model) -------
-    ckpt = latest_checkpoint(out) if args.resume else None
+    # ---- PLUMBING: models. Stage 1 (English SFT) runs once; its result is the reference -------
+    disable_dropout(policy)
+    if args.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ref = None if args.sft_data else copy.deepcopy(policy).to(frozen_dtype)
+    if args.fsdp:
+        shard(policy, args, device, frozen=False)
     sft_dir = out / "sft"
-    if not args.resume and rank == 0:  # a fresh run must not mix with an older one in the same folder
-        old = [p for p in [out / "metrics.jsonl", out / "samples.jsonl", sft_dir, *out.glob("checkpoint-*")] if p.exists()]
-        if old:
-            print(f"fresh run in {out} (no --resume): removing {', '.join(p.name for p in old)}")
-        for p in old:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-    if ddp:
-        dist.barrier()
-    if args.sft_data and ckpt is None and not (sft_dir / "config.json").exists():
+    if args.sft_data and not (sft_dir / "config.json").exists():
+        if ckpt is not None:
+            raise SystemExit(f"{sft_dir} is missing, so the reference model cannot be rebuilt; start over with --overwrite")
         run_sft(args, policy, tok, device, rank, world, ddp, autocast)
         if rank == 0:
             shutil.rmtree(out / ".tmp-sft", ignore_errors=True)
-            policy.save_pretrained(out / ".tmp-sft"), tok.save_pretrained(out / ".tmp-sft")
+        save_hf(out / ".tmp-sft", policy, tok, dtype, rank)
+        if rank == 0:
             os.rename(out / ".tmp-sft", sft_dir)
         if ddp:
             dist.barrier()
-    if args.sft_data:
-        if not (sft_dir / "config.json").exists():
-            raise SystemExit(f"{sft_dir} is missing, so the reference model cannot be rebuilt; start a new --output-dir")
-        ref, _ = load_lm(str(sft_dir), "--sft-data result", device)
-        if ckpt is None:
-            policy, _ = load_lm(str(sft_dir), "--sft-data result", device)
-    else:
-        ref = copy.deepcopy(policy)
+    if args.sft_data:  # RL starts from the SAVED SFT weights, so a run resumed from sft/ is the same run
+        set_model_state_dict(policy, load_lm(str(sft_dir), "--sft-data result", torch.device("cpu"))[0].state_dict(),
+                             options=StateDictOptions(full_state_dict=True))
+        ref = load_lm(str(sft_dir), "--sft-data result", load_device, frozen_dtype)[0]
     ref.requires_grad_(False)
-    if ckpt is not None:
-        policy, _ = load_lm(str(ckpt), "--resume checkpoint", device)
+    if args.fsdp:
+        shard(ref, args, device, frozen=True)
+    elif ref.device != device:
+        ref.to(device)
 
-    # ---- reward --------------------------------------------------------------------------
-    if reward_fn is None and args.reward == "token-frequency":
-        if not args.reward_tokens:
-            raise SystemExit("--reward token-frequency needs --reward-tokens TEXT")
-        targets = set(encode(tok, args.reward_tokens))
-        reward_fn = lambda p, r, ids: token_frequency_reward(ids, targets)  # noqa: E731
     judge = None
+    if reward_fn is None and args.reward == "token-frequency":
+        target_ids = set(encode(tok, args.reward_tokens))
+        reward_fn = lambda p, r, ids: token_frequency_reward(ids, target_ids)  # noqa: E731
     if reward_fn is None:
         if args.judge_url:
             judge = HTTPJudge(args)
         elif (args.judge_model or args.model) == args.model and not args.sft_data:
-            judge = HFJudge(ref, tok, args.judge_batch_size, device)  # same weights as the frozen start policy
+            judge = HFJudge(ref, tok, args.judge_batch_size, device, args.fsdp)  # the frozen start policy itself
         else:
-            jm, jt = load_lm(args.judge_model or args.model, "--judge-model", device)
-            judge = HFJudge(jm.requires_grad_(False), jt, args.judge_batch_size, device)
+            jm, jt = load_lm(args.judge_model or args.model, "--judge-model", load_device, frozen_dtype)
+            jm.requires_grad_(False)
+            judge = HFJudge(shard(jm, args, device, frozen=True) if args.fsdp else jm, jt, args.judge_batch_size, device, args.fsdp)
 
-    # ---- optimizer, resume -----------------------------------------------------------------
-    model = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None) if ddp else policy
+    model = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None) if ddp and not args.fsdp else policy
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
-    start, skipped_steps = 0, 0
+    state = {"skipped_steps": 0, "failed_judge_steps": 0}
     if ckpt is not None:
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        start, skipped_steps = state["step"], state["skipped_steps"]
-        torch.set_rng_state(state["torch_rng"]), np.random.set_state(state["numpy_rng"]), random.setstate(state["python_rng"])
-        if state["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        if rank == 0:
-            truncate_jsonl(out / "metrics.jsonl", start), truncate_jsonl(out / "samples.jsonl", start)
-            print(f"resuming from {ckpt} (step {start})")
+        state.update(load_checkpoint(ckpt, policy, optimizer, rank))
+    start = state.get("step", 0)
     reporter = Reporter(args.report_to, out, args) if rank == 0 else None
-    eos_ids = sorted({tok.eos_token_id, *([policy.generation_config.eos_token_id] if isinstance(
-        policy.generation_config.eos_token_id, int) else policy.generation_config.eos_token_id or [])})
+    gen_eos = policy.generation_config.eos_token_id
+    eos_ids = sorted({tok.eos_token_id, *([gen_eos] if isinstance(gen_eos, int) else gen_eos or [])} - {None})
     pad_id = tok.pad_token_id
-    n_seq = args.prompts_per_step * args.group_size  # N in eq. (4), all ranks
+    n_seq, G = args.prompts_per_step * args.group_size, args.group_size  # N in eq. (4), all ranks
+    pad_to = max(len(p["ids"]) for p in prompts) if device.type == "cuda" and args.compile_rollout else 0
 
     bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, disable=rank != 0)
     for step in bar:
         t0 = time.time()
-        # 1. sample G responses per prompt; this rank takes every world-th prompt of the step
+        # ---- ALGO: 1. sample G responses per prompt, all of this rank's in one generation -------
         mine = step_prompt_indices(len(prompts), args.seed, step, args.prompts_per_step)[rank::world]
+        policy.eval()
+        with gathered(policy, args.fsdp), autocast():
+            tokens, mask = rollout(policy, [prompts[g]["ids"] for g in mine for _ in range(G)],
+                                   [(args.seed, step, g, i) for g in mine for i in range(G)], args, eos_ids, pad_id, pad_to)
         groups = []
-        for g in mine:
-            gen = torch.Generator(device=device).manual_seed(group_seed(args.seed, step, g))
+        for k, g in enumerate(mine):
+            t, m = tokens[k * G:(k + 1) * G], mask[k * G:(k + 1) * G]
+            R = max(int(m.sum(-1).max()), 1)  # this group's longest response
+            ids = [t[i, : int(m[i].sum())].tolist() for i in range(G)]
+            groups.append({"p": prompts[g], "tokens": t[:, :R], "mask": m[:, :R], "ids": ids,
+                           "texts": [tok.decode(x, skip_special_tokens=True) for x in ids]})
+        # ---- ALGO: 2. score every response (eq. 1), group-normalised advantages (eq. 2) ----------
+        flat = [(gr["p"]["text"], t, gr["p"]["reference"], x) for gr in groups for t, x in zip(gr["texts"], gr["ids"])]
+        if judge is not None:
             with autocast():
-                tokens, mask = sample_group(policy, prompts[g]["ids"], args, eos_ids, pad_id, gen, device)
-            ids = [tokens[i, : int(mask[i].sum())].tolist() for i in range(len(tokens))]
-            texts = [tok.decode(x, skip_special_tokens=True) for x in ids]
-            groups.append({"p": prompts[g], "tokens": tokens, "mask": mask, "ids": ids, "texts": texts})
-        # 2. score every response
-        flat_p = [gr["p"]["text"] for gr in groups for _ in gr["texts"]]
-        flat_ref = [gr["p"]["reference"] for gr in groups for _ in gr["texts"]]
-        flat_r = [t for gr in groups for t in gr["texts"]]
-        flat_ids = [x for gr in groups for x in gr["ids"]]
-        with autocast():
-            scores = judge(flat_p, flat_r, flat_ref) if judge is not None else reward_fn(flat_p, flat_r, flat_ids)
-        rewards = torch.tensor(scores, dtype=torch.float32).view(len(groups), args.group_size)
+                scores, masses = judge([f[0] for f in flat], [f[1] for f in flat], [f[2] for f in flat])
+        else:
+            scores = reward_fn([f[0] for f in flat], [f[1] for f in flat], [f[3] for f in flat])
+            masses = [math.nan] * len(flat)
+        rewards = torch.tensor(scores, dtype=torch.float32).view(len(groups), G)
         adv = group_advantages(rewards)
-        # 3. loss (eq. 4) one prompt group at a time; DDP syncs gradients on the last backward
+        # ---- ALGO: 3. loss (eq. 4) one prompt group at a time; gradients sync on the last backward
+        policy.train(args.gradient_checkpointing)  # train mode only switches checkpointing on: dropout is off
         optimizer.zero_grad(set_to_none=True)
-        sums = torch.zeros(9, dtype=torch.float64)
+        sums = torch.zeros(11, dtype=torch.float64)
         for k, gr in enumerate(groups):
-            sync = contextlib.nullcontext() if not ddp or k == len(groups) - 1 else model.no_sync()
+            last = k == len(groups) - 1
+            sync = model.no_sync() if ddp and not args.fsdp and not last else contextlib.nullcontext()
+            if args.fsdp:
+                policy.set_requires_gradient_sync(last)
             tokens, mask = gr["tokens"], gr["mask"]
             with sync, autocast():
                 with torch.no_grad():
@@ -643,50 +1012,50 @@ def train(args: Args, reward_fn: Optional[RewardFn] = None):
                 logp, kl_term, kl_full, ent = token_kl(logits, ref_logits, tokens, args.temperature, args.kl_estimator)
                 a = adv[k].to(device)
                 loss = reinforce_kl_loss(logp, kl_term, a, mask, args.beta, n_seq)
-                (loss * world).backward()  # DDP averages over ranks; eq. (4) wants the sum
+                (loss * world).backward()  # DDP and FSDP average over ranks; eq. (4) wants the sum
             lens = mask.sum(-1).clamp(min=1).double()
             seq_mean = lambda x: (torch.where(mask, x.detach(), 0.0).sum(-1).double() / lens).sum().item()  # noqa: E731
-            r = rewards[k].double()
+            r, ms = rewards[k].double(), torch.tensor(masses[k * G:(k + 1) * G], dtype=torch.float64)
             ok = torch.isfinite(r)
-            sums += torch.tensor([loss.item(), seq_mean(kl_full), seq_mean(kl_term), seq_mean(ent),
-                                  mask.sum().item(), r[ok].sum().item(), (r[ok] ** 2).sum().item(),
-                                  ok.sum().item(), (a == 0).sum().item()], dtype=torch.float64)
+            sums += torch.tensor([loss.item(), seq_mean(kl_full), seq_mean(kl_term), seq_mean(ent), mask.sum().item(),
+                                  r[ok].sum().item(), (r[ok] ** 2).sum().item(), ok.sum().item(), (a == 0).sum().item(),
+                                  ms[torch.isfinite(ms)].sum().item(), torch.isfinite(ms).sum().item()], dtype=torch.float64)
+        # ---- PLUMBING: step, metrics, samples, checkpoint -------------------------------------
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-        if torch.isfinite(grad_norm):  # gradients are already all-reduced: every rank agrees
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        if torch.isfinite(grad_norm):  # gradients are already reduced: every rank agrees
             optimizer.step()
         else:
             optimizer.zero_grad(set_to_none=True)
-            skipped_steps += 1
+            state["skipped_steps"] += 1
         if ddp:
             dist.all_reduce(sums)
-        loss_s, kl_s, kle_s, ent_s, ntok, rsum, rsq, nval, nzero = sums.tolist()
-        r_mean = rsum / max(nval, 1)
-        metrics = {"step": step, "reward_mean": r_mean, "reward_std": math.sqrt(max(rsq / max(nval, 1) - r_mean ** 2, 0.0)),
-                   "kl": kl_s / n_seq, "kl_estimate": kle_s / n_seq, "entropy": ent_s / n_seq,
-                   "response_len": ntok / n_seq, "loss": loss_s, "grad_norm": float(grad_norm),
-                   "judge_failures": int(n_seq - nval), "frac_zero_adv": nzero / n_seq,
-                   "skipped_steps": skipped_steps, "prompts_skipped": too_long,
+        loss_s, kl_s, kle_s, ent_s, ntok, rsum, rsq, nval, nzero, mass_s, nmass = sums.tolist()
+        r_mean = rsum / nval if nval else None
+        r_std = math.sqrt(max(rsq / nval - r_mean ** 2, 0.0)) if nval else None
+        state["failed_judge_steps"] = state["failed_judge_steps"] + 1 if nval == 0 and judge is not None else 0
+        metrics = {"step": step, "reward_mean": r_mean, "reward_std": r_std, "kl": kl_s / n_seq,
+                   "kl_estimate": kle_s / n_seq, "entropy": ent_s / n_seq, "response_len": ntok / n_seq, "loss": loss_s,
+                   "grad_norm": float(grad_norm), "judge_failures": int(n_seq - nval),
+                   "judge_digit_mass": mass_s / nmass if nmass else None, "frac_zero_adv": nzero / n_seq,
+                   "skipped_steps": state["skipped_steps"], "prompts_skipped": too_long,
+                   "param_bytes": local_bytes(policy.parameters()),
+                   "optimizer_bytes": local_bytes(v for s in optimizer.state.values() for v in s.values()),
                    "tokens_per_s": ntok / (time.time() - t0)}
         if rank == 0:
-            if metrics["judge_failures"] == n_seq:
-                tqdm.write(f"step {step}: the judge scored none of the {n_seq} responses (last error: "
-                           f"{getattr(judge, 'last_error', '') or 'prompt longer than the judge context'})")
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            if args.sample_every > 0 and step % args.sample_every == 0:
-                with open(out / "samples.jsonl", "a") as f:
-                    for k, gr in enumerate(groups[: args.samples_logged]):
-                        f.write(json.dumps({"step": step, "prompt": gr["p"]["text"], "reference": gr["p"]["reference"],
-                                            "responses": gr["texts"], "rewards": rewards[k].tolist()},
-                                           ensure_ascii=False) + "\n")
+            append_jsonl(out / "metrics.jsonl", [metrics])
+            if args.sample_every and step % args.sample_every == 0:
+                append_jsonl(out / "samples.jsonl", [{"step": step, "prompt": gr["p"]["text"], "reference": gr["p"]["reference"],
+                                                      "responses": gr["texts"], "rewards": rewards[k].tolist()}
+                                                     for k, gr in enumerate(groups[: args.samples_logged])])
             reporter.log(metrics)
             bar.set_postfix({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if k != "step"})
+        if state["failed_judge_steps"] >= args.judge_max_failed_steps:
+            raise SystemExit(f"the judge scored none of the {n_seq} responses for {state['failed_judge_steps']} steps in a "
+                             f"row; last error: {getattr(judge, 'last_error', '') or 'every judge input exceeds its context'}")
         if step % args.save_every == 0 or step == args.steps:
-            if rank == 0:
-                save_checkpoint(out, step, policy, tok, optimizer, {"skipped_steps": skipped_steps,
-                                                                     "data_position": step * args.prompts_per_step})
-            if ddp:
-                dist.barrier()
+            save_checkpoint(out, step, policy, tok, optimizer, {k: v for k, v in state.items() if k != "step"}, args,
+                            dtype, rank, world)
     if rank == 0:
         print(f"outputs in {out}/: args.json, metrics.jsonl, samples.jsonl, checkpoint-{args.steps}/")
     if ddp:
@@ -712,11 +1081,12 @@ def run_sft(args: Args, policy, tok, device, rank: int, world: int, ddp: bool, a
             continue
         examples.append((ids, mask))
     if not examples:
-        raise SystemExit(f"--sft-data {args.sft_data}: every dialogue exceeds --max-seq-len {args.max_seq_len}")
-    model = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None) if ddp else policy
+        raise SystemExit(f"--sft-data {args.sft_data}: every dialogue exceeds --max-seq-len {args.max_seq_len}; raise it")
+    model = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None) if ddp and not args.fsdp else policy
     opt = torch.optim.AdamW(policy.parameters(), lr=args.sft_lr, weight_decay=0.0)
     B = max(args.sft_batch_size - args.sft_batch_size % world, world)
     n_batches = math.ceil(len(examples) / B)
+    policy.train(args.gradient_checkpointing)
     bar = tqdm(total=args.sft_epochs * n_batches, desc="sft", disable=rank != 0)
     for epoch in range(args.sft_epochs):
         order = np.random.default_rng([args.seed, 10_000 + epoch]).permutation(len(examples)).tolist()
@@ -744,6 +1114,7 @@ def run_sft(args: Args, policy, tok, device, rank: int, world: int, ddp: bool, a
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=round(loss.item(), 4), skipped_too_long=too_long)
     bar.close()
+    policy.eval()
 
 
 if __name__ == "__main__":
