@@ -554,6 +554,8 @@ class HTTPJudge:
                     break
                 chunks.append(chunk)
             data = b"".join(chunks)
+            if resp.length:  # the server closed the connection before the promised Content-Length
+                raise http.client.IncompleteRead(data, resp.length)
             if resp.status >= 400:
                 raise JudgeHTTPError(resp.status, data)
             return json.loads(data)
@@ -773,6 +775,9 @@ def save_hf(path: Path, model, tok, dtype: torch.dtype, rank: int):
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         model.save_pretrained(path, state_dict={k: v.to(dtype) for k, v in full.items()})
+        config = copy.deepcopy(model.config)
+        config.dtype = dtype  # save_pretrained wrote the training dtype; config.json must say what the files hold
+        config.save_pretrained(path)
         tok.save_pretrained(path)
 
 

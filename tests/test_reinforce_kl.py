@@ -2,7 +2,9 @@
 back-ends (HF in-process and an OpenAI-compatible stub server), learning, DDP and resume."""
 import json
 import math
+import shutil
 import threading
+import time
 from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -202,7 +204,8 @@ def test_judge_prompt_shows_reference_only_when_given():
 
 # ---------------------------------------------------------------- HTTP judge against a stub server
 class StubJudge(BaseHTTPRequestHandler):
-    """Behaviour chosen by the request's `model` field: good | malformed | slow."""
+    """Behaviour chosen by the request's `model` field: good | malformed | slow, and the broken
+    replies of issue 10: incomplete | bigprob | nullprob | strtop | strentries | unauthorized | trickle."""
     calls = []
 
     def do_POST(self):
@@ -211,18 +214,28 @@ class StubJudge(BaseHTTPRequestHandler):
         mode = body["model"]
         if mode == "slow":
             threading.Event().wait(1.0)
-        if mode == "good":
-            top = [{"token": "8", "logprob": math.log(0.75)}, {"token": "4", "logprob": math.log(0.25)}]
+        top = [{"token": "8", "logprob": math.log(0.75)}, {"token": "4", "logprob": math.log(0.25)}]
+        broken = {"bigprob": [{"token": "8", "logprob": 1000}], "nullprob": [{"token": "8", "logprob": None}],
+                  "strtop": "8", "strentries": ["8", "4"]}
+        if mode in ("good", "incomplete", "trickle") or mode in broken:
             reply = json.dumps({"choices": [{"logprobs": {"content": [{"token": "8", "logprob": math.log(0.75),
-                                                                        "top_logprobs": top}]}}]}).encode()
+                                                                        "top_logprobs": broken.get(mode, top)}]}}]}).encode()
         else:
             reply = b'{"choices": [{"message": {"content": "8"}}'  # truncated JSON without logprobs
         try:
-            self.send_response(200)
+            self.send_response(401 if mode == "unauthorized" else 200)
             self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(reply)))
+            self.send_header("Content-Length", str(len(reply) + (100 if mode == "incomplete" else 0)))
             self.end_headers()
-            self.wfile.write(reply)
+            if mode == "unauthorized":
+                self.wfile.write(b'{"error": "invalid API key"}' + b" " * (len(reply) - 28))
+            elif mode == "trickle":  # the whole reply, a byte every 0.1 s: each read is fast, the total is not
+                for i in range(len(reply)):
+                    self.wfile.write(reply[i:i + 1])
+                    self.wfile.flush()
+                    threading.Event().wait(0.1)
+            else:
+                self.wfile.write(reply)  # "incomplete": the connection closes 100 bytes short
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (timeout)
 
@@ -260,6 +273,43 @@ def test_http_judge_retries_then_returns_nan_for_unreadable_or_slow_replies(stub
     scores, _ = http_judge(stub_server, mode)(["Hei", "Hola"], ["Hallo", "Hola"], [None, None])
     assert all(math.isnan(s) for s in scores)
     assert len(StubJudge.calls) == 4  # 2 prompts x (1 try + 1 retry)
+
+
+@pytest.mark.parametrize("mode", ["incomplete", "bigprob", "nullprob", "strtop", "strentries"])
+def test_http_judge_counts_every_broken_reply_as_a_failure(stub_server, mode):
+    StubJudge.calls.clear()
+    judge = http_judge(stub_server, mode)
+    scores, masses = judge(["Hei"], ["Hallo"], [None])
+    assert math.isnan(scores[0]) and math.isnan(masses[0]) and judge.last_error
+    assert len(StubJudge.calls) == 2  # retried: a server may recover
+
+
+def test_http_judge_does_not_retry_client_errors_and_quotes_the_server(stub_server):
+    StubJudge.calls.clear()
+    judge = http_judge(stub_server, "unauthorized")
+    scores, _ = judge(["Hei"], ["Hallo"], [None])
+    assert math.isnan(scores[0]) and len(StubJudge.calls) == 1
+    assert "HTTP 401" in judge.last_error and "invalid API key" in judge.last_error
+
+
+def test_judge_timeout_bounds_the_whole_request_of_a_trickling_server(stub_server):
+    judge = rk.HTTPJudge(rk.Args(judge_url=stub_server, judge_server_model="trickle", judge_timeout=0.5,
+                                 judge_retries=0))
+    t0 = time.monotonic()
+    scores, _ = judge(["Hei"], ["Hallo"], [None])
+    assert math.isnan(scores[0]) and time.monotonic() - t0 < 1.5 and "Timeout" in judge.last_error
+
+
+def test_training_stops_when_the_judge_fails_every_request_for_several_steps(stub_server, tiny_lm_dir, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="for 2 steps in a row; last error: HTTP 401.*invalid API key"):
+        rk.main(["--model", str(tiny_lm_dir), "--prompts", PROMPTS, "--steps", "5", "--prompts-per-step", "2",
+                 "--group-size", "2", "--max-new-tokens", "3", "--output-dir", str(out), "--judge-url", stub_server,
+                 "--judge-server-model", "unauthorized", "--judge-max-failed-steps", "2"])
+    m = read_metrics(out)
+    assert [x["step"] for x in m] == [1, 2] and m[0]["reward_mean"] is None and m[0]["reward_std"] is None
+    samples = (out / "samples.jsonl").read_text()
+    assert "NaN" not in samples and json.loads(samples.splitlines()[0])["rewards"] == [None, None]
 
 
 def test_training_counts_judge_failures_in_metrics_and_does_not_crash(stub_server, tiny_lm_dir, tmp_path):
@@ -444,3 +494,168 @@ def test_ddp_two_processes_match_one_process_for_sft_and_rl_step(tiny_lm_dir, tm
     assert any(not torch.equal(start[k], w1[k]) for k in start)
     for k in w1:  # Adam's first step is lr * g / (|g| + eps): float noise in g ~ eps moves a weight by ~lr/100
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- runs are never lost or mixed (issue 10)
+def test_a_folder_with_a_previous_run_is_refused_and_overwrite_replaces_it(tiny_lm_dir, tmp_path):
+    out = tmp_path / "run"
+    rk.main(base_flags(tiny_lm_dir, out, 1))
+    with pytest.raises(SystemExit, match="holds a previous run; pass --resume to continue it or --overwrite to replace it"):
+        rk.main(base_flags(tiny_lm_dir, out, 1))
+    (out / "stale.txt").write_text("from the old run")
+    rk.main(base_flags(tiny_lm_dir, out, 1) + ["--overwrite"])
+    assert not (out / "stale.txt").exists() and [m["step"] for m in read_metrics(out)] == [1]
+    other = tmp_path / "notarun"
+    other.mkdir()
+    (other / "thesis.tex").write_text("keep me")
+    with pytest.raises(SystemExit, match="is not empty and holds no run"):
+        rk.main(base_flags(tiny_lm_dir, other, 1) + ["--overwrite"])
+    assert (other / "thesis.tex").exists()
+
+
+def test_resume_without_a_checkpoint_starts_clean_and_never_duplicates_steps(tiny_lm_dir, tmp_path):
+    out = tmp_path / "run"
+    rk.main(base_flags(tiny_lm_dir, out, 2) + ["--save-every", "100"])
+    for p in out.glob("checkpoint-*"):  # a run killed before its first checkpoint
+        shutil.rmtree(p)
+    rk.main(base_flags(tiny_lm_dir, out, 2) + ["--save-every", "100", "--resume"])
+    assert [m["step"] for m in read_metrics(out)] == [1, 2]
+    assert json.loads((out / "args.json").read_text())["_resumed"] == [{"step": 0, "changed": {}}]
+
+
+def test_resume_refuses_a_flag_that_changes_results_and_records_one_that_does_not(tiny_lm_dir, tmp_path):
+    out = tmp_path / "run"
+    rk.main(base_flags(tiny_lm_dir, out, 1))
+    with pytest.raises(SystemExit, match=r"--resume: --lr is 0.1 but the run in .* used 0.003 \(args.json\)"):
+        rk.main(base_flags(tiny_lm_dir, out, 2) + ["--resume", "--lr", "0.1"])
+    rk.main(base_flags(tiny_lm_dir, out, 2) + ["--resume", "--save-every", "7"])
+    saved = json.loads((out / "args.json").read_text())
+    assert saved["steps"] == 1 and saved["_resumed"] == [{"step": 1, "changed": {"steps": [1, 2], "save_every": [50, 7]}}]
+
+
+def test_resume_drops_a_torn_last_log_line_and_refuses_a_corrupt_middle_one(tiny_lm_dir, tmp_path):
+    out = tmp_path / "run"
+    rk.main(base_flags(tiny_lm_dir, out, 1))
+    for name in ("metrics.jsonl", "samples.jsonl"):  # what a kill or a full disk leaves: half a line
+        with open(out / name, "a") as f:
+            f.write('{"step": 2, "reward_me')
+    rk.main(base_flags(tiny_lm_dir, out, 2) + ["--resume"])
+    assert [m["step"] for m in read_metrics(out)] == [1, 2]
+    assert [json.loads(l)["step"] for l in (out / "samples.jsonl").read_text().splitlines()] == [1, 1, 2, 2]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text(lines[0][:-5] + "\n" + lines[1] + "\n")
+    with pytest.raises(SystemExit, match="metrics.jsonl line 1 is corrupt; fix or delete that line"):
+        rk.main(base_flags(tiny_lm_dir, out, 3) + ["--resume"])
+
+
+def test_a_full_disk_while_saving_leaves_no_temporary_folder_and_earlier_checkpoints_intact(tiny_lm_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    rk.main(base_flags(tiny_lm_dir, out, 1) + ["--save-every", "1"])
+    real_save = rk.torch.save
+
+    def full_disk(obj, f, *a, **k):
+        if "rng_state" in str(f):
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4480 vs 4374")
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(rk.torch, "save", full_disk)
+    with pytest.raises(SystemExit, match=r"no space left in .* while writing checkpoint-2; .*checkpoint-1 is intact"):
+        rk.main(base_flags(tiny_lm_dir, out, 2) + ["--save-every", "1", "--resume"])
+    assert not list(out.glob(".tmp-*")) and (out / "checkpoint-1" / "trainer_state.json").exists()
+
+
+def test_save_total_limit_keeps_the_newest_checkpoints(tiny_lm_dir, tmp_path):
+    out = tmp_path / "run"
+    rk.main(base_flags(tiny_lm_dir, out, 3) + ["--save-every", "1", "--save-total-limit", "2"])
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_checkpoint_is_a_hub_folder_in_the_models_dtype_and_holds_the_trained_weights(tiny_tokenizer, tmp_path):
+    model_dir = tmp_path / "bf16"
+    make_tiny_llama(len(tiny_tokenizer), dtype=torch.bfloat16).to(torch.bfloat16).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "run"
+    rk.main(base_flags(model_dir, out, 1))
+    saved = rk.AutoModelForCausalLM.from_pretrained(out / "checkpoint-1")
+    assert all(p.dtype == torch.bfloat16 for p in saved.parameters())
+    import torch.distributed.checkpoint as dcp
+    trained = {k: v.clone() for k, v in rk.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict().items()}
+    dcp.load({"model": trained}, checkpoint_id=str(out / "checkpoint-1" / "trainer"))  # the fp32 master weights
+    for k, v in saved.state_dict().items():
+        assert torch.equal(v, trained[k].to(torch.bfloat16)), k
+    assert any(not torch.equal(trained[k], v) for k, v in
+               rk.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict().items())
+    x = torch.tensor([[1, 40, 41, 42]])
+    ref = rk.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    ref.load_state_dict({k: v.to(torch.bfloat16) for k, v in trained.items()})
+    assert torch.equal(saved(input_ids=x).logits, ref(input_ids=x).logits)
+
+
+# ---------------------------------------------------------------- bad input: one line each (issue 10)
+@pytest.mark.parametrize("flags,message", [
+    (["--group-size", "1"], "--group-size must be >= 2"), (["--group-size", "0"], "--group-size must be >= 2"),
+    (["--temperature", "0"], "--temperature must be > 0"), (["--steps", "-1"], "--steps must be >= 1"),
+    (["--top-p", "1.5"], "--top-p must be in"), (["--prompts-per-step", "0"], "--prompts-per-step must be >= 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"), (["--save-every", "0"], "--save-every must be >= 1"),
+    (["--judge-batch-size", "0"], "--judge-batch-size must be >= 1"), (["--kl-estimator", "k2"], "--kl-estimator must be"),
+    (["--resume", "--overwrite"], "pass one of them"), (["--reward", "token-frequency"], "needs --reward-tokens"),
+])
+def test_bad_flags_get_one_line_before_anything_loads(flags, message, tmp_path):
+    with pytest.raises(SystemExit, match=message):
+        rk.main(["--model", str(tmp_path / "no-model-needed"), "--output-dir", str(tmp_path / "o")] + flags)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("latin1.jsonl", '{"prompt": "Hei"}\n{"prompt": "Hva koster det? 5 kr"}\n'.encode() + b'{"prompt": "s\xf8t"}\n',
+     r"line 3 is not UTF-8 .*; re-save the file as UTF-8"),
+    ("list.jsonl", b'{"prompt": "Hei"}\n["Hola"]\n', "line 2 is a JSON list, not an object"),
+    ("array.json", b'[{"prompt": "Hei"}, "Hola"]', "row 2 is not a JSON object"),
+    ("nofile", None, r"no such file, and no data set of that name could be loaded .*; check the path"),
+])
+def test_bad_data_files_name_file_line_and_fix(name, content, message, tiny_lm_dir, tmp_path):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(SystemExit, match=message):
+        rk.read_rows(str(path) if content is not None else "data/no_such_prompts", "--prompts")
+
+
+def test_a_json_array_file_is_read_like_jsonl(tmp_path):
+    (tmp_path / "a.json").write_text('[{"prompt": "Hei"}, {"prompt": "Hola"}]')
+    assert rk.read_rows(str(tmp_path / "a.json"), "--prompts") == [{"prompt": "Hei"}, {"prompt": "Hola"}]
+
+
+def test_model_paths_that_hold_no_model_get_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="is a folder without a model"):
+        rk.load_lm(str(tmp_path / "empty"), "--model", torch.device("cpu"))
+    with pytest.raises(SystemExit, match="does not exist"):
+        rk.load_lm(str(tmp_path / "missing"), "--model", torch.device("cpu"))
+
+
+# ---------------------------------------------------------------- FSDP2 (issue 12)
+def test_fsdp_two_processes_match_one_process_hold_half_the_state_and_resume_exactly(tiny_lm_dir, tmp_path, cpu_only):
+    one, two, cut = tmp_path / "one", tmp_path / "two", tmp_path / "cut"
+    flags = lambda out, steps: base_flags(tiny_lm_dir, out, steps) + ["--prompts-per-step", "4", "--save-every", "1"]  # noqa: E731
+    rk.main(flags(one, 2))
+    run_torchrun("reinforce_kl.py", flags(two, 2) + ["--fsdp"], nproc=2)
+    m1, m2 = read_metrics(one), read_metrics(two)
+    assert m1[1]["frac_zero_adv"] < 1.0 and m1[1]["kl"] > 0  # the second step starts from moved weights
+    for a, b in zip(m1, m2):
+        for k in ("reward_mean", "reward_std", "kl", "entropy", "response_len", "loss", "grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
+        assert b["param_bytes"] == pytest.approx(a["param_bytes"] / 2, rel=0.05)  # rank 0's shard
+        assert b["optimizer_bytes"] == pytest.approx(a["optimizer_bytes"] / 2, rel=0.05)
+    w1 = load_file(str(one / "checkpoint-2" / "model.safetensors"))
+    w2 = load_file(str(two / "checkpoint-2" / "model.safetensors"))
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-4)
+    run_torchrun("reinforce_kl.py", flags(cut, 1) + ["--fsdp"], nproc=2)  # killed after step 1
+    with open(cut / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2, "rew')
+    run_torchrun("reinforce_kl.py", flags(cut, 2) + ["--fsdp", "--resume"], nproc=2)
+    drop = ("tokens_per_s",)
+    assert [{k: v for k, v in m.items() if k not in drop} for m in read_metrics(cut)] == \
+        [{k: v for k, v in m.items() if k not in drop} for m in m2]
+    w3 = load_file(str(cut / "checkpoint-2" / "model.safetensors"))
+    assert all(torch.equal(w2[k], w3[k]) for k in w2)
