@@ -28,10 +28,10 @@ Gradient, with g_z = dL/dz from the logprob_kl backward (it includes the 1/T):
     dL/dW_w = sum_i g_u[i, w] h_i     i.e.  dL/dW = g_u^T H        [V, D]
 
 Chunking. Forward: rows in chunks of n = chunk_bytes / (4 V): U = H_rows W^T ([n, V] float32) for
-policy and reference, then the logprob_kl forward on those rows, which keeps lse_p, lse_q and KL
-(O(N)). Backward: the vocabulary in column blocks of b = chunk_bytes / (4 N) words: recompute
+policy and reference, then the logprob_kl forward on those rows, which keeps lse_p, d = lse_p - lse_q
+and KL (O(N)). Backward: the vocabulary in column blocks of b = chunk_bytes / (4 N) words: recompute
 U[:, blk] = H W_blk^T and the reference's (the gradient of word w needs only its own logits and
-the row's saved lse_p, lse_q, KL), turn them into g_u[:, blk] with the logprob_kl backward, then
+the row's saved lse_p, d, KL), turn them into g_u[:, blk] with the logprob_kl backward, then
 
     dL/dW_blk = g_u[:, blk]^T H        one GEMM over all N rows (float32 accumulation inside it), written once
     dL/dH    += g_u[:, blk] W_blk      into an [N, D] float32 accumulator
@@ -164,8 +164,8 @@ class _FusedLinearLogProbKL(torch.autograd.Function):
                 for out, part in zip(stats, got):
                     out[i : i + rows] = part
                 del z, r  # before the next chunk's logits exist
-        logp, kl, ent, lse_p, lse_q, ref_logp = stats
-        ctx.save_for_backward(hidden, weight, ref_hidden, ref_weight, tgt, lse_p, lse_q, kl)
+        logp, kl, ent, lse_p, d_pq, ref_logp = stats
+        ctx.save_for_backward(hidden, weight, ref_hidden, ref_weight, tgt, lse_p, d_pq, kl)
         ctx.args = inv_temp, softcap, logit_scale, chunk_bytes, use_triton
         ctx.mark_non_differentiable(ent, ref_logp)
         return logp, kl, ent, ref_logp
@@ -173,7 +173,7 @@ class _FusedLinearLogProbKL(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_logp, g_kl, _g_ent, _g_ref_logp):
-        hidden, weight, ref_hidden, ref_weight, tgt, lse_p, lse_q, kl = ctx.saved_tensors
+        hidden, weight, ref_hidden, ref_weight, tgt, lse_p, d_pq, kl = ctx.saved_tensors
         inv_temp, softcap, logit_scale, chunk_bytes, use_triton = ctx.args
         need_h, need_w = ctx.needs_input_grad[:2]
         none = (None,) * 8
@@ -197,7 +197,7 @@ class _FusedLinearLogProbKL(torch.autograd.Function):
                 r = _head_logits(rh, rw[blk], softcap, logit_scale) if g_kl is not None else None
                 # the gradient overwrites the reference block: each element is read before it is written
                 g = r if r is not None else torch.empty_like(z)
-                _backward_into(g, z[None], r[None] if r is not None else None, tgt, inv_temp, lse_p, lse_q, kl,
+                _backward_into(g, z[None], r[None] if r is not None else None, tgt, inv_temp, lse_p, d_pq, kl,
                                g_lp, g_kl, c0, use_triton)
                 del r
                 if softcap is not None:  # dz/du = s (1 - (z/c)^2), computed in z's buffer

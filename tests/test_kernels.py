@@ -258,8 +258,8 @@ rows = {"R1": "i32", "sx0": "i64", "sx1": "i64", "sy0": "i64", "sy1": "i64", "V"
 consts = {"HAS_REF": "constexpr", "BLOCK_V": "constexpr"}
 for dt in ["bf16", "fp16", "fp32"]:
     fwd = {"X": f"*{dt}", "Y": f"*{dt}", "TGT": "*i64",
-           **{k: "*fp32" for k in ["LOGP", "KL", "ENT", "LSE_P", "LSE_Q", "REF_LOGP"]}}
-    bwd = {"X": f"*{dt}", "Y": f"*{dt}", "TGT": "*i64", **{k: "*fp32" for k in ["LSE_P", "LSE_Q", "KL", "G_LP", "G_KL"]},
+           **{k: "*fp32" for k in ["LOGP", "KL", "ENT", "LSE_P", "D_PQ", "REF_LOGP"]}}
+    bwd = {"X": f"*{dt}", "Y": f"*{dt}", "TGT": "*i64", **{k: "*fp32" for k in ["LSE_P", "D_PQ", "KL", "G_LP", "G_KL"]},
            "GRAD": f"*{dt}"}
     for fn, sig, backward in [(K._fwd_kernel, {**fwd, **rows, "inv_temp": "fp32", **consts}, False),
                               (K._bwd_kernel, {**bwd, **rows, "COL0": "i32", "inv_temp": "fp32", **consts}, True)]:
