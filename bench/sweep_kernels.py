@@ -115,15 +115,15 @@ def main():
         x = (torch.randn(n, v, device=device, generator=g) * 2).to(torch.bfloat16)
         y = (x.float() + torch.randn(n, v, device=device, generator=g)).to(torch.bfloat16)
         tgt = torch.randint(0, v, (n,), device=device, generator=g)
-        outs = [torch.empty(n, device=device) for _ in range(5)]
+        outs = [torch.empty(n, device=device) for _ in range(6)]  # logp, kl, ent, lse_p, d_pq, ref_logp
         g_lp, g_kl = torch.randn(n, device=device, generator=g), torch.randn(n, device=device, generator=g)
         grad = torch.empty_like(x)
-        strides = (n, n * v, v, n * v, v, v, 1.0)  # R1, sx0, sx1, sy0, sy1 of the [1, N, V] view, V, 1/T
+        strides = (n, n * v, v, n * v, v, v)  # R1, sx0, sx1, sy0, sy1 of the [1, N, V] view, V
         launches = {
-            "fwd": lambda c: K._fwd_kernel[(n,)](x, y, tgt, *outs, *strides, HAS_REF=True, **c),
-            "fwd_blockwise": lambda c: _fwd_blockwise[(n,)](x, y, tgt, *outs, *strides, HAS_REF=True, **c),
+            "fwd": lambda c: K._fwd_kernel[(n,)](x, y, tgt, *outs, *strides, 1.0, HAS_REF=True, **c),
+            "fwd_blockwise": lambda c: _fwd_blockwise[(n,)](x, y, tgt, *outs[:5], *strides, 1.0, HAS_REF=True, **c),
             "bwd": lambda c: K._bwd_kernel[(n,)](x, y, tgt, outs[3], outs[4], outs[1], g_lp, g_kl, grad,
-                                                 *strides, HAS_REF=True, **c),
+                                                 *strides, 0, 1.0, HAS_REF=True, **c),  # COL0 = 0, 1/T = 1
         }
         moved = {"fwd": 2 * n * v * 2, "fwd_blockwise": 2 * n * v * 2, "bwd": 3 * n * v * 2}
         launches["fwd"](K._launch_config(v, backward=False))  # lse_p, lse_q, kl for the backward

@@ -1,14 +1,17 @@
-"""kernels.fused_logprob_kl / fused_logprob against a naive float64 implementation that
-materialises log_softmax. Both paths are checked: the torch reference, and the Triton kernels
-(interpreted on CPU under TRITON_INTERPRET=1, compiled on a GPU)."""
+"""kernels.fused_logprob_kl / fused_logprob and the fused linear versions against a naive float64
+implementation that materialises log_softmax. Both paths are checked: the torch reference, and the
+Triton kernels (interpreted on CPU under TRITON_INTERPRET=1, compiled on a GPU)."""
 import math
 import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import kernels
-from kernels import fused_logprob, fused_logprob_kl
+from kernels import fused_linear_logprob, fused_linear_logprob_kl, fused_logprob, fused_logprob_kl
+from kernels import linear_logprob_kl as L
 from kernels import logprob_kl as K
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -17,18 +20,19 @@ IMPLS = ["torch"] + (["triton"] if K.triton is not None else [])
 
 
 def naive(z, r, t, temperature=1.0):
-    """Plain float64 math: materialised log-softmax, masked 0 log 0 = 0."""
+    """Plain float64 math: materialised log-softmax, masked 0 log 0 = 0. -> logp, kl, entropy, ref_logp"""
     lp = torch.log_softmax(z.double() / temperature, -1)
     p = lp.exp()
     v = z.shape[-1]
     valid = (t >= 0) & (t < v)
-    logp = torch.where(valid, lp.gather(-1, t.clamp(0, v - 1)[..., None]).squeeze(-1), 0.0)
+    pick = lambda logprobs: torch.where(valid, logprobs.gather(-1, t.clamp(0, v - 1)[..., None]).squeeze(-1), 0.0)  # noqa: E731
+    logp = pick(lp)
     ent = -(p * torch.where(p > 0, lp, 0.0)).sum(-1)
     if r is None:
-        return logp, torch.zeros_like(logp), ent
+        return logp, torch.zeros_like(logp), ent, torch.zeros_like(logp)
     lq = torch.log_softmax(r.double() / temperature, -1)
     kl = (p * torch.where(p > 0, lp - lq, 0.0)).sum(-1)
-    return logp, kl, ent
+    return logp, kl, ent, pick(lq)
 
 
 def check(z, r, t, temperature, impl, tol, dtype=torch.float32, seed=0):
@@ -41,13 +45,14 @@ def check(z, r, t, temperature, impl, tol, dtype=torch.float32, seed=0):
     assert out.logp.dtype == out.kl.dtype == out.entropy.dtype == torch.float32
     assert not out.entropy.requires_grad
     z64 = z.detach().double().requires_grad_()
-    n_logp, n_kl, n_ent = naive(z64, r.double(), t, temperature)
+    n_logp, n_kl, n_ent, n_ref_logp = naive(z64, r.double(), t, temperature)
     a = torch.randn(t.shape, generator=g, dtype=torch.float64).to(DEVICE)
     b = torch.randn(t.shape, generator=g, dtype=torch.float64).to(DEVICE)
     (out.logp * a + out.kl * b).sum().backward()
     (n_logp * a + n_kl * b).sum().backward()
+    assert not out.ref_logp.requires_grad
     for name, got, want in [("logp", out.logp, n_logp), ("kl", out.kl, n_kl), ("entropy", out.entropy, n_ent),
-                            ("grad", z.grad, z64.grad)]:
+                            ("ref_logp", out.ref_logp, n_ref_logp), ("grad", z.grad, z64.grad)]:
         err = (got.double() - want).abs().max().item() if want.numel() else 0.0
         scale = max(want.abs().max().item(), 1.0) if want.numel() else 1.0
         assert err <= tol * scale, f"{impl} {name}: max abs error {err:.3g} > {tol:.1g} * {scale:.3g}"
@@ -96,11 +101,41 @@ def test_minus_inf_entries_are_masked_vocabulary(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_reference_zero_where_policy_positive_gives_infinite_kl(impl):
-    z, r, t = rand_case((2,), 10, seed=5)
-    r[0, 3] = float("-inf")
-    out = fused_logprob_kl(z.to(DEVICE), r.to(DEVICE), t.to(DEVICE), impl=impl)
-    assert out.kl[0].item() == math.inf and math.isfinite(out.kl[1].item())
+def test_reference_minus_inf_where_policy_is_finite_gives_infinite_kl_in_every_lane_case(impl):
+    """Row 0: the plain case. Row 1: the word's lane later meets a logit 210 larger, so its running
+    sums are rescaled by e^-210 = 0 in float32 (the old kernel: inf * 0 = NaN). Row 2: the word's
+    lane never holds the row maximum, so it is weighted by e^-210 = 0 when the lanes are combined
+    (NaN too). Row 3: no -inf. Rows 1 and 2 also have p_w ~ e^-210, which float32 rounds to 0 (the
+    old torch path then gave a finite KL). The forward BLOCK_V is 1024: words 5 and 1029 share a lane."""
+    v = 2048
+    z = torch.zeros(4, v)
+    r = torch.zeros(4, v)
+    r[0, 3] = -math.inf
+    z[1, 5], r[1, 5], z[1, 5 + 1024] = -200.0, -math.inf, 10.0
+    z[2, 5], r[2, 5], z[2, 7] = -200.0, -math.inf, 10.0
+    r[3] = torch.randn(v, generator=torch.Generator().manual_seed(5))
+    z = z.to(DEVICE).requires_grad_()
+    t = torch.tensor([1, 2, 3, 4], device=DEVICE)
+    out = fused_logprob_kl(z, r.to(DEVICE), t, impl=impl)
+    assert out.kl[:3].tolist() == [math.inf] * 3
+    assert math.isfinite(out.kl[3].item()) and torch.isfinite(out.logp).all() and torch.isfinite(out.ref_logp).all()
+    # a masked-out position (upstream gradient 0) with KL = +inf leaves every gradient finite
+    mask = torch.tensor([False, False, False, True], device=DEVICE)
+    torch.where(mask, out.kl, 0.0).sum().backward()
+    assert torch.isfinite(z.grad).all() and z.grad[3].abs().max() > 0 and z.grad[:3].abs().max() == 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_kl_of_nearby_distributions_is_accurate_far_below_the_lse_rounding_floor(impl):
+    """Logits ~ 3 apart from their reference by 1e-4: KL ~ 4e-9, while float32 rounding of
+    log-sum-exps (~10) is ~1e-6. KL computed as E_p[x - y] - (lse_p - lse_q) would be noise here."""
+    g = torch.Generator().manual_seed(30)
+    z = torch.randn(6, 3001, generator=g) * 3
+    r = z + 1e-4 * torch.randn(6, 3001, generator=g)
+    t = torch.zeros(6, dtype=torch.long)
+    truth = naive(z.double(), r.double(), t)[1]
+    got = fused_logprob_kl(z.to(DEVICE), r.to(DEVICE), t.to(DEVICE), impl=impl).kl.double().cpu()
+    assert truth.min() > 1e-9 and ((got - truth).abs() / truth).max() < 1e-2
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -123,11 +158,11 @@ def test_identical_policy_and_reference_give_zero_kl_and_zero_kl_gradient(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_out_of_range_targets_are_ignored(impl):
+def test_negative_targets_are_ignored(impl):
     z, r, t = rand_case((6,), 40, seed=8)
-    t[1], t[4] = -100, 40
+    t[1], t[4] = -100, -1
     out = check(z, r, t, 1.0, impl, tol=1e-5)
-    assert out.logp[1].item() == 0.0 and out.logp[4].item() == 0.0
+    assert out.logp[1].item() == out.logp[4].item() == out.ref_logp[1].item() == out.ref_logp[4].item() == 0.0
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -153,11 +188,18 @@ def test_fused_logprob_equals_negative_cross_entropy(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_empty_input(impl):
-    z = torch.zeros(0, 9, device=DEVICE, requires_grad=True)
-    out = fused_logprob_kl(z, z.detach(), torch.zeros(0, dtype=torch.long, device=DEVICE), impl=impl)
-    out.logp.sum().backward()
-    assert out.logp.shape == (0,) and z.grad.shape == (0, 9)
+@pytest.mark.parametrize("shape", [(0, 9), (3, 0, 9)])
+def test_empty_input(impl, shape):
+    z = torch.zeros(shape, device=DEVICE, requires_grad=True)
+    t = torch.zeros(shape[:-1], dtype=torch.long, device=DEVICE)
+    out = fused_logprob_kl(z, z.detach(), t, impl=impl)
+    (out.logp.sum() + out.kl.sum()).backward()
+    assert out.logp.shape == out.ref_logp.shape == shape[:-1] and z.grad.shape == shape
+    h = torch.zeros(*shape[:-1], 4, device=DEVICE, requires_grad=True)
+    w = torch.randn(9, 4, device=DEVICE, requires_grad=True)
+    lin = fused_linear_logprob_kl(h, w, h.detach(), w.detach(), t, impl=impl)
+    (lin.logp.sum() + lin.kl.sum()).backward()
+    assert lin.kl.shape == shape[:-1] and h.grad.shape == h.shape and w.grad.abs().max() == 0
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -185,7 +227,7 @@ def test_half_inputs_no_worse_than_naive_half_pytorch(impl, dtype):
         return out.logp, out.kl
 
     z64 = z.double().requires_grad_()
-    lp64, kl64, _ = naive(z64, r.double(), t)
+    lp64, kl64, _, _ = naive(z64, r.double(), t)
     (lp64 * a.double() + kl64 * b.double()).sum().backward()
     truth = (lp64.detach(), kl64.detach(), z64.grad)
     for name, mine, theirs, want in zip(["logp", "kl", "grad"], run(fused, z), run(naive_half, z), truth):
@@ -240,10 +282,119 @@ def test_bad_shapes_raise_clear_errors():
         fused_logprob(z, torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="impl"):
         fused_logprob(z, torch.zeros(2, dtype=torch.long), impl="cuda")
+    h, w, t = torch.zeros(2, 3), torch.zeros(5, 3), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"weight must be \[V, D\]"):
+        fused_linear_logprob(h, torch.zeros(5, 4), t)
+    with pytest.raises(ValueError, match="different vocabularies"):
+        fused_linear_logprob_kl(h, w, h, torch.zeros(6, 3), t)
+    with pytest.raises(ValueError, match="leading dimensions"):
+        fused_linear_logprob_kl(h, w, torch.zeros(3, 3), w, t)
+    with pytest.raises(ValueError, match="softcap"):
+        fused_linear_logprob(h, w, t, softcap=0.0)
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        fused_linear_logprob(h, w, t, chunk_bytes=0)
 
 
-def test_public_names_match_design_contract():
-    assert {"fused_logprob_kl", "fused_logprob"} <= set(kernels.__all__)
+def test_targets_at_or_above_the_vocabulary_size_raise():
+    z, t = torch.zeros(3, 5), torch.tensor([0, -100, 5])
+    h, w = torch.zeros(3, 2), torch.zeros(5, 2)
+    for call in [lambda: fused_logprob_kl(z, z, t), lambda: fused_logprob(z, t),
+                 lambda: fused_linear_logprob_kl(h, w, h, w, t), lambda: fused_linear_logprob(h, w, t)]:
+        with pytest.raises(ValueError, match=r"targets must be < V = 5 .* got 5; .*negative target"):
+            call()
+    with pytest.raises(ValueError, match="integer"):
+        fused_logprob(z, t.float())
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, math.nan, math.inf])
+def test_temperature_must_be_a_finite_positive_number(temperature):
+    z, t = torch.zeros(3, 5), torch.zeros(3, dtype=torch.long)
+    h, w = torch.zeros(3, 2), torch.zeros(5, 2)
+    for call in [lambda: fused_logprob_kl(z, z, t, temperature), lambda: fused_logprob(z, t, temperature),
+                 lambda: fused_linear_logprob_kl(h, w, h, w, t, temperature),
+                 lambda: fused_linear_logprob(h, w, t, temperature)]:
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+            call()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_double_backward_raises_instead_of_a_silent_wrong_value(impl):
+    z, r, t = rand_case((3,), 17, seed=31)
+    z = z.to(DEVICE).requires_grad_()
+    h = torch.randn(3, 4, device=DEVICE, requires_grad=True)
+    w = torch.randn(17, 4, device=DEVICE, requires_grad=True)
+    for out, x in [(fused_logprob_kl(z, r.to(DEVICE), t.to(DEVICE), impl=impl), z),
+                   (fused_linear_logprob_kl(h, w, h.detach(), w.detach(), t.to(DEVICE), impl=impl), h)]:
+        # a loss nonlinear in logp and kl, so that the first backward's inputs carry a graph
+        (grad,) = torch.autograd.grad((out.logp ** 2 + out.kl ** 2).sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="twice"):
+            grad.sum().backward()
+
+
+class NewTensors(TorchDispatchMode):
+    """Records every aten op's output tensors that are new allocations (not views of an input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.made, self.read = [], set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        ins = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        self.read |= {a.untyped_storage().data_ptr() for a in ins}
+        out = func(*args, **(kwargs or {}))
+        seen = {a.untyped_storage().data_ptr() for a in ins}
+        self.made += [(str(func), o.numel()) for o in tree_flatten(out)[0]
+                      if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in seen]
+        return out
+
+
+def test_cpu_path_reads_sliced_logits_chunk_by_chunk_without_copying_them(monkeypatch):
+    """logits[:, :-1] of a [B, T, V] tensor is not contiguous: the forward must not copy it (nor the
+    reference) whole, and the backward allocates only the gradient at full size."""
+    z, r, t = rand_case((3, 8), 50, seed=32)
+    z = z.requires_grad_()
+    monkeypatch.setattr(K, "_CHUNK_ELEMENTS", 2 * 50)  # 2 rows per chunk
+    zs, rs, ts = z[:, :-1], r[:, :-1], t[:, :-1]
+    n_v = zs.numel()
+    with NewTensors() as fwd:
+        out = fused_logprob_kl(zs, rs, ts, impl="torch")
+    assert max(n for _, n in fwd.made) <= 2 * 50, sorted(fwd.made, key=lambda m: -m[1])[:3]
+    with NewTensors() as bwd:
+        (grad,) = torch.autograd.grad((out.logp + out.kl).sum(), zs)
+    big = [m for m in bwd.made if m[1] >= n_v]
+    assert len(big) == 1 and "empty" in big[0][0], big
+    z64 = zs.detach().double().requires_grad_()
+    n = naive(z64, rs, ts)
+    (n[0] + n[1]).sum().backward()
+    assert torch.allclose(grad.double(), z64.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("api", ["logits", "linear"])
+def test_backward_reads_the_reference_only_when_the_kl_is_in_the_loss(impl, api, monkeypatch):
+    """k1/k3 losses use logp and ref_logp only: the backward must not read (or recompute) the
+    reference; with the KL in the loss it must."""
+    z, r, t = rand_case((4,), 30, seed=33)
+    h, rh = torch.randn(4, 6), torch.randn(4, 6)
+    w, rw = torch.randn(30, 6), torch.randn(30, 6)
+    module = K if api == "logits" else L
+    seen = []
+    real = module._backward_into
+    monkeypatch.setattr(module, "_backward_into", lambda *a: seen.append(a[2] is not None) or real(*a))
+    for use_kl in (False, True):
+        x = (z if api == "logits" else h).clone().to(DEVICE).requires_grad_()
+        ref = r.to(DEVICE) if api == "logits" else rw.to(DEVICE)
+        if api == "logits":
+            out = fused_logprob_kl(x, ref, t.to(DEVICE), impl=impl)
+        else:
+            out = fused_linear_logprob_kl(x, w.to(DEVICE), rh.to(DEVICE), ref, t.to(DEVICE), impl=impl)
+        k3 = torch.exp(out.ref_logp - out.logp) - (out.ref_logp - out.logp) - 1  # reads ref_logp, no KL
+        loss = (out.kl if use_kl else k3).sum()
+        seen.clear()
+        with NewTensors() as mode:
+            loss.backward()
+        reads_ref = ref.untyped_storage().data_ptr() in mode.read
+        assert seen and all(s == use_kl for s in seen) and (reads_ref == use_kl or impl == "triton")
 
 
 COMPILE_FOR_GPU = """
@@ -254,13 +405,15 @@ from triton.compiler import ASTSource
 from kernels import logprob_kl as K
 
 arch = int(sys.argv[1])
-rows = {"R1": "i32", "sx0": "i64", "sx1": "i64", "sy0": "i64", "sy1": "i64", "V": "i32", "inv_temp": "fp32",
-        "HAS_REF": "constexpr", "BLOCK_V": "constexpr"}
+rows = {"R1": "i32", "sx0": "i64", "sx1": "i64", "sy0": "i64", "sy1": "i64", "V": "i32"}
+consts = {"HAS_REF": "constexpr", "BLOCK_V": "constexpr"}
 for dt in ["bf16", "fp16", "fp32"]:
-    fwd = {"X": f"*{dt}", "Y": f"*{dt}", "TGT": "*i64", **{k: "*fp32" for k in ["LOGP", "KL", "ENT", "LSE_P", "LSE_Q"]}}
-    bwd = {"X": f"*{dt}", "Y": f"*{dt}", "TGT": "*i64", **{k: "*fp32" for k in ["LSE_P", "LSE_Q", "KL", "G_LP", "G_KL"]},
+    fwd = {"X": f"*{dt}", "Y": f"*{dt}", "TGT": "*i64",
+           **{k: "*fp32" for k in ["LOGP", "KL", "ENT", "LSE_P", "D_PQ", "REF_LOGP"]}}
+    bwd = {"X": f"*{dt}", "Y": f"*{dt}", "TGT": "*i64", **{k: "*fp32" for k in ["LSE_P", "D_PQ", "KL", "G_LP", "G_KL"]},
            "GRAD": f"*{dt}"}
-    for fn, sig, backward in [(K._fwd_kernel, {**fwd, **rows}, False), (K._bwd_kernel, {**bwd, **rows}, True)]:
+    for fn, sig, backward in [(K._fwd_kernel, {**fwd, **rows, "inv_temp": "fp32", **consts}, False),
+                              (K._bwd_kernel, {**bwd, **rows, "COL0": "i32", "inv_temp": "fp32", **consts}, True)]:
         for has_ref in (True, False):
             cfg = K._launch_config(151936, backward)
             src = ASTSource(fn=fn, signature=sig, constexprs={"HAS_REF": has_ref, "BLOCK_V": cfg["BLOCK_V"]})
