@@ -81,7 +81,7 @@ from tqdm import tqdm
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, HfArgumentParser,
                           LogitsProcessor, LogitsProcessorList)
 
-from kernels import fused_logprob, fused_logprob_kl
+from kernels import fused_linear_logprob, fused_linear_logprob_kl, fused_logprob_kl
 
 EMBEDDED_MODEL = str(Path(os.environ.get("LOWRES_ALIGN_CACHE", Path.home() / ".cache" / "lowres-align"))
                      / "SmolLM2-135M-Instruct")
@@ -131,6 +131,7 @@ class Args:
     ref_offload: bool = field(default=False, metadata={"help": "with --fsdp: keep the frozen reference's shards in CPU memory"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward pass (less memory)"})
     compile_rollout: bool = field(default=True, metadata={"help": "CUDA without --fsdp: static KV cache + compiled decoding"})
+    fused_linear: bool = field(default=True, metadata={"help": "log-probs and KL from hidden states, float32 logits in chunks (kernels/)"})
     seed: int = field(default=42, metadata={"help": "seed of data order, sampling and init"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --output-dir from its newest checkpoint"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (and at the end)"})
@@ -170,7 +171,7 @@ class Args:
 RESUME_MAY_CHANGE = {"resume", "overwrite", "steps", "save_every", "save_total_limit", "sample_every", "samples_logged",
                      "report_to", "judge_url", "judge_api_key_env", "judge_timeout", "judge_retries", "judge_backoff",
                      "judge_concurrency", "judge_batch_size", "judge_max_failed_steps", "fsdp", "ref_offload",
-                     "gradient_checkpointing", "compile_rollout"}
+                     "gradient_checkpointing", "compile_rollout", "fused_linear"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,16 +189,21 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return torch.where(ok, (r - mean) / std.clamp(min=eps), 0.0).to(rewards.dtype)
 
 
-def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor, tokens: torch.Tensor,
-             temperature: float, estimator: str):
-    """[N, T, V], [N, T, V], [N, T] -> (logp, kl_term, kl_full, entropy), each [N, T] float32.
-    kl_term is what enters the loss (eq. 3 or k1/k3, see docstring); kl_full is eq. (3), detached."""
-    out = fused_logprob_kl(logits, ref_logits, tokens, temperature=temperature)
+def token_kl(states: torch.Tensor, ref_states: torch.Tensor, tokens: torch.Tensor, temperature: float,
+             estimator: str, heads: Optional[dict] = None):
+    """-> (logp, kl_term, kl_full, entropy), each [N, T] float32. kl_term enters the loss (eq. 3 or
+    k1/k3, see docstring); kl_full is eq. (3), detached. states: logits [N, T, V], or final hidden
+    states [N, T, D] when `heads` gives the LM heads (weight, ref_weight, softcap, logit_scale):
+    then the logits are computed in float32 inside the kernel, chunk by chunk (issue 15)."""
+    if heads is None:
+        out = fused_logprob_kl(states, ref_states, tokens, temperature=temperature)
+    else:
+        out = fused_linear_logprob_kl(states, heads["weight"], ref_states, heads["ref_weight"], tokens, temperature,
+                                      softcap=heads["softcap"], logit_scale=heads["logit_scale"])
     if estimator == "full":
         kl_term = out.kl
-    elif estimator in ("k1", "k3"):
-        ref_logp = fused_logprob(ref_logits.detach(), tokens, temperature=temperature).detach()
-        log_ratio = out.logp - ref_logp  # log pi - log pi_ref of the sampled token
+    elif estimator in ("k1", "k3"):  # the kernel then never reads the reference in the backward
+        log_ratio = out.logp - out.ref_logp  # log pi - log pi_ref of the sampled token
         # k3 = exp(-log_ratio) + log_ratio - 1; clamped so that padding (masked later) cannot overflow
         kl_term = log_ratio if estimator == "k1" else torch.exp(-log_ratio.clamp(max=80.0)) + log_ratio - 1.0
     else:
@@ -428,13 +434,23 @@ def rollout(model, prompts: List[List[int]], keys: List[Tuple[int, ...]], args: 
     return torch.where(mask, tokens, pad_id), mask
 
 
-def response_logits(model, prompt_ids: List[int], tokens: torch.Tensor, mask: torch.Tensor):
-    """Logits that predict each response token: [G, R] -> [G, R, V] (logits[:, t-1] predicts t)."""
+def response_states(model, prompt_ids: List[int], tokens: torch.Tensor, mask: torch.Tensor, fused: bool):
+    """What predicts each response token (position t-1 predicts t): [G, R] -> final hidden states
+    [G, R, D] (after the last norm) when `fused`, else logits [G, R, V]. Goes through the model's
+    own forward, so DDP's and FSDP's hooks run."""
     G, R = tokens.shape
     prompt = torch.tensor(prompt_ids, device=tokens.device).expand(G, -1)
     attn = torch.cat([torch.ones_like(prompt), mask.long()], 1)
-    logits = model(input_ids=torch.cat([prompt, tokens], 1), attention_mask=attn, logits_to_keep=R + 1).logits
-    return logits[:, :-1]
+    out = model(input_ids=torch.cat([prompt, tokens], 1), attention_mask=attn, output_hidden_states=fused,
+                logits_to_keep=1 if fused else R + 1)
+    return out.hidden_states[-1][:, -R - 1:-1] if fused else out.logits[:, :-1]
+
+
+def lm_head(model, like: torch.Tensor) -> torch.Tensor:
+    """The LM-head weight [V, D] (gathered if FSDP holds it sharded), in the hidden states' dtype:
+    what autocast or FSDP's bf16 compute gives the head; the kernel still makes float32 logits."""
+    w = model.get_output_embeddings().weight
+    return (w.full_tensor() if hasattr(w, "full_tensor") else w).to(like.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -973,6 +989,8 @@ def train(args: Args, reward_fn: Optional[RewardFn] = None):
     pad_id = tok.pad_token_id
     n_seq, G = args.prompts_per_step * args.group_size, args.group_size  # N in eq. (4), all ranks
     pad_to = max(len(p["ids"]) for p in prompts) if device.type == "cuda" and args.compile_rollout else 0
+    logit_transform = {"softcap": getattr(policy.config, "final_logit_softcapping", None),  # Gemma 2
+                       "logit_scale": getattr(policy.config, "logit_scale", None)}  # Cohere
 
     bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, disable=rank != 0)
     for step in bar:
@@ -1012,9 +1030,11 @@ def train(args: Args, reward_fn: Optional[RewardFn] = None):
             tokens, mask = gr["tokens"], gr["mask"]
             with sync, autocast():
                 with torch.no_grad():
-                    ref_logits = response_logits(ref, gr["p"]["ids"], tokens, mask)
-                logits = response_logits(model, gr["p"]["ids"], tokens, mask)
-                logp, kl_term, kl_full, ent = token_kl(logits, ref_logits, tokens, args.temperature, args.kl_estimator)
+                    ref_x = response_states(ref, gr["p"]["ids"], tokens, mask, args.fused_linear)
+                x = response_states(model, gr["p"]["ids"], tokens, mask, args.fused_linear)
+                heads = dict(weight=lm_head(policy, x), ref_weight=lm_head(ref, ref_x), **logit_transform) \
+                    if args.fused_linear else None
+                logp, kl_term, kl_full, ent = token_kl(x, ref_x, tokens, args.temperature, args.kl_estimator, heads)
                 a = adv[k].to(device)
                 loss = reinforce_kl_loss(logp, kl_term, a, mask, args.beta, n_seq)
                 (loss * world).backward()  # DDP and FSDP average over ranks; eq. (4) wants the sum
@@ -1092,6 +1112,7 @@ def run_sft(args: Args, policy, tok, device, rank: int, world: int, ddp: bool, a
     B = max(args.sft_batch_size - args.sft_batch_size % world, world)
     n_batches = math.ceil(len(examples) / B)
     policy.train(args.gradient_checkpointing)
+    softcap, scale = getattr(policy.config, "final_logit_softcapping", None), getattr(policy.config, "logit_scale", None)
     bar = tqdm(total=args.sft_epochs * n_batches, desc="sft", disable=rank != 0)
     for epoch in range(args.sft_epochs):
         order = np.random.default_rng([args.seed, 10_000 + epoch]).permutation(len(examples)).tolist()
@@ -1107,8 +1128,10 @@ def run_sft(args: Args, policy, tok, device, rank: int, world: int, ddp: bool, a
             if ddp:
                 dist.all_reduce(n_tok)
             with autocast():
-                logits = model(input_ids=ids, attention_mask=amask.long()).logits[:, :-1]
-                loss = masked_nll(fused_logprob(logits, ids[:, 1:]), lmask, int(n_tok.item())) * weight
+                out = model(input_ids=ids, attention_mask=amask.long(), output_hidden_states=True, logits_to_keep=1)
+                h = out.hidden_states[-1][:, :-1]
+                logp = fused_linear_logprob(h, lm_head(policy, h), ids[:, 1:], softcap=softcap, logit_scale=scale)
+                loss = masked_nll(logp, lmask, int(n_tok.item())) * weight
                 (loss * world).backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
             opt.step()
