@@ -25,7 +25,7 @@ model: install
 demo: model
 	$(PYTHON) reinforce_kl.py --model $(MODEL_DIR) --judge-model $(MODEL_DIR) \
 	  --prompts data/rl_prompts.jsonl --steps 4 --prompts-per-step 2 --group-size 4 \
-	  --max-new-tokens 32 --output-dir runs/demo
+	  --max-new-tokens 32 --output-dir runs/demo --overwrite
 
 test: install
 	$(PYTHON) -m pytest -q
