@@ -14,11 +14,12 @@ backward of loss = sum(a * logp + b * kl) w.r.t. H and W, the reference's logits
 GPU (the default when CUDA is available): the sizes of issue 15, time from triton.testing.do_bench
 (the mean over its repetitions), extra peak memory = torch.cuda.max_memory_allocated() during one
 step minus what was allocated before it (inputs not counted; the gradients of H and W are).
-CPU (--cpu): each variant runs in two fresh subprocesses that build the inputs and run one warm-up
-step. One measures the growth of its resident memory during one step (VmHWM after resetting it
-through /proc/self/clear_refs, minus VmRSS before the step; glibc is told to give freed buffers back
-to the OS at once, so the peak is that of live tensors); the other, with glibc's default allocator
-settings (returning every buffer would slow all variants down), the median wall time of --reps steps.
+CPU (--cpu, Linux: it reads /proc/self/status): each variant runs in two fresh subprocesses that
+build the inputs and run one warm-up step. One measures the growth of its resident memory during
+one step (VmHWM after resetting it through /proc/self/clear_refs, minus VmRSS before the step;
+glibc is told to give freed buffers back to the OS at once, so the peak is that of live tensors);
+the other, with glibc's default allocator settings (returning every buffer would slow all variants
+down), the median wall time of --reps steps.
 
 Noise floor (both modes): mean per-token KL between the model and a copy drifted by --drift
 (relative, applied in float32 to weights and hidden states), computed from bf16 logits, from
@@ -35,10 +36,8 @@ import datetime
 import json
 import os
 import re
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -268,7 +267,8 @@ def main():
               "| N x V x D | model | float64 | fused (float32 logits) | fused, bf16 operands | "
               "materialised float32 logits | bf16 logits |", "|---|---|---|---|---|---|---|"]
     for (size, dtype), kl in noise.items():
-        cell = lambda k: f"{kl[k]:.3e} ({abs(kl[k] - kl['float64']) / kl['float64']:.1e})" if k in kl else "-"  # noqa: E731
+        def cell(k, kl=kl):
+            return f"{kl[k]:.3e} ({abs(kl[k] - kl['float64']) / kl['float64']:.1e})" if k in kl else "-"
         lines.append(f"| {size} | {dtype} | {kl['float64']:.3e} | {cell('fused')} | {cell('fused, bf16 operands')} | "
                      f"{cell('float32 logits')} | {cell('bf16 logits')} |")
     table = "\n".join(lines)

@@ -25,7 +25,10 @@ def naive(z, r, t, temperature=1.0):
     p = lp.exp()
     v = z.shape[-1]
     valid = (t >= 0) & (t < v)
-    pick = lambda logprobs: torch.where(valid, logprobs.gather(-1, t.clamp(0, v - 1)[..., None]).squeeze(-1), 0.0)  # noqa: E731
+
+    def pick(logprobs):
+        return torch.where(valid, logprobs.gather(-1, t.clamp(0, v - 1)[..., None]).squeeze(-1), 0.0)
+
     logp = pick(lp)
     ent = -(p * torch.where(p > 0, lp, 0.0)).sum(-1)
     if r is None:
