@@ -2,8 +2,9 @@
 
 For each size N x V (bf16 logits and reference logits), the forward + backward of
     loss = sum(a * logp + b * kl)
-is timed with triton.testing.do_bench (median), and its peak extra memory is measured
-(peak allocated during one step minus what was allocated before it: the inputs are not counted).
+is timed with triton.testing.do_bench (the mean over its repetitions: its default return_mode),
+and its peak extra memory is measured (peak allocated during one step minus what was allocated
+before it: the inputs are not counted).
 The roofline is the memory-traffic floor of the fused kernel: read logits and reference twice,
 write the gradient once, 5 N V bf16 elements, at the copy bandwidth measured in the same run.
 
@@ -66,7 +67,7 @@ def measure(fn, logits, ref, targets, a, b):
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     logits.grad = None
-    ms = triton.testing.do_bench(step, grad_to_none=[logits], warmup=5, rep=50)
+    ms = triton.testing.do_bench(step, grad_to_none=[logits], warmup=5, rep=50)  # the mean
     return ms, peak
 
 

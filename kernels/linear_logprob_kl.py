@@ -46,12 +46,15 @@ fp16 operands (a bf16 model) give exact products and float32 sums (cuBLAS with a
 upcast to float32, which gives the same products); float32 operands (float32 weights, as under
 autocast) give IEEE float32 GEMMs: TF32 is switched off around them (its 10-bit mantissa would
 bring the noise back), and autocast is off inside. The price on a GPU: IEEE float32 runs at a small
-fraction of bf16 tensor-core speed; a caller who accepts bf16-rounded operands (what autocast
-does to the LM head) can pass hidden.bfloat16() and weight.bfloat16() and still get float32
-logits. In the backward g_u is computed in float32 and rounded once to the operands' dtype for the
-two GEMMs (tensor cores take bf16 operands): a relative rounding of the gradient, as in any bf16
-backward, not the cancellation that rounding logits causes in log p - log q; float32 operands keep
-it float32. The CPU path rounds at the same places, so the tests check the GPU's numerics.
+fraction of bf16 tensor-core speed. Rounding float32 weights to bf16 to go faster (what autocast
+does to the LM head) gives float32 logits of the two rounded models: a drift below bf16's
+resolution (2^-8 relative) is then lost or quantised, and their KL is noise again (230x off in
+bench/bench_fused_linear.py). Nor can any head remove noise already in the hidden states (a bf16
+body under autocast). In the backward g_u is computed in float32 and rounded once to the operands'
+dtype for the two GEMMs (tensor cores take bf16 operands): a relative rounding of the gradient, as
+in any bf16 backward, not the cancellation that rounding logits causes in log p - log q; float32
+operands keep it float32. The CPU path rounds at the same places, so the tests check the GPU's
+numerics.
 
 Memory beyond inputs and outputs, with C = chunk_bytes (default 256 MiB):
   forward:  2 C (float32 logits of one row chunk, policy and reference; C without a reference),
@@ -256,7 +259,8 @@ def fused_linear_logprob_kl(
     _check_head(hidden, weight, "hidden", "weight")
     _check_head(ref_hidden, ref_weight, "ref_hidden", "ref_weight")
     if ref_weight.shape[0] != weight.shape[0]:
-        raise ValueError(f"weight and ref_weight have different vocabularies: {weight.shape[0]} and {ref_weight.shape[0]}")
+        raise ValueError(f"weight and ref_weight have different vocabularies: {weight.shape[0]} and "
+                         f"{ref_weight.shape[0]}")
     if ref_hidden.shape[:-1] != hidden.shape[:-1] or targets.shape != hidden.shape[:-1]:
         raise ValueError(f"hidden {tuple(hidden.shape)}, ref_hidden {tuple(ref_hidden.shape)} and targets "
                          f"{tuple(targets.shape)} must agree on the leading dimensions [...]")

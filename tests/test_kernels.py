@@ -25,7 +25,10 @@ def naive(z, r, t, temperature=1.0):
     p = lp.exp()
     v = z.shape[-1]
     valid = (t >= 0) & (t < v)
-    pick = lambda logprobs: torch.where(valid, logprobs.gather(-1, t.clamp(0, v - 1)[..., None]).squeeze(-1), 0.0)  # noqa: E731
+
+    def pick(logprobs):
+        return torch.where(valid, logprobs.gather(-1, t.clamp(0, v - 1)[..., None]).squeeze(-1), 0.0)
+
     logp = pick(lp)
     ent = -(p * torch.where(p > 0, lp, 0.0)).sum(-1)
     if r is None:
@@ -395,6 +398,201 @@ def test_backward_reads_the_reference_only_when_the_kl_is_in_the_loss(impl, api,
             loss.backward()
         reads_ref = ref.untyped_storage().data_ptr() in mode.read
         assert seen and all(s == use_kl for s in seen) and (reads_ref == use_kl or impl == "triton")
+
+
+# ----------------------------------------------------------------------------- fused linear
+
+
+def naive_linear(h, w, rh, rw, t, temperature=1.0, softcap=None, logit_scale=None):
+    """float64 logits materialised from hidden states and heads, then `naive`."""
+    def logits(hh, ww):
+        z = hh.double() @ ww.double().T
+        z = z * logit_scale if logit_scale is not None else z
+        return softcap * torch.tanh(z / softcap) if softcap is not None else z
+    return naive(logits(h, w), logits(rh, rw) if rh is not None else None, t, temperature)
+
+
+def linear_case(lead, v, d, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(*lead, d, generator=g)
+    w = torch.randn(v, d, generator=g) * (2 / d**0.5)  # logits of std ~2
+    rh = h + 0.3 * torch.randn(*lead, d, generator=g)
+    rw = w + 0.1 * torch.randn(v, d, generator=g) / d**0.5
+    t = torch.randint(0, v, lead, generator=g)
+    return [x.to(DEVICE, dtype) for x in (h, w, rh, rw)] + [t.to(DEVICE)]
+
+
+def check_linear(h, w, rh, rw, t, tol, seed=0, **kw):
+    """Values and gradients w.r.t. hidden and weight (random upstream gradients for logp and kl)
+    against naive_linear in float64 of the same inputs; returns the fused output."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = (torch.randn(t.shape, generator=g, dtype=torch.float64).to(DEVICE) for _ in range(2))
+    h, w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    out = fused_linear_logprob_kl(h, w, rh, rw, t, **kw)
+    assert out.logp.dtype == out.kl.dtype == out.ref_logp.dtype == torch.float32 and out.logp.shape == t.shape
+    (out.logp * a + out.kl * b).sum().backward()
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    opts = {k: kw[k] for k in ("temperature", "softcap", "logit_scale") if k in kw}
+    want = naive_linear(h64, w64, rh, rw, t, **opts)
+    (want[0] * a + want[1] * b).sum().backward()
+    for name, got, ref in zip(["logp", "kl", "entropy", "ref_logp", "grad hidden", "grad weight"],
+                              [*out, h.grad, w.grad], [*want, h64.grad, w64.grad]):
+        assert got.dtype == (h.dtype if name == "grad hidden" else w.dtype if name == "grad weight" else got.dtype)
+        err = (got.double() - ref).norm().item()
+        assert err <= tol * max(ref.norm().item(), 1e-3), f"{name}: L2 error {err:.3g} vs norm {ref.norm().item():.3g}"
+    return out
+
+
+# chunk_bytes = 4 V * 3 + 5 with V = 37 and N = 10: 3 rows per forward chunk (3 + 3 + 3 + 1) and
+# 11-word vocabulary blocks in the backward (11 + 11 + 11 + 4)
+SMALL_CHUNKS = 4 * 37 * 3 + 5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("chunk_bytes", [L.DEFAULT_CHUNK_BYTES, SMALL_CHUNKS])
+def test_linear_matches_float64_materialised_logits(impl, chunk_bytes):
+    """Odd V and D, [B, T, D] hidden states, temperature, a masked target, one chunk or many
+    (N and V not multiples of the chunk)."""
+    h, w, rh, rw, t = linear_case((2, 5), v=37, d=13, seed=40)
+    t[0, 2] = -100
+    out = check_linear(h, w, rh, rw, t, tol=1e-5, temperature=0.8, chunk_bytes=chunk_bytes, impl=impl)
+    assert out.logp[0, 2].item() == out.ref_logp[0, 2].item() == 0.0 and out.kl[0, 2].item() > 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linear_softcap_and_logit_scale_follow_the_chain_rule(impl):
+    """Gemma 2's z = c tanh(u / c) and Cohere's z = s u (both at once here), logits large enough
+    that the cap bends them."""
+    h, w, rh, rw, t = linear_case((10,), v=37, d=13, seed=41)
+    check_linear(h * 3, w, rh * 3, rw, t, tol=1e-5, temperature=1.3, softcap=4.0, logit_scale=0.7,
+                 chunk_bytes=SMALL_CHUNKS, impl=impl)
+
+
+def test_linear_torch_path_passes_gradcheck_in_float64():
+    h, w, rh, rw, t = (x.cpu() for x in linear_case((4,), v=9, d=5, seed=42))
+    h, w, rh, rw = h.double().requires_grad_(), w.double().requires_grad_(), rh.double(), rw.double()
+    a, b = torch.randn(2, 4, generator=torch.Generator().manual_seed(43), dtype=torch.float64)
+
+    def f(hh, ww):
+        out = fused_linear_logprob_kl(hh, ww, rh, rw, t, 1.1, softcap=3.0, logit_scale=0.8,
+                                      chunk_bytes=4 * 9 * 2, impl="torch")  # 2 rows, 2-word blocks
+        return (out.logp * a + out.kl * b).sum()
+
+    assert torch.autograd.gradcheck(f, (h, w), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linear_tied_embedding_gets_the_gradient_of_both_uses(impl):
+    """weight is the input embedding E (tied) and also the reference's head (ref_weight is the same
+    tensor): E's gradient is the embedding path plus the policy head, never the reference side."""
+    g = torch.Generator().manual_seed(44)
+    v, d = 23, 7
+    emb = (torch.randn(v, d, generator=g) / d**0.5).to(DEVICE).requires_grad_()
+    mix, ref_mix = torch.randn(d, d, generator=g).to(DEVICE), torch.randn(d, d, generator=g).to(DEVICE)
+    ids = torch.randint(0, v, (3, 4), generator=g).to(DEVICE)
+    t = ids.roll(-1, dims=1)
+    a = torch.randn(3, 4, generator=g, dtype=torch.float64).to(DEVICE)
+
+    def body(e, m):
+        return torch.tanh(e[ids] @ m)
+
+    out = fused_linear_logprob_kl(body(emb, mix), emb, body(emb, ref_mix), emb, t, chunk_bytes=4 * v * 5, impl=impl)
+    (out.logp * a + out.kl).sum().backward()
+    e64 = emb.detach().double().requires_grad_()
+    want = naive_linear(body(e64, mix.double()), e64, body(e64, ref_mix.double()).detach(), e64.detach(), t)
+    (want[0] * a + want[1]).sum().backward()
+    assert torch.allclose(emb.grad.double(), e64.grad, atol=1e-6) and emb.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linear_bf16_kl_of_a_slightly_drifted_copy_is_exact_and_bf16_logits_are_not(impl):
+    """Issue 15's precision case. A bf16 model and a copy whose weights and hidden states drifted
+    by ~2e-5 relative (drift applied in float32, both rounded to bf16): KL ~1e-6. The fused path
+    (float32 logits from the bf16 operands) matches the float64 KL of the same bf16 inputs to
+    float32 accuracy; logits rounded to bf16 (what autocast's LM head returns) do not."""
+    g = torch.Generator().manual_seed(45)
+    n, v, d, drift = 16, 257, 64, 2e-5
+    w = torch.randn(v, d, generator=g) * (3 / d**0.5)
+    h = torch.randn(n, d, generator=g)
+    rw = w * (1 + drift * torch.randn(v, d, generator=g))
+    rh = h * (1 + drift * torch.randn(n, d, generator=g))
+    h, w, rh, rw = (x.bfloat16().to(DEVICE) for x in (h, w, rh, rw))
+    t = torch.randint(0, v, (n,), generator=g).to(DEVICE)
+    truth = naive_linear(h, w, rh, rw, t)[1].cpu()
+    rel = lambda kl: ((kl.double().cpu() - truth).abs().sum() / truth.sum()).item()  # noqa: E731
+    fused = fused_linear_logprob_kl(h, w, rh, rw, t, chunk_bytes=4 * v * 6, impl=impl).kl
+    bf16_logits = fused_logprob_kl(h @ w.T, rh @ rw.T, t, impl=impl).kl
+    assert truth.min() > 0 and (h @ w.T).dtype == torch.bfloat16
+    assert rel(fused) < 1e-3 and rel(bf16_logits) > 0.5, (rel(fused), rel(bf16_logits))
+    # gradients in bf16: the chunk's logit gradient is rounded once to bf16 for the GEMMs and the
+    # results once to bf16, so a few bf16 ulps (2^-8 relative) of L2 error
+    check_linear(h[:8], w, rh[:8], rw, t[:8], tol=2**-7, impl=impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fused_linear_logprob_equals_negative_cross_entropy(impl):
+    h, w, _, _, t = linear_case((3, 4), v=31, d=9, seed=46)
+    h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    h2, w2 = h.double().requires_grad_(), w.double().requires_grad_()
+    got = fused_linear_logprob(h1, w1, t, temperature=0.9, logit_scale=1.5, chunk_bytes=4 * 31 * 5, impl=impl)
+    want = -torch.nn.functional.cross_entropy((h2 @ w2.T * 1.5 / 0.9).flatten(0, 1), t.flatten(), reduction="none")
+    a = torch.randn(3, 4, generator=torch.Generator().manual_seed(47), dtype=torch.float64).to(DEVICE)
+    (got * a).sum().backward()
+    (want.view(3, 4) * a).sum().backward()
+    assert torch.allclose(got.double(), want.view(3, 4), atol=1e-5)
+    assert torch.allclose(h1.grad.double(), h2.grad, atol=1e-5) and torch.allclose(w1.grad.double(), w2.grad, atol=1e-5)
+
+
+def test_linear_never_allocates_n_by_v():
+    """Forward and backward with small chunks: no tensor of N x V elements is ever made; the
+    largest new tensors are one chunk of logits, the weight gradient [V, D] and [N, D] buffers."""
+    n, v, d = 24, 50, 8
+    h, w, rh, rw, t = (x.cpu() for x in linear_case((n,), v=v, d=d, seed=48))
+    h, w = h.requires_grad_(), w.requires_grad_()
+    chunk = 4 * v * 5  # forward: 5 rows of V; backward: blocks of 10 words of all N rows
+    with NewTensors() as mode:
+        out = fused_linear_logprob_kl(h, w, rh, rw, t, chunk_bytes=chunk, impl="torch")
+        (out.logp + out.kl).sum().backward()
+    largest = max(n for _, n in mode.made)
+    assert largest <= max(chunk // 4, v * d, n * d) < n * v, sorted(mode.made, key=lambda m: -m[1])[:3]
+
+
+def test_linear_ignores_autocast_and_gives_float32_logits():
+    """Under bf16 autocast the LM head would return bf16 logits; inside the fused function autocast
+    is off, so the result is the float32 one."""
+    h, w, rh, rw, t = (x.cpu() for x in linear_case((6,), v=37, d=13, seed=49))
+    plain = fused_linear_logprob_kl(h, w, rh, rw, t, impl="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (h @ w.T).dtype == torch.bfloat16
+        under = fused_linear_logprob_kl(h, w, rh, rw, t, impl="torch")
+    for x, y in zip(plain, under):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_exact_matmuls_switches_tf32_off_and_restores_the_callers_setting(legacy, monkeypatch):
+    m = torch.backends.cuda.matmul
+    if not hasattr(m, "fp32_precision"):
+        pytest.skip("torch < 2.9 has only the legacy flag")
+    saved = m.fp32_precision
+    try:
+        if legacy:
+            torch.set_float32_matmul_precision("high")  # what many training scripts do
+        else:
+            m.fp32_precision = "tf32"
+        with L._exact_matmuls(torch.device("cuda")):
+            assert m.fp32_precision == "ieee"
+        assert m.fp32_precision == "tf32"
+        if legacy:
+            assert torch.get_float32_matmul_precision() == "high"  # no mixed-API error for the caller
+    finally:
+        m.fp32_precision = saved
+
+
+def test_public_names_match_design_contract():
+    assert {"fused_logprob_kl", "fused_logprob", "fused_linear_logprob_kl", "fused_linear_logprob",
+            "LogProbKL"} <= set(kernels.__all__)
+    assert K.LogProbKL._fields == ("logp", "kl", "entropy", "ref_logp")
 
 
 COMPILE_FOR_GPU = """
