@@ -21,9 +21,27 @@ Equations (numbering ours). r(x, y) = the RM head read at the last non-padding t
   (3) R_t   = -beta KL_t + [t = T] r(x, y),  KL_t = sum_w pi(w|s_t) log(pi(w|s_t) / pi_SFT(w|s_t))
             (--kl-estimator full, via kernels.fused_logprob_kl) or log pi(y_t|s_t) - log pi_SFT(y_t|s_t) (k1)
   (4) delta_t = R_t + gamma V(s_{t+1}) - V(s_t),  A_t = sum_k (gamma lambda)^k delta_{t+k},  G_t = A_t + V(s_t)
-  (5) L_pi = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps)),  rho_t = pi(y_t|s_t) / pi_old(y_t|s_t)
-      with A whitened over the rollout's response tokens
-  (6) L_V  = mean_t 1/2 max((V_t - G_t)^2, (V_old,t + clip(V_t - V_old,t, -eps_v, eps_v) - G_t)^2)
+  (5) L_pi = sum_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps)),  rho_t = pi(y_t|s_t) / pi_old(y_t|s_t)
+      with A whitened over the rollout's response tokens: A <- (A - mean) s, s = 1 / std
+  (6) L_V  = sum_t 1/2 max((V_t - G_t)^2, (V_old,t + clip(V_t - V_old,t, -eps_v, eps_v) - G_t)^2)
+  (7) L_KL = beta s sum_t KL_t(theta)   (full only, differentiable; the policy's loss is (5) + (7))
+  (5)-(7) are summed over the response tokens of a minibatch and divided by its token count.
+
+Why (7). PPO maximises J = E_y[r(x, y)] - beta KL(pi(.|x) || pi_SFT(.|x)) (§2), and the sequence KL is
+E_y[sum_t KL_t(s_t)] (chain rule of the KL), where KL_t depends on theta twice: through the state s_t
+that the earlier tokens reach, and directly, at a fixed state. Differentiating,
+  grad J = E[sum_t grad log pi(y_t|s_t) (r - beta sum_{t'>t} KL_t')]   (a: the states later tokens visit)
+         - beta E[sum_t grad_theta KL_t(s_t)]                          (b: the direct part, s_t held fixed)
+full: KL_t in the reward (3) makes (5) give (a), and only (a): its own term t' = t adds nothing in
+  expectation, as KL_t is fixed given s_t (E[grad log pi(y_t|s_t) | s_t] = 0). (7) gives (b), and only
+  (b): its gradient is taken at the sampled states. So each part is counted once. Without (7) the
+  penalty does not regularise at all on a one-token response.
+k1: (5) alone gives all of grad J, since grad E[log pi(y)/pi_SFT(y)] = E[grad log pi(y) log(pi/pi_SFT)(y)]
+  + E[grad log pi(y)], and the last term is 0; so k1 adds no (7).
+At the first minibatch (rho = 1) with gamma = lambda = 1 and no whitening, E[-grad((5) + (7))] = grad J
+exactly (any V(s_t) is a baseline; lambda < 1 trades bias for variance through V). Whitening scales (5)
+by s, so (7) is scaled by the same s and the whole gradient is s grad J, beta keeping its meaning
+(tests/test_rm_transfer.py enumerates a 3-token chain to check both estimators).
 
 Run (CPU or GPU; `torchrun --nproc_per_node=N` works for every stage, plain `python` is 1 process):
   python rm_transfer.py train-rm --model $MODEL_DIR --train-data data/prefs_en_train.jsonl \
@@ -201,19 +219,24 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv, (adv + values) * mask
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / sqrt(var + eps) over the masked entries, unbiased variance; 0 outside. [B, T] -> [B, T]"""
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> tuple[torch.Tensor, float]:
+    """(x - mean) * s over the masked entries, s = 1 / sqrt(var + eps) with the unbiased variance; 0 outside.
+    [B, T] -> ([B, T], s); s also scales the KL term (7)."""
     n = mask.sum()
     mean = (x * mask).sum() / n
     var = (((x - mean) * mask) ** 2).sum() / (n - 1).clamp(min=1)
-    return (x - mean) * torch.rsqrt(var + eps) * mask
+    s = torch.rsqrt(var + eps)
+    return (x - mean) * s * mask, s.item()
 
 
-def ppo_policy_loss(logp, old_logp, adv, mask, clip_eps: float):
-    """Eq. (5) summed over masked tokens (the caller divides by the global token count).
-    [B, T] x4 -> (loss sum, clipped-token count)"""
+def ppo_policy_loss(logp, old_logp, adv, mask, clip_eps: float, kl: torch.Tensor | None = None, kl_coef: float = 0.0):
+    """Eq. (5) + (7) summed over masked tokens (the caller divides by the global token count).
+    kl: the differentiable exact KL_t(theta) for --kl-estimator full (None for k1), kl_coef = beta s.
+    [B, T] x4 (+ [B, T]) -> (loss sum, clipped-token count)"""
     ratio = torch.exp(logp - old_logp)
     per_tok = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_eps, 1 + clip_eps))
+    if kl is not None:
+        per_tok = per_tok + kl_coef * kl
     clipped = ((ratio - 1).abs() > clip_eps).float() * mask
     return (per_tok * mask).sum(), clipped.sum()
 
@@ -730,7 +753,7 @@ def rl(a: Args, out: Path, rank: int, world: int, device):
         m_ = g["r_mask"]
         rewards = kl_rewards(g["kl"], g["score"], m_, a.beta)
         adv, returns = gae(rewards, g["old_values"], m_, a.gamma, a.lam)
-        adv = masked_whiten(adv, m_)
+        adv, adv_scale = masked_whiten(adv, m_)
         ids_all, mask_all = torch.cat([g["p_ids"], g["r_ids"]], 1), torch.cat([g["p_mask"], m_.long()], 1)
         Rg, B = m_.shape[1], m_.shape[0]
         # ---- PPO epochs over minibatches; the value model trains alone during warm-up
@@ -749,8 +772,16 @@ def rl(a: Args, out: Path, rank: int, world: int, device):
                     if is_pi and not update_policy:
                         continue
                     if is_pi:
-                        logp = fused_logprob(response_logits(model_d, x, xm, Rg), g["r_ids"][mine], temperature=a.temperature)
-                        loss_sum, clipped = ppo_policy_loss(logp, g["old_logp"][mine], adv[mine], mk, a.clip_eps)
+                        lg, kl_theta = response_logits(model_d, x, xm, Rg), None
+                        if a.kl_estimator == "full":  # the direct part of the KL's gradient, Eq. (7)
+                            with torch.no_grad():
+                                ref_lg = response_logits(ref, x, xm, Rg)
+                            o_mb = fused_logprob_kl(lg, ref_lg, g["r_ids"][mine], temperature=a.temperature)
+                            logp, kl_theta = o_mb.logp, o_mb.kl
+                        else:
+                            logp = fused_logprob(lg, g["r_ids"][mine], temperature=a.temperature)
+                        loss_sum, clipped = ppo_policy_loss(logp, g["old_logp"][mine], adv[mine], mk, a.clip_eps,
+                                                            kl_theta, a.beta * adv_scale)
                         stats["clipfrac"] += all_sum(clipped.item(), device)
                     else:
                         v = model_d(x, xm)[:, -Rg - 1:-1]

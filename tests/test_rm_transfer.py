@@ -1,6 +1,7 @@
 """rm_transfer.py: every loss, metric and advantage against a plain version written with loops in
 float64, reward reading under both paddings, a learning run (RM learns a token preference, PPO
 raises the RM score), 2-process gloo runs against 1 process, and resume."""
+import itertools
 import json
 import math
 import random
@@ -11,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import rm_transfer as rt
+from kernels import fused_logprob, fused_logprob_kl
 from conftest import run_torchrun
 
 
@@ -171,7 +173,8 @@ def test_masked_whiten_matches_naive_and_ignores_padding():
     vals = [x[b, t].item() for b in range(3) for t in range(5) if mask[b, t]]
     mean = sum(vals) / len(vals)
     var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)
-    out = rt.masked_whiten(x, mask, eps=0.0)
+    out, scale = rt.masked_whiten(x, mask, eps=0.0)
+    assert scale == pytest.approx(1 / math.sqrt(var), rel=1e-12)
     for b in range(3):
         for t in range(5):
             want = (x[b, t].item() - mean) / math.sqrt(var) if mask[b, t] else 0.0
@@ -204,6 +207,83 @@ def test_ppo_policy_loss_matches_naive_loop_values_and_grads():
     assert loss.item() == pytest.approx(naive.item(), rel=1e-12)
     assert clipped.item() == n_clip
     assert torch.allclose(logp.grad, lp2.grad, atol=1e-12)
+
+
+def chain_paths(V, T, eos):
+    """Every response of a chain with vocabulary range(V): it stops at eos or after T tokens."""
+    return [y for n in range(1, T + 1) for y in itertools.product(range(V), repeat=n)
+            if eos not in y[:-1] and (y[-1] == eos or n == T)]
+
+
+@pytest.mark.parametrize("estimator", ["full", "k1"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_expected_policy_gradient_equals_exact_gradient_of_kl_regularised_objective(estimator, temperature):
+    """A tabular policy (one row of logits per prefix, vocabulary 3, token 2 = eos, at most 3 tokens:
+    15 responses). Exact, by enumeration in float64:
+        grad J,  J = sum_y pi(y) r(y) - beta sum_y pi(y) log(pi(y) / pi_ref(y))   (sequence-level KL)
+    against the exact expectation over the same 15 responses of the gradient of the script's policy
+    loss, built with the script's functions: kernels' logp/KL, kl_rewards (3), gae (4) with
+    gamma = lambda = 1 and V = 0 (so A_t = the return from t, an unbiased weight), no whitening,
+    ppo_policy_loss (5) + (7) at the first minibatch (old log-probs = current ones, rho = 1).
+    `full` passes only with the differentiable KL term (7); without it the gradient is far off."""
+    V, T, eos, beta = 3, 3, 2, 0.5
+    paths = chain_paths(V, T, eos)
+    prefixes = sorted({y[:t] for y in paths for t in range(len(y))})
+    row = {p: i for i, p in enumerate(prefixes)}
+    g = torch.Generator().manual_seed(11)
+    theta = torch.randn(len(prefixes), V, generator=g, dtype=torch.float64).requires_grad_()
+    ref = torch.randn(len(prefixes), V, generator=g, dtype=torch.float64)
+    r = torch.randn(len(paths), generator=g, dtype=torch.float64)
+
+    def seq_logprob(table, y):  # naive: product of per-prefix softmaxes
+        return sum(torch.log_softmax(table[row[y[:t]]] / temperature, -1)[y[t]] for t in range(len(y)))
+
+    logp_seq = torch.stack([seq_logprob(theta, y) for y in paths])
+    logq_seq = torch.stack([seq_logprob(ref, y) for y in paths])
+    prob = logp_seq.exp()
+    assert prob.sum().item() == pytest.approx(1.0, abs=1e-12)
+    J = (prob * r).sum() - beta * (prob * (logp_seq - logq_seq)).sum()
+    (grad_J,) = torch.autograd.grad(J, theta)
+
+    def expected_loss_grad(with_kl_term):
+        B = len(paths)
+        rows, ids, mask = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.float64)
+        for i, y in enumerate(paths):
+            for t in range(len(y)):
+                rows[i, t], ids[i, t], mask[i, t] = row[y[:t]], y[t], 1.0
+        lg, ref_lg = theta[rows], ref[rows]  # padded positions hold prefix ()'s logits, masked out
+        o = fused_logprob_kl(lg, ref_lg, ids, temperature=temperature)
+        kl = o.kl if estimator == "full" else o.logp - fused_logprob(ref_lg, ids, temperature=temperature)
+        rewards = rt.kl_rewards(kl.detach() * mask, r, mask, beta)
+        adv, _ = rt.gae(rewards, torch.zeros_like(rewards), mask, 1.0, 1.0)
+        kl_theta = o.kl if estimator == "full" and with_kl_term else None
+        total = torch.zeros((), dtype=torch.float64)
+        for i in range(B):
+            loss, clipped = rt.ppo_policy_loss(o.logp[i:i + 1], o.logp[i:i + 1].detach(), adv[i:i + 1], mask[i:i + 1],
+                                               0.2, kl_theta[i:i + 1] if kl_theta is not None else None, beta)
+            assert clipped.item() == 0
+            total = total + prob[i].detach() * loss
+        return torch.autograd.grad(total, theta)[0]
+
+    got = -expected_loss_grad(with_kl_term=True)
+    assert torch.allclose(got, grad_J, rtol=1e-9, atol=1e-12), (got - grad_J).abs().max()
+    if estimator == "full":  # the KL inside the reward alone misses the direct part of the gradient
+        without = -expected_loss_grad(with_kl_term=False)
+        assert (without - grad_J).norm() > 0.1 * grad_J.norm()
+
+
+def test_kl_term_of_policy_loss_is_beta_s_times_summed_kl():
+    g = torch.Generator().manual_seed(12)
+    logp = torch.randn(2, 4, generator=g, dtype=torch.float64)
+    kl = torch.rand(2, 4, generator=g, dtype=torch.float64).requires_grad_()
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.float64)
+    adv = torch.randn(2, 4, generator=g, dtype=torch.float64)
+    base, _ = rt.ppo_policy_loss(logp, logp, adv, mask, 0.2)
+    with_kl, _ = rt.ppo_policy_loss(logp, logp, adv, mask, 0.2, kl, 0.3)
+    naive = sum(0.3 * kl[b, t].item() for b in range(2) for t in range(4) if mask[b, t])
+    assert (with_kl - base).item() == pytest.approx(naive, rel=1e-12)
+    with_kl.backward()
+    assert torch.equal(kl.grad, 0.3 * mask)
 
 
 def test_ppo_value_loss_matches_naive_loop_values_and_grads():
