@@ -115,6 +115,7 @@ class Args:
     gamma: float = field(default=1.0, metadata={"help": "rl: discount"})  # RLHF convention: undiscounted episode
     lam: float = field(default=0.95, metadata={"help": "rl: GAE lambda"})  # common RLHF PPO setting
     beta: float = field(default=0.1, metadata={"help": "rl: KL penalty in the reward"})  # paper §4: beta = 0.1
+    missing_eos_penalty: float | None = field(default=None, metadata={"help": "rl: subtracted from the RM score of a response that hit --max-new-tokens without eos (TRL's convention; unset = off)"})  # not in the paper; off by default, as in TRL
     kl_estimator: str = field(default="full", metadata={"help": "full: exact per-token KL over the vocabulary; k1: log-ratio of the sampled token", "choices": ("full", "k1")})
     value_warmup_steps: int = field(default=2, metadata={"help": "rl: PPO iterations that train only the value model"})  # paper §4 warms up the value model; count our choice
     max_new_tokens: int = field(default=32, metadata={"help": "rl: response length cap"})  # our choice: CPU-sized
@@ -246,6 +247,16 @@ def ppo_value_loss(values, old_values, returns, mask, clip: float) -> torch.Tens
     v_clipped = old_values + (values - old_values).clamp(-clip, clip)
     per_tok = 0.5 * torch.maximum((values - returns) ** 2, (v_clipped - returns) ** 2)
     return (per_tok * mask).sum()
+
+
+def penalise_missing_eos(score: torch.Tensor, r_ids: torch.Tensor, r_mask: torch.Tensor, eos_id: int,
+                         penalty: float | None) -> torch.Tensor:
+    """TRL's missing-EOS rule: score - penalty for every response without eos among its tokens (cut off by
+    --max-new-tokens); unchanged when penalty is None. [B], [B, R], [B, R] -> [B]"""
+    if penalty is None:
+        return score
+    has_eos = ((r_ids == eos_id) & r_mask.bool()).any(1)
+    return score - penalty * (~has_eos).to(score.dtype)
 
 
 def kl_rewards(kl: torch.Tensor, score: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
@@ -704,6 +715,9 @@ def rl(a: Args, out: Path, rank: int, world: int, device):
     ref = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).to(device).eval().requires_grad_(False)
     rm = load_scorer(a.reward_model[0], tok, device).eval().requires_grad_(False)
     value = load_scorer(a.reward_model[0], tok, device)
+    # dropout stays off in every model of `rl` (eval mode, never train()): rollout and PPO forwards must be
+    # the same function of the weights, or rho != 1 at the first minibatch and the value clip is noise
+    policy.eval(), value.eval()
     start = 0
     ck = newest_checkpoint(out) if a.resume else None
     if ck is not None:
@@ -731,7 +745,6 @@ def rl(a: Args, out: Path, rank: int, world: int, device):
         p_ids, p_mask = pad([enc[i][1] for i in gidx], pad_id, "left")
         p_ids, p_mask = p_ids.to(device), p_mask.to(device)
         gens = [torch.Generator().manual_seed(a.seed * 1_000_003 + k) for k in ks]
-        policy.eval()
         r_ids, r_mask = sample(policy, p_ids, p_mask, gens, a, eos_id, pad_id)
         R = r_ids.shape[1]
         ids, mask = torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1)
@@ -743,6 +756,7 @@ def rl(a: Args, out: Path, rank: int, world: int, device):
             del lg, ref_lg
             old_values = value(ids, mask)[:, -R - 1:-1]  # V(s_t) is read where token t is predicted
             score = read_last(rm(ids, mask), mask)
+        no_eos = ~((r_ids == eos_id) & r_mask.bool()).any(1)
         rf = r_mask.float()
         # ---- everyone gets the global rollout, so minibatches do not depend on the world size
         g = {k: gather_rows(v, rank, world, pv, side) for k, v, pv, side in [
@@ -750,15 +764,16 @@ def rl(a: Args, out: Path, rank: int, world: int, device):
             ("r_mask", rf, 0.0, "right"), ("old_logp", old_logp, 0.0, "right"), ("kl", kl * rf, 0.0, "right"),
             ("old_values", old_values * rf, 0.0, "right"), ("entropy", o.entropy * rf, 0.0, "right")]}
         g["score"] = gather_rows(score[:, None], rank, world, 0.0)[:, 0]
+        g["no_eos"] = gather_rows(no_eos[:, None].float(), rank, world, 0.0)[:, 0]
         m_ = g["r_mask"]
-        rewards = kl_rewards(g["kl"], g["score"], m_, a.beta)
+        score_pen = penalise_missing_eos(g["score"], g["r_ids"], m_, eos_id, a.missing_eos_penalty)
+        rewards = kl_rewards(g["kl"], score_pen, m_, a.beta)
         adv, returns = gae(rewards, g["old_values"], m_, a.gamma, a.lam)
         adv, adv_scale = masked_whiten(adv, m_)
         ids_all, mask_all = torch.cat([g["p_ids"], g["r_ids"]], 1), torch.cat([g["p_mask"], m_.long()], 1)
         Rg, B = m_.shape[1], m_.shape[0]
         # ---- PPO epochs over minibatches; the value model trains alone during warm-up
         update_policy = step >= a.value_warmup_steps
-        policy.train(), value.train()
         stats = {"loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0, "n_tok": 0.0, "skipped_nonfinite": 0}
         for ep in range(a.ppo_epochs):
             perm = torch.randperm(B, generator=torch.Generator().manual_seed(a.seed * 100003 + step * 101 + ep)).tolist()
@@ -801,7 +816,8 @@ def rl(a: Args, out: Path, rank: int, world: int, device):
         sch_v.step()
         seq_kl = g["kl"].sum(1)
         m = {"step": step + 1, "reward_mean": g["score"].mean().item(), "reward_std": g["score"].std(unbiased=False).item(),
-             "kl": seq_kl.mean().item(), "reward_total": (g["score"] - a.beta * seq_kl).mean().item(),
+             "kl": seq_kl.mean().item(), "reward_total": (score_pen - a.beta * seq_kl).mean().item(),
+             "no_eos_frac": g["no_eos"].mean().item(),
              "entropy": (g["entropy"].sum() / m_.sum()).item(), "response_len": m_.sum(1).mean().item(),
              "loss": stats["loss"] / stats["n_tok"] if update_policy else 0.0, "value_loss": stats["value_loss"] / stats["n_tok"],
              "clipfrac": stats["clipfrac"] / stats["n_tok"] if update_policy else 0.0, "policy_updated": int(update_policy),

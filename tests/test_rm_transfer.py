@@ -403,15 +403,33 @@ def test_two_process_gloo_matches_one_process(tmp_path, tiny_lm_dir, cpu_only):
         assert a["kl"] == pytest.approx(b["kl"], abs=1e-4)
 
 
-def test_ppo_ratio_is_one_when_the_policy_does_not_move(tmp_path, tiny_lm_dir):
-    """lr = 0: the log-probs recomputed in the PPO minibatches (global padding, train mode) must equal
-    the rollout's, so no token is clipped and the whitened-advantage loss is 0."""
-    data, rm = tiny_rm_from_lm(tmp_path, tiny_lm_dir)
-    rt.main(["rl", "--model", str(tiny_lm_dir), "--reward-model", str(rm), "--prompts", str(data), "--steps", "2",
+@pytest.mark.parametrize("estimator", ["full", "k1"])
+def test_ppo_ratio_is_one_when_the_policy_does_not_move_even_with_dropout_in_the_config(tmp_path, tiny_tokenizer, estimator):
+    """The backbone's config asks for attention dropout 0.5 and the learning rate is negligible: the
+    log-probs recomputed in the PPO minibatches (global padding) must equal the rollout's, so dropout
+    must be off in `rl`; then no token is clipped and the whitened-advantage loss plus the KL term (KL = 0
+    as policy = reference) is 0."""
+    from conftest import make_tiny_llama
+    lm = tmp_path / "lm-dropout"
+    make_tiny_llama(len(tiny_tokenizer), attention_dropout=0.5).save_pretrained(lm)
+    tiny_tokenizer.save_pretrained(lm)
+    data, rm = tiny_rm_from_lm(tmp_path, lm)
+    rt.main(["rl", "--model", str(lm), "--reward-model", str(rm), "--prompts", str(data), "--steps", "2",
              "--rollout-batch-size", "8", "--minibatch-size", "4", "--ppo-epochs", "2", "--max-new-tokens", "8",
-             "--lr", "0", "--value-warmup-steps", "0", "--output-dir", str(tmp_path / "rl")])
+             "--lr", "1e-12", "--value-warmup-steps", "0", "--kl-estimator", estimator, "--output-dir", str(tmp_path / "rl")])
     for m in metrics(tmp_path / "rl"):
         assert m["clipfrac"] == 0 and abs(m["loss"]) < 1e-5, m
+
+
+def test_missing_eos_penalty_is_subtracted_only_from_responses_without_eos():
+    eos = 2
+    r_ids = torch.tensor([[5, 6, 2, 2], [5, 6, 7, 8], [2, 0, 0, 0], [5, 6, 7, 2]])  # pad = eos in row 1
+    r_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 1]])
+    score = torch.tensor([1.0, 1.0, -0.5, 0.25])
+    assert rt.penalise_missing_eos(score, r_ids, r_mask, eos, 2.0).tolist() == [1.0, -1.0, -0.5, 0.25]
+    assert torch.equal(rt.penalise_missing_eos(score, r_ids, r_mask, eos, None), score)
+    cut = torch.tensor([[5, 6, 7, 2]])  # an eos outside the mask (padding) does not count
+    assert rt.penalise_missing_eos(torch.tensor([0.0]), cut, torch.tensor([[1, 1, 1, 0]]), eos, 1.5).item() == -1.5
 
 
 def test_rl_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path, tiny_lm_dir):
