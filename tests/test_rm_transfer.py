@@ -53,63 +53,53 @@ def test_pair_accuracy_counts_ties_as_half():
     assert rt.pair_accuracy(better, worse) == pytest.approx((1 + 0.5 + 0 + 1) / 4)
 
 
-# A = the response with the smaller crc32 of its utf-8 text. crc32 values used below:
-# a 3904355907, b 1908338681, c 112844655, d 2564639436, e 4024072794, f 1993550816, m 3775001192,
-# n 2013832146, p 2181537457, q 4110462503, w 476252946, x 2363233923, y 4225443349, z 1657960367,
-# aa 126491095, yyy 1933935082, aaaa 2912478533, bbbb 256898699, yyyy 3145165042, bbbbbb 956760648,
-# aaaaaaa 1535844468
-def test_majority_baseline_predicts_the_more_frequent_side_of_training_pairs():
-    train = [("a", "b"),  # A=b, worse
-             ("c", "d"),  # A=c, better
-             ("f", "e")]  # A=f, better  -> A better in 2 of 3: predict "A wins"
-    assert rt.fit_majority(train) is True
-    val = [("x", "y"),   # A=x better
-           ("z", "w"),   # A=w worse
-           ("m", "n"),   # A=n worse
-           ("q", "p")]   # A=p worse
-    assert rt.majority_accuracy(val, True) == 0.25
-    other = [("b", "a"), ("d", "c"), ("a", "b")]  # A=b better, A=c worse, A=b worse -> predict "B wins"
-    assert rt.fit_majority(other) is False
-    assert rt.majority_accuracy(other, False) == pytest.approx(2 / 3)
+def test_pointwise_accuracy_classifies_each_response_alone_at_sigmoid_one_half():
+    r = torch.tensor([0.3, -0.2, 0.0, 2.0, -3.0])
+    labels = torch.tensor([1, 0, 0, 0, 1])  # r > 0 predicts good: 1, 0, 0, 1, 0 -> right on the first three
+    assert rt.classification_accuracy(r, labels) == pytest.approx(3 / 5)
 
 
-def test_length_baseline_fits_shorter_preference_and_threshold_by_hand():
-    # (better, worse); the shorter response is better in every pair. d = len(A) - len(B)
-    train = [("aa", "bbbbbb"),   # A=aa better,      d = -4
-             ("a", "bbbb"),      # A=bbbb worse,     d = 3
-             ("yyy", "aaaa"),    # A=yyy better,     d = -1
-             ("m", "aaaaaaa")]   # A=aaaaaaa worse,  d = 6
-    # s=+1 reaches 2/4 at best. s=-1: s*d = 4, 1 (A better) vs -3, -6 (A worse): any t in [-3, 1) is perfect;
-    # candidates -7, -4.5, -1, 2.5, 4 -> the smallest |t| among the perfect ones is -1
-    assert rt.fit_length_rule(train) == (-1, -1.0)
-    assert rt.length_accuracy(train, -1, -1.0) == 1.0
-    val = [("x", "yyyy"),   # A=x better,   d = -3
-           ("yyy", "x"),    # A=yyy better, d = 2
-           ("aaaa", "b")]   # A=b worse,    d = -3
-    assert rt.length_accuracy(val, -1, 0.0) == pytest.approx(1 / 3)  # predicts A for rows 1, 3: right on row 1
-    assert rt.length_accuracy(val, 1, 0.0) == pytest.approx(2 / 3)   # predicts A for row 2: right on rows 2, 3
-    assert rt.length_accuracy(val, 1, 5.0) == pytest.approx(1 / 3)   # never A: right on row 3
+def test_pointwise_majority_baseline_is_the_majority_label_of_the_training_split():
+    assert rt.fit_majority_label([1, 0, 1, 1, 0]) == 1
+    assert rt.fit_majority_label([0, 0, 1]) == 0
+    assert rt.fit_majority_label([0, 1]) == 1  # a tie goes to "good"
 
 
-def test_length_rule_can_predict_never_a():
-    only_b = [("a", "b"), ("d", "c"), ("a", "bbbb")]  # A = b, c, bbbb: worse in every pair
-    s, t = rt.fit_length_rule(only_b)
-    assert rt.length_accuracy(only_b, s, t) == 1.0
+def test_pointwise_length_baseline_fits_direction_and_threshold_by_hand():
+    # shorter is good in training: s = +1 reaches 2/4 at best (always or never good); s = -1 with
+    # -len > t for t in (-10, -5) is perfect; candidates -13, -11, -7.5, -4, -3 -> the first perfect is -7.5
+    lengths, labels = [3, 5, 10, 12], [1, 1, 0, 0]
+    assert rt.fit_length_threshold(lengths, labels) == (-1, -7.5)  # good iff len < 7.5
+    assert rt.length_threshold_accuracy(lengths, labels, -1, -7.5) == 1.0
+    # validation: len 4, 8, 7, 20 with labels 1, 1, 1, 0; "len < 7.5" predicts 1, 0, 1, 0 -> 3 of 4
+    assert rt.length_threshold_accuracy([4, 8, 7, 20], [1, 1, 1, 0], -1, -7.5) == 0.75
+    # longer is good: 5, 6 bad; 9, 9, 11 good -> s = +1, midpoint t = 7.5
+    assert rt.fit_length_threshold([9, 5, 11, 6, 9], [1, 0, 1, 0, 1]) == (1, 7.5)
 
 
-def test_length_rule_search_matches_brute_force():
+def test_pointwise_length_threshold_matches_brute_force_search():
     rng = random.Random(3)
-    words = ["a" * k for k in range(1, 12)] + ["b" * k for k in range(1, 12)]
-    train = [tuple(rng.sample(words, 2)) for _ in range(40)]
-    s, t = rt.fit_length_rule(train)
-    best = max(rt.length_accuracy(train, ss, tt) for ss in (1, -1) for tt in [x / 2 for x in range(-30, 30)])
-    assert rt.length_accuracy(train, s, t) == pytest.approx(best)
+    lengths = [rng.randint(1, 30) for _ in range(50)]
+    labels = [int(n > 12) if rng.random() < 0.7 else rng.randint(0, 1) for n in lengths]
+    s, t = rt.fit_length_threshold(lengths, labels)
+    naive = max(sum((d * n > x / 2) == bool(lab) for n, lab in zip(lengths, labels)) / 50
+                for d in (1, -1) for x in range(-80, 80))
+    assert rt.length_threshold_accuracy(lengths, labels, s, t) == pytest.approx(naive)
 
 
-def test_pointwise_rows_become_all_good_bad_pairs_per_prompt():
+def test_pairwise_length_baseline_is_always_longer_or_always_shorter():
+    # (len(chosen), len(rejected)); longer is right on rows 1, 4, shorter on row 2, row 3 ties (1/2 each)
+    train = [(5, 3), (2, 7), (4, 4), (9, 1)]
+    assert rt.longer_or_shorter_accuracy(train, 1) == pytest.approx(2.5 / 4)
+    assert rt.longer_or_shorter_accuracy(train, -1) == pytest.approx(1.5 / 4)
+    assert rt.fit_longer_or_shorter(train) == 1
+    assert rt.fit_longer_or_shorter([(1, 5), (2, 3), (8, 8)]) == -1
+    assert rt.fit_longer_or_shorter([(1, 5), (6, 3)]) == 1  # a tie goes to "longer"
+
+
+def test_pointwise_rows_become_all_good_bad_index_pairs_per_prompt():
     items = [("p", "g1", 1), ("p", "b1", 0), ("p", "g2", 1), ("q", "g", 1), ("r", "b", 0), ("r", "b2", 0)]
-    pairs = rt.ranking_pairs("pointwise", items)
-    assert sorted(pairs) == [("p", "g1", "b1"), ("p", "g2", "b1")]
+    assert sorted(rt.ranking_pairs(items)) == [(0, 1), (2, 1)]
 
 
 # ---------------------------------------------------------------- reward at the last real token
@@ -343,7 +333,11 @@ def test_rm_learns_letter_preference_then_ppo_raises_rm_score(tmp_path, tiny_lm_
     assert m[-1]["eval_acc/val"] >= 0.9, m[-1]
     table = rt.main(["eval-rm", "--reward-model", str(tmp_path / "rm" / "final"), "--eval-data", str(val),
                      "--train-data", str(train), "--output-dir", str(tmp_path / "ev")])
-    assert table["majority class"]["val"] <= 0.8 and table[next(iter(table))]["val"] >= 0.9
+    assert table[next(iter(table))]["val"] >= 0.9
+    assert table["majority label (train split)"]["val"] is None  # §6.1: no majority baseline for a pairwise task
+    lens = [(len(r["chosen"]), len(r["rejected"])) for r in map(json.loads, open(val))]
+    longer = sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in lens) / len(lens)
+    assert table["length (train split)"]["val"] in (pytest.approx(longer), pytest.approx(1 - longer))
     assert (tmp_path / "ev" / "accuracy.md").exists()
 
     rt.main(["rl", "--model", str(tiny_lm_dir), "--reward-model", str(tmp_path / "rm" / "final"),
@@ -355,6 +349,7 @@ def test_rm_learns_letter_preference_then_ppo_raises_rm_score(tmp_path, tiny_lm_
     last = sum(x["reward_mean"] for x in m[-3:]) / 3
     assert last > first + 0.5, [round(x["reward_mean"], 3) for x in m]
     assert m[0]["policy_updated"] == 0 and m[1]["policy_updated"] == 1
+    assert m[0]["loss"] is None and m[0]["clipfrac"] is None and m[0]["lr"] is None  # no policy step: null, not 0.0
     assert m[-1]["kl"] > 0
 
 
@@ -382,7 +377,7 @@ def tiny_rm_from_lm(tmp_path, tiny_lm_dir):
 def test_two_process_gloo_matches_one_process(tmp_path, tiny_lm_dir, cpu_only):
     data, rm = tiny_rm_from_lm(tmp_path, tiny_lm_dir)
     common_rm = ["train-rm", "--model", str(tiny_lm_dir), "--train-data", str(data), "--steps", "2", "--batch-size", "8",
-                 "--lr", "1e-3", "--warmup-steps", "1"]
+                 "--lr", "1e-3", "--warmup-steps", "1", "--dropout", "0"]  # dropout masks depend on the process count
     common_rl = ["rl", "--model", str(tiny_lm_dir), "--reward-model", str(rm), "--prompts", str(data), "--steps", "2",
                  "--rollout-batch-size", "4", "--minibatch-size", "2", "--ppo-epochs", "2", "--max-new-tokens", "5",
                  "--lr", "1e-3", "--value-warmup-steps", "1", "--warmup-steps", "1"]
@@ -473,5 +468,5 @@ def test_train_rm_resume_gives_the_same_metrics_and_weights(tmp_path, tiny_lm_di
 def test_row_without_field_gets_one_line_error_naming_file_row_and_fix(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
-    with pytest.raises(SystemExit, match=r'bad.jsonl row 2 has no field "rejected"; pass --rejected-field'):
-        rt.parse_prefs(rt.load_rows(str(bad), "train"), str(bad), rt.Args())
+    with pytest.raises(SystemExit, match=r'--train-data .*bad.jsonl line 2 has no field "rejected"; pass --rejected-field'):
+        rt.parse_prefs(rt.load_rows(str(bad), "train", "--train-data"), str(bad), "--train-data", rt.Args())
