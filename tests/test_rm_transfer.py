@@ -470,3 +470,185 @@ def test_row_without_field_gets_one_line_error_naming_file_row_and_fix(tmp_path)
     bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
     with pytest.raises(SystemExit, match=r'--train-data .*bad.jsonl line 2 has no field "rejected"; pass --rejected-field'):
         rt.parse_prefs(rt.load_rows(str(bad), "train", "--train-data"), str(bad), "--train-data", rt.Args())
+
+
+# ---------------------------------------------------------------- App. B: dropout and checkpoint selection
+def test_dropout_flag_sets_every_dropout_field_of_the_config():
+    from transformers import BertConfig, GPT2Config, LlamaConfig
+
+    cfg = LlamaConfig()
+    assert rt.set_dropout(cfg, 0.1) == ["attention_dropout"] and cfg.attention_dropout == 0.1
+    cfg = GPT2Config()
+    assert set(rt.set_dropout(cfg, 0.1)) >= {"attn_pdrop", "embd_pdrop", "resid_pdrop"}
+    assert cfg.attn_pdrop == cfg.embd_pdrop == cfg.resid_pdrop == 0.1
+    cfg = BertConfig()
+    assert {"hidden_dropout_prob", "attention_probs_dropout_prob"} <= set(rt.set_dropout(cfg, 0.2))
+    assert cfg.hidden_dropout_prob == 0.2
+
+
+def test_final_rm_is_the_step_with_the_lowest_validation_loss(tmp_path, tiny_lm_dir):
+    """Training prefers letters n-z, validation a-m: the validation loss rises as the RM learns, so the
+    lowest one is at the first evaluation and final/ must hold that step's weights, not the last."""
+    train = letter_pref_data(tmp_path, 32, 7, "train")
+    flipped = tmp_path / "flipped.jsonl"
+    flipped.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": r["rejected"], "rejected": r["chosen"]}) + "\n"
+                               for r in map(json.loads, open(train))))
+    val = letter_pref_data(tmp_path, 16, 8, "val")
+    rt.main(["train-rm", "--model", str(tiny_lm_dir), "--train-data", str(flipped), "--eval-data", str(val),
+             "--steps", "5", "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "1", "--eval-every", "1",
+             "--save-every", "1", "--output-dir", str(tmp_path / "rm")])
+    m = metrics(tmp_path / "rm")
+    losses = [x["eval_loss/val"] for x in m]
+    best = 1 + min(range(5), key=losses.__getitem__)
+    assert best < 5 and losses[-1] > losses[best - 1], losses
+    assert m[-1]["best_step"] == best
+    w_final = load_file(tmp_path / "rm" / "final" / "model.safetensors")
+    w_best = load_file(tmp_path / "rm" / f"checkpoint-{best}" / "model.safetensors")
+    assert all(torch.equal(w_final[k], w_best[k]) for k in w_best)
+    cfg = json.loads((tmp_path / "rm" / "final" / "config.json").read_text())
+    assert cfg["rm_transfer"]["step"] == best and cfg["attention_dropout"] == 0.1  # App. B dropout by default
+    assert not (tmp_path / "rm" / "best").exists()
+
+
+# ---------------------------------------------------------------- bad input (issue 10)
+BAD_ARGS = [
+    (["train-rm", "--steps", "-2"], "--steps must be >= 0"),
+    (["rl", "--steps", "-1"], "--steps must be >= 0"),
+    (["train-rm", "--batch-size", "0"], "--batch-size must be > 0"),
+    (["rl", "--minibatch-size", "0"], "--minibatch-size must be > 0"),
+    (["rl", "--rollout-batch-size", "0"], "--rollout-batch-size must be > 0"),
+    (["rl", "--ppo-epochs", "0"], "--ppo-epochs must be > 0"),
+    (["rl", "--max-new-tokens", "0"], "--max-new-tokens must be > 0"),
+    (["eval-rm", "--eval-batch-size", "0"], "--eval-batch-size must be > 0"),
+    (["train-rm", "--epochs", "0"], "--epochs must be > 0"),
+    (["train-rm", "--save-every", "-1"], "--save-every must be >= 0"),
+    (["rl", "--temperature", "0"], "--temperature must be > 0"),
+    (["rl", "--temperature", "-0.5"], "--temperature must be > 0"),
+    (["rl", "--top-p", "0"], "--top-p must be in"),
+    (["rl", "--lr", "0"], "--lr must be > 0"),
+    (["rl", "--beta", "-0.1"], "--beta must be >= 0"),
+    (["train-rm", "--dropout", "1"], "--dropout must be in"),
+    (["rl", "--missing-eos-penalty", "-1"], "--missing-eos-penalty must be > 0"),
+    (["rl", "--gamma", "1.5"], "--gamma must be in"),
+]
+
+
+@pytest.mark.parametrize("argv,msg", BAD_ARGS, ids=[" ".join(a) for a, _ in BAD_ARGS])
+def test_bad_flag_values_stop_with_one_line_before_anything_is_written(tmp_path, argv, msg):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=msg) as e:
+        rt.main(argv + ["--output-dir", str(out)])
+    assert "\n" not in str(e.value.code)
+    assert not out.exists()
+
+
+def test_defaults_pass_validation():
+    rt.Args()
+
+
+def write(path, text: str | bytes):
+    (path.write_bytes if isinstance(text, bytes) else path.write_text)(text)
+    return str(path)
+
+
+ROW = '{"prompt": "p", "chosen": "good", "rejected": "bad"}'
+
+
+@pytest.mark.parametrize("name,content,msg", [
+    ("x.jsonl", ROW + '\n{"prompt": "p", "chosen": null, "rejected": "bad"}\n', r'x.jsonl line 2: "chosen" is null, not text'),
+    ("x.jsonl", ROW + '\n{"prompt": "p", "chosen": "a", "rejected": 5}\n', r'x.jsonl line 2: "rejected" is 5, not text'),
+    ("x.jsonl", ROW + '\n\n{"prompt": null, "chosen": "a", "rejected": "b"}\n', r'x.jsonl line 3: "prompt" is null'),
+    ("x.jsonl", (ROW + "\n").encode() + b'{"prompt": "\xe6", "chosen": "a", "rejected": "b"}\n', r"x.jsonl line 2 is not UTF-8"),
+    ("x.jsonl", '[1, 2]\n' + ROW + "\n", r"x.jsonl line 1 is a JSON list, not an object; write one JSON object per line"),
+    ("x.jsonl", ROW + '\n"text"\n', r"x.jsonl line 2 is a JSON string, not an object"),
+    ("x.json", "[" + ROW + ", 7]", r"x.json row 2 is a JSON number, not an object"),
+    ("x.jsonl", '{"prompt": "p", "chosen": " ", "rejected": "b"}\n{"prompt": "p", "chosen": "a", "rejected": "a"}\n',
+     r"every row was skipped \(1 with an empty response, 1 with chosen == rejected\)"),
+    ("x.jsonl", "\n\n", r"x.jsonl is empty"),
+])
+def test_bad_preference_files_stop_with_one_line_naming_file_and_line(tmp_path, name, content, msg):
+    path = write(tmp_path / name, content)
+    with pytest.raises(SystemExit, match=msg) as e:
+        rt.parse_prefs(rt.load_rows(path, "train", "--train-data"), path, "--train-data", rt.Args())
+    assert "\n" not in str(e.value.code) and "--train-data" in str(e.value.code)
+
+
+def test_empty_and_identical_pairs_are_skipped_and_counted(tmp_path):
+    path = write(tmp_path / "x.jsonl", "\n".join([
+        ROW, '{"prompt": "p", "chosen": "", "rejected": "bad"}', '{"prompt": "p", "chosen": "same", "rejected": "same"}',
+        '{"prompt": "p", "chosen": [{"role": "assistant", "content": "chat"}], "rejected": "  \\n"}',
+        '{"prompt": "", "chosen": "ok", "rejected": "no"}']) + "\n")
+    kind, items, skipped = rt.parse_prefs(rt.load_rows(path, "train", "--train-data"), path, "--train-data", rt.Args())
+    assert kind == "pairwise" and items == [("p", "good", "bad"), ("", "ok", "no")]
+    assert skipped == {"empty": 2, "identical": 1}
+
+
+def test_json_array_file_and_blank_first_line_are_read_like_jsonl(tmp_path):
+    arr = write(tmp_path / "a.json", json.dumps([json.loads(ROW), {"prompt": "q", "chosen": "x", "rejected": "y"}], indent=2))
+    rows = rt.load_rows(arr, "train", "--eval-data")
+    assert [w for w, _ in rows] == ["row 1", "row 2"] and rows[1][1]["prompt"] == "q"
+    lines = write(tmp_path / "b.json", "\n" + ROW + "\n")  # a .json file of JSON lines
+    assert rt.load_rows(lines, "train", "--eval-data")[0][0] == "line 2"
+    blank_first = write(tmp_path / "nb_val.jsonl", '\n  \n{"prompt": "p", "chosen": "a", "rejected": "b", "lang": "nb"}\n')
+    assert rt.lang_of(blank_first, rt.load_rows(blank_first, "train", "--eval-data")) == "nb"
+
+
+def test_train_rm_with_blank_first_line_in_eval_data_names_its_language(tmp_path, tiny_lm_dir):
+    val = tmp_path / "v.jsonl"
+    val.write_text("\n" + "".join(json.dumps({**json.loads(x), "lang": "nb"}) + "\n"
+                                  for x in open(letter_pref_data(tmp_path, 8, 9, "val0"))))
+    rt.main(["train-rm", "--model", str(tiny_lm_dir), "--train-data", str(letter_pref_data(tmp_path, 8, 10, "t")),
+             "--eval-data", str(val), "--steps", "1", "--batch-size", "8", "--output-dir", str(tmp_path / "rm")])
+    assert "eval_acc/nb" in metrics(tmp_path / "rm")[-1] and (tmp_path / "rm" / "final" / "config.json").exists()
+
+
+@pytest.mark.parametrize("kind", ["missing-data", "missing-data-no-ext", "model-folder-without-config", "missing-model",
+                                  "missing-model-under-existing-dir"])
+def test_missing_paths_stop_with_one_line_before_any_model_loads(tmp_path, tiny_lm_dir, monkeypatch, kind):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "empty").mkdir()
+    good = letter_pref_data(tmp_path / "data", 4, 0, "ok")
+    model, data = str(tiny_lm_dir), str(good)
+    msg = {"missing-data": r"--train-data data/nope.jsonl: no such file; check the path",
+           "missing-data-no-ext": r"--train-data data/nope: no such file; check the path",
+           "model-folder-without-config": r"--model empty is a folder without a model \(no config.json\)",
+           "missing-model": r"--model ./nope does not exist",
+           "missing-model-under-existing-dir": r"--model runs/rm/final does not exist"}[kind]
+    data = {"missing-data": "data/nope.jsonl", "missing-data-no-ext": "data/nope"}.get(kind, data)
+    model = {"model-folder-without-config": "empty", "missing-model": "./nope",
+             "missing-model-under-existing-dir": "runs/rm/final"}.get(kind, model)
+    monkeypatch.setattr(rt, "AutoTokenizer", None)  # nothing may load: reaching a model load is a failure too
+    with pytest.raises(SystemExit, match=msg) as e:
+        rt.main(["train-rm", "--model", model, "--train-data", data, "--output-dir", str(tmp_path / "o")])
+    assert "\n" not in str(e.value.code)
+
+
+def test_hub_name_that_cannot_be_loaded_offline_gets_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit, match=r"--prompts no-such-org-xyz/no-such-set: no such file, and the hub has no data set"):
+        rt.load_rows("no-such-org-xyz/no-such-set", "train", "--prompts")
+
+
+def test_eval_skips_and_counts_items_longer_than_max_length(tiny_rm_dir, tiny_tokenizer):
+    scorer = rt.load_scorer(str(tiny_rm_dir), tiny_tokenizer, torch.device("cpu")).eval()
+    items = [("p", "short good", "bad"), ("p", "x" * 3000, "bad"), ("q", "fine", "meh")]
+    a = rt.Args(max_length=64)
+    res = rt.evaluate(scorer, tiny_tokenizer, "pairwise", items, torch.device("cpu"), a)
+    assert res["skipped_long"] == 1 and res["n"] == 2
+    alone = rt.evaluate(scorer, tiny_tokenizer, "pairwise", [items[0], items[2]], torch.device("cpu"), a)
+    assert res["acc"] == alone["acc"] and res["loss"] == pytest.approx(alone["loss"])
+    none = rt.evaluate(scorer, tiny_tokenizer, "pointwise", [("p", "x" * 3000, 1)], torch.device("cpu"), a)
+    assert none["acc"] is None and none["loss"] is None and none["skipped_long"] == 1
+
+
+def test_every_prompt_too_long_names_the_limits_to_change(tmp_path, tiny_lm_dir):
+    data = letter_pref_data(tmp_path, 4, 0, "d")
+    with pytest.raises(SystemExit, match=r"raise --max-length .* or lower --max-new-tokens"):
+        rt.main(["rl", "--model", str(tiny_lm_dir), "--reward-model", str(tiny_lm_dir), "--prompts", str(data),
+                 "--max-length", "12", "--max-new-tokens", "8", "--output-dir", str(tmp_path / "o")])
+
+
+def test_logged_json_holds_null_never_nan():
+    assert rt.dumps({"a": float("nan"), "b": [1.5, float("inf")], "c": None, "d": 2}) == '{"a": null, "b": [1.5, null], "c": null, "d": 2}'
