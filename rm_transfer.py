@@ -7,13 +7,15 @@ Method. A reward model (RM) is trained on preference data in a source language (
 and then used, unchanged, to align a policy in a target language that has no preference data.
 Three stages, one per sub-command:
   train-rm  the backbone with a scalar head (AutoModelForSequenceClassification, num_labels=1),
-            trained with the Bradley-Terry loss on chosen/rejected pairs or with binary
-            cross-entropy on pointwise good/bad labels; constant LR after linear warm-up (§4).
+            trained with the Bradley-Terry loss on chosen/rejected pairs or with binary cross-entropy
+            on pointwise good/bad labels; constant LR after linear warm-up, dropout 0.1 (App. B); final/
+            is the step with the lowest validation loss (App. B's checkpoint selection).
   eval-rm   accuracy of one or more RMs on validation sets of several languages (a source x target
-            matrix), beside a majority-class and a length baseline fitted on each training split.
-  rl        PPO on target-language prompts with the source-language RM and a KL penalty to the
-            SFT policy inside the reward (beta = 0.1, §4); the value model starts as a copy of the RM
-            and is warmed up before the policy moves.
+            matrix) beside the §6.1 baselines fitted on each training split: pointwise, the majority
+            label and a length threshold; pairwise, always the longer (or shorter) response.
+  rl        PPO on target-language prompts with the source-language RM and a KL penalty to the SFT
+            policy (beta = 0.1, App. B); the value model starts as a copy of the RM and is warmed up
+            before the policy moves; dropout is off in every model, --missing-eos-penalty optional.
 
 Equations (numbering ours). r(x, y) = the RM head read at the last non-padding token of x ++ y.
   (1) L_BT  = -log sigma(r(x, y_w) - r(x, y_l))                          pairwise (Bradley-Terry)
@@ -129,23 +131,20 @@ class Args:
 
     def __post_init__(self):
         """Bad values stop here with one line, before any file or model is read (HfArgumentParser calls this)."""
-        for name, choices in (("stage", STAGES), ("loss", ("auto", "pairwise", "pointwise")), ("kl_estimator", ("full", "k1")),
-                              ("report_to", ("none", "tensorboard", "wandb"))):
-            if getattr(self, name) not in choices:
-                raise SystemExit(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
-        checks = [(n, v > 0, "> 0") for n, v in (("epochs", self.epochs), ("batch_size", self.batch_size),
-                  ("eval_batch_size", self.eval_batch_size), ("rollout_batch_size", self.rollout_batch_size),
-                  ("minibatch_size", self.minibatch_size), ("ppo_epochs", self.ppo_epochs), ("max_new_tokens", self.max_new_tokens),
-                  ("max_length", self.max_length), ("lr", self.lr), ("clip_eps", self.clip_eps), ("value_clip", self.value_clip),
-                  ("max_grad_norm", self.max_grad_norm), ("temperature", self.temperature))]
-        checks += [(n, getattr(self, n) >= 0, ">= 0") for n in ("steps", "warmup_steps", "eval_every", "value_warmup_steps",
-                                                               "save_every", "sample_every", "beta", "weight_decay")]
-        checks += [("top_p", 0 < self.top_p <= 1, "in (0, 1]"), ("gamma", 0 <= self.gamma <= 1, "in [0, 1]"),
-                   ("lam", 0 <= self.lam <= 1, "in [0, 1]"), ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
-                   ("missing_eos_penalty", self.missing_eos_penalty is None or self.missing_eos_penalty > 0, "> 0 (or unset)")]
-        for name, ok, want in checks:
-            if not ok:
-                raise SystemExit(f"--{name.replace('_', '-')} must be {want}, got {getattr(self, name)}")
+        rules = [(n, "> 0", lambda v: v > 0) for n in ("epochs", "batch_size", "eval_batch_size", "rollout_batch_size",
+                 "minibatch_size", "ppo_epochs", "max_new_tokens", "max_length", "lr", "clip_eps", "value_clip",
+                 "max_grad_norm", "temperature")]
+        rules += [(n, ">= 0", lambda v: v >= 0) for n in ("steps", "warmup_steps", "eval_every", "value_warmup_steps",
+                  "save_every", "sample_every", "beta", "weight_decay")]
+        rules += [("top_p", "in (0, 1]", lambda v: 0 < v <= 1), ("gamma", "in [0, 1]", lambda v: 0 <= v <= 1),
+                  ("lam", "in [0, 1]", lambda v: 0 <= v <= 1), ("dropout", "in [0, 1)", lambda v: 0 <= v < 1),
+                  ("missing_eos_penalty", "> 0 (or unset)", lambda v: v is None or v > 0)]
+        rules += [(n, f"one of {', '.join(c)}", lambda v, c=c: v in c) for n, c in (("stage", STAGES),
+                  ("loss", ("auto", "pairwise", "pointwise")), ("kl_estimator", ("full", "k1")),
+                  ("report_to", ("none", "tensorboard", "wandb")))]
+        for name, want, ok in rules:
+            if not ok(getattr(self, name)):
+                raise SystemExit(f"--{name.replace('_', '-')} must be {want}, got {getattr(self, name)!r}")
 
 
 # ---------------------------------------------------------------- math (tests import these)
@@ -684,7 +683,7 @@ def train_rm(a: Args, out: Path, rank: int, world: int, device):
     tok = load_tokenizer(a.model, "--model")
     enc, _, skipped_long = encode_items(kind, items, tok, a.max_length)
     if not enc:
-        shortest = min(len(sequence_ids(tok, it[0], it[1])) for it in items)
+        shortest = min(max(len(sequence_ids(tok, it[0], r)) for r in (it[1:] if kind == "pairwise" else it[1:2])) for it in items)
         raise SystemExit(f"every training example is longer than --max-length {a.max_length} (the shortest has "
                          f"{shortest} tokens); raise --max-length")
     if a.batch_size % world or len(enc) < a.batch_size:
@@ -833,6 +832,7 @@ def eval_rm(a: Args, out: Path, rank: int, world: int, device):
         lines += [f"| {name} | " + " | ".join(cell(row.get(c)) for c in cols) + " |" for name, row in table.items()]
         md = "\n".join(lines) + "\n\nItems per eval set: " + ", ".join(f"{n}={len(it)}" for n, _, it, _ in sets) + "\n"
         md += "".join(f"Baseline rule, {n}: {r}\n" for n, r in rules.items())
+        md += "".join(f"Skipped rows, {n}: {sk}\n" for n, _, _, sk in sets if sum(sk.values()))
         if any(v for row in skipped_long.values() for v in row.values()):
             md += f"Skipped as longer than --max-length {a.max_length}: {json.dumps(skipped_long)}\n"
         print(md)
@@ -886,7 +886,8 @@ def rl(a: Args, out: Path, rank: int, world: int, device):
     if a.rollout_batch_size % world or a.minibatch_size % world or a.rollout_batch_size % a.minibatch_size:
         raise SystemExit(f"--rollout-batch-size {a.rollout_batch_size} and --minibatch-size {a.minibatch_size} must be "
                          f"multiples of the {world} processes, and the first a multiple of the second")
-    check_model_path(a.model, "--model"), check_model_path(a.reward_model[0], "--reward-model")
+    check_model_path(a.model, "--model")
+    check_model_path(a.reward_model[0], "--reward-model")
     rows = load_rows(a.prompts, a.dataset_split, "--prompts")
     for where, r in rows:
         if a.prompt_field not in r:
@@ -956,7 +957,6 @@ def rl(a: Args, out: Path, rank: int, world: int, device):
             del lg, ref_lg
             old_values = value(ids, mask)[:, -R - 1:-1]  # V(s_t) is read where token t is predicted
             score = read_last(rm(ids, mask), mask)
-        no_eos = ~((r_ids == eos_id) & r_mask.bool()).any(1)
         rf = r_mask.float()
         # ---- everyone gets the global rollout, so minibatches do not depend on the world size
         g = {k: gather_rows(v, rank, world, pv, side) for k, v, pv, side in [
@@ -964,7 +964,6 @@ def rl(a: Args, out: Path, rank: int, world: int, device):
             ("r_mask", rf, 0.0, "right"), ("old_logp", old_logp, 0.0, "right"), ("kl", kl * rf, 0.0, "right"),
             ("old_values", old_values * rf, 0.0, "right"), ("entropy", o.entropy * rf, 0.0, "right")]}
         g["score"] = gather_rows(score[:, None], rank, world, 0.0)[:, 0]
-        g["no_eos"] = gather_rows(no_eos[:, None].float(), rank, world, 0.0)[:, 0]
         m_ = g["r_mask"]
         score_pen = penalise_missing_eos(g["score"], g["r_ids"], m_, eos_id, a.missing_eos_penalty)
         rewards = kl_rewards(g["kl"], score_pen, m_, a.beta)
@@ -1017,7 +1016,7 @@ def rl(a: Args, out: Path, rank: int, world: int, device):
         seq_kl = g["kl"].sum(1)
         m = {"step": step + 1, "reward_mean": g["score"].mean().item(), "reward_std": g["score"].std(unbiased=False).item(),
              "kl": seq_kl.mean().item(), "reward_total": (score_pen - a.beta * seq_kl).mean().item(),
-             "no_eos_frac": g["no_eos"].mean().item(),
+             "no_eos_frac": (~((g["r_ids"] == eos_id) & m_.bool()).any(1)).float().mean().item(),
              "entropy": (g["entropy"].sum() / m_.sum()).item(), "response_len": m_.sum(1).mean().item(),
              "loss": stats["loss"] / stats["n_tok"] if update_policy else None, "value_loss": stats["value_loss"] / stats["n_tok"],
              "clipfrac": stats["clipfrac"] / stats["n_tok"] if update_policy else None, "policy_updated": int(update_policy),
