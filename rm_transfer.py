@@ -21,7 +21,8 @@ Equations (numbering ours). r(x, y) = the RM head read at the last non-padding t
   (1) L_BT  = -log sigma(r(x, y_w) - r(x, y_l))                          pairwise (Bradley-Terry)
   (2) L_BCE = -[l log sigma(r(x, y)) + (1 - l) log(1 - sigma(r(x, y)))]   pointwise, l in {0, 1}
   (3) R_t   = -beta KL_t + [t = T] r(x, y),  KL_t = sum_w pi(w|s_t) log(pi(w|s_t) / pi_SFT(w|s_t))
-            (--kl-estimator full, via kernels.fused_logprob_kl) or log pi(y_t|s_t) - log pi_SFT(y_t|s_t) (k1)
+            (--kl-estimator full, via kernels.fused_logprob_kl) or log pi(y_t|s_t) - log pi_SFT(y_t|s_t) (k1);
+            with --missing-eos-penalty p, r(x, y) - p for a response cut at --max-new-tokens without eos (TRL)
   (4) delta_t = R_t + gamma V(s_{t+1}) - V(s_t),  A_t = sum_k (gamma lambda)^k delta_{t+k},  G_t = A_t + V(s_t)
   (5) L_pi = sum_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps)),  rho_t = pi(y_t|s_t) / pi_old(y_t|s_t)
       with A whitened over the rollout's response tokens: A <- (A - mean) s, s = 1 / std
