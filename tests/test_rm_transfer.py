@@ -249,8 +249,9 @@ def test_expected_policy_gradient_equals_exact_gradient_of_kl_regularised_object
         kl_theta = o.kl if estimator == "full" and with_kl_term else None
         total = torch.zeros((), dtype=torch.float64)
         for i in range(B):
+            kl_term = (kl_theta[i:i + 1], beta) if kl_theta is not None else ()  # k1: the loss as it always was
             loss, clipped = rt.ppo_policy_loss(o.logp[i:i + 1], o.logp[i:i + 1].detach(), adv[i:i + 1], mask[i:i + 1],
-                                               0.2, kl_theta[i:i + 1] if kl_theta is not None else None, beta)
+                                               0.2, *kl_term)
             assert clipped.item() == 0
             total = total + prob[i].detach() * loss
         return torch.autograd.grad(total, theta)[0]
