@@ -489,7 +489,7 @@ def test_dropout_flag_sets_every_dropout_field_of_the_config():
 
 def test_final_rm_is_the_step_with_the_lowest_validation_loss(tmp_path, tiny_lm_dir):
     """Training prefers letters n-z, validation a-m: the validation loss rises as the RM learns, so the
-    lowest one is at the first evaluation and final/ must hold that step's weights, not the last."""
+    lowest one comes early and final/ must hold that step's weights, not the last step's."""
     train = letter_pref_data(tmp_path, 32, 7, "train")
     flipped = tmp_path / "flipped.jsonl"
     flipped.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": r["rejected"], "rejected": r["chosen"]}) + "\n"
