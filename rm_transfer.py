@@ -7,23 +7,44 @@ Method. A reward model (RM) is trained on preference data in a source language (
 and then used, unchanged, to align a policy in a target language that has no preference data.
 Three stages, one per sub-command:
   train-rm  the backbone with a scalar head (AutoModelForSequenceClassification, num_labels=1),
-            trained with the Bradley-Terry loss on chosen/rejected pairs or with binary
-            cross-entropy on pointwise good/bad labels; constant LR after linear warm-up (§4).
+            trained with the Bradley-Terry loss on chosen/rejected pairs or with binary cross-entropy
+            on pointwise good/bad labels; constant LR after linear warm-up, dropout 0.1 (App. B); final/
+            is the step with the lowest validation loss (App. B's checkpoint selection).
   eval-rm   accuracy of one or more RMs on validation sets of several languages (a source x target
-            matrix), beside a majority-class and a length baseline fitted on each training split.
-  rl        PPO on target-language prompts with the source-language RM and a KL penalty to the
-            SFT policy inside the reward (beta = 0.1, §4); the value model starts as a copy of the RM
-            and is warmed up before the policy moves.
+            matrix) beside the §6.1 baselines fitted on each training split: pointwise, the majority
+            label and a length threshold; pairwise, always the longer (or shorter) response.
+  rl        PPO on target-language prompts with the source-language RM and a KL penalty to the SFT
+            policy (beta = 0.1, App. B); the value model starts as a copy of the RM and is warmed up
+            before the policy moves; dropout is off in every model, --missing-eos-penalty optional.
 
 Equations (numbering ours). r(x, y) = the RM head read at the last non-padding token of x ++ y.
   (1) L_BT  = -log sigma(r(x, y_w) - r(x, y_l))                          pairwise (Bradley-Terry)
   (2) L_BCE = -[l log sigma(r(x, y)) + (1 - l) log(1 - sigma(r(x, y)))]   pointwise, l in {0, 1}
   (3) R_t   = -beta KL_t + [t = T] r(x, y),  KL_t = sum_w pi(w|s_t) log(pi(w|s_t) / pi_SFT(w|s_t))
-            (--kl-estimator full, via kernels.fused_logprob_kl) or log pi(y_t|s_t) - log pi_SFT(y_t|s_t) (k1)
+            (--kl-estimator full, via kernels.fused_logprob_kl) or log pi(y_t|s_t) - log pi_SFT(y_t|s_t) (k1);
+            with --missing-eos-penalty p, r(x, y) - p for a response cut at --max-new-tokens without eos (TRL)
   (4) delta_t = R_t + gamma V(s_{t+1}) - V(s_t),  A_t = sum_k (gamma lambda)^k delta_{t+k},  G_t = A_t + V(s_t)
-  (5) L_pi = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps)),  rho_t = pi(y_t|s_t) / pi_old(y_t|s_t)
-      with A whitened over the rollout's response tokens
-  (6) L_V  = mean_t 1/2 max((V_t - G_t)^2, (V_old,t + clip(V_t - V_old,t, -eps_v, eps_v) - G_t)^2)
+  (5) L_pi = sum_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps)),  rho_t = pi(y_t|s_t) / pi_old(y_t|s_t)
+      with A whitened over the rollout's response tokens: A <- (A - mean) s, s = 1 / std
+  (6) L_V  = sum_t 1/2 max((V_t - G_t)^2, (V_old,t + clip(V_t - V_old,t, -eps_v, eps_v) - G_t)^2)
+  (7) L_KL = beta s sum_t KL_t(theta)   (full only, differentiable; the policy's loss is (5) + (7))
+  (5)-(7) are summed over the response tokens of a minibatch and divided by its token count.
+
+Why (7). PPO maximises J = E_y[r(x, y)] - beta KL(pi(.|x) || pi_SFT(.|x)) (§2), and the sequence KL is
+E_y[sum_t KL_t(s_t)] (chain rule of the KL), where KL_t depends on theta twice: through the state s_t
+that the earlier tokens reach, and directly, at a fixed state. Differentiating,
+  grad J = E[sum_t grad log pi(y_t|s_t) (r - beta sum_{t'>t} KL_t')]   (a: the states later tokens visit)
+         - beta E[sum_t grad_theta KL_t(s_t)]                          (b: the direct part, s_t held fixed)
+full: KL_t in the reward (3) makes (5) give (a), and only (a): its own term t' = t adds nothing in
+  expectation, as KL_t is fixed given s_t (E[grad log pi(y_t|s_t) | s_t] = 0). (7) gives (b), and only
+  (b): its gradient is taken at the sampled states. So each part is counted once. Without (7) the
+  penalty does not regularise at all on a one-token response.
+k1: (5) alone gives all of grad J, since grad E[log pi(y)/pi_SFT(y)] = E[grad log pi(y) log(pi/pi_SFT)(y)]
+  + E[grad log pi(y)], and the last term is 0; so k1 adds no (7).
+At the first minibatch (rho = 1) with gamma = lambda = 1 and no whitening, E[-grad((5) + (7))] = grad J
+exactly (any V(s_t) is a baseline; lambda < 1 trades bias for variance through V). Whitening scales (5)
+by s, so (7) is scaled by the same s and the whole gradient is s grad J, beta keeping its meaning
+(tests/test_rm_transfer.py enumerates a 3-token chain to check both estimators).
 
 Run (CPU or GPU; `torchrun --nproc_per_node=N` works for every stage, plain `python` is 1 process):
   python rm_transfer.py train-rm --model $MODEL_DIR --train-data data/prefs_en_train.jsonl \
@@ -44,7 +65,6 @@ import random
 import shutil
 import sys
 import time
-import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -54,7 +74,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser
 
 from kernels import fused_logprob, fused_logprob_kl
 
@@ -82,13 +102,14 @@ class Args:
     max_length: int = field(default=512, metadata={"help": "longer prompt+response sequences are skipped and counted"})  # our choice: the toy data is < 100 tokens
     epochs: int = field(default=2, metadata={"help": "train-rm: passes over the data when --steps is 0 (the last partial batch of each is dropped)"})  # our choice: tiny data
     steps: int = field(default=0, metadata={"help": "optimizer steps (train-rm) or PPO iterations (rl); 0 = one value derived from the data (--epochs passes / one pass over the prompts)"})
-    batch_size: int = field(default=32, metadata={"help": "train-rm: global batch (pairs or labelled responses)"})  # paper §4: batch size 32
+    batch_size: int = field(default=32, metadata={"help": "train-rm: global batch (pairs or labelled responses)"})  # paper App. B: batch size 32
+    dropout: float = field(default=0.1, metadata={"help": "train-rm: dropout set on every dropout field of the backbone's config (Llama/Qwen2: attention_dropout)"})  # paper App. B: dropout 0.1
     eval_batch_size: int = field(default=32, metadata={"help": "sequences per forward pass when scoring"})
-    lr: float = field(default=1e-5, metadata={"help": "learning rate (RM, policy and value model), constant after warm-up"})  # our choice; paper §4: constant LR
-    warmup_steps: int = field(default=5, metadata={"help": "linear warm-up steps, then constant"})  # paper §4: linear warm-up; length our choice
+    lr: float = field(default=1e-5, metadata={"help": "learning rate (RM, policy and value model), constant after warm-up"})  # our choice (App. B: 1e-4 with Adafactor on mT5-XL); constant as App. B
+    warmup_steps: int = field(default=5, metadata={"help": "linear warm-up steps, then constant"})  # paper App. B: linear warm-up (1,000 steps there); length our choice
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})  # common PPO/RM setting
-    eval_every: int = field(default=0, metadata={"help": "train-rm: evaluate --eval-data every N steps (0 = at the end only)"})
+    eval_every: int = field(default=0, metadata={"help": "train-rm: evaluate --eval-data every N steps (0 = every epoch) and at the end; the lowest validation loss on the first --eval-data set of the training kind selects final/"})  # App. B: checkpoint selection on validation loss
     rollout_batch_size: int = field(default=16, metadata={"help": "rl: prompts per PPO iteration (global)"})  # our choice: CPU-sized
     minibatch_size: int = field(default=8, metadata={"help": "rl: sequences per PPO minibatch (global)"})  # our choice
     ppo_epochs: int = field(default=4, metadata={"help": "rl: passes over each rollout"})  # InstructGPT-style PPO
@@ -96,9 +117,10 @@ class Args:
     value_clip: float = field(default=0.2, metadata={"help": "rl: value clip around the rollout's values"})  # common PPO setting
     gamma: float = field(default=1.0, metadata={"help": "rl: discount"})  # RLHF convention: undiscounted episode
     lam: float = field(default=0.95, metadata={"help": "rl: GAE lambda"})  # common RLHF PPO setting
-    beta: float = field(default=0.1, metadata={"help": "rl: KL penalty in the reward"})  # paper §4: beta = 0.1
+    beta: float = field(default=0.1, metadata={"help": "rl: KL penalty in the reward"})  # paper App. B: beta = 0.1
+    missing_eos_penalty: float | None = field(default=None, metadata={"help": "rl: subtracted from the RM score of a response that hit --max-new-tokens without eos (TRL's convention; unset = off)"})  # not in the paper; off by default, as in TRL
     kl_estimator: str = field(default="full", metadata={"help": "full: exact per-token KL over the vocabulary; k1: log-ratio of the sampled token", "choices": ("full", "k1")})
-    value_warmup_steps: int = field(default=2, metadata={"help": "rl: PPO iterations that train only the value model"})  # paper §4 warms up the value model; count our choice
+    value_warmup_steps: int = field(default=2, metadata={"help": "rl: PPO iterations that train only the value model"})  # paper App. B: value model warmed up (policy trains after 2,000 of 3,000 steps); count our choice
     max_new_tokens: int = field(default=32, metadata={"help": "rl: response length cap"})  # our choice: CPU-sized
     temperature: float = field(default=1.0, metadata={"help": "rl: sampling temperature (log-probs and KL use the same T)"})
     top_p: float = field(default=1.0, metadata={"help": "rl: nucleus sampling; log-probs stay those of the full tempered softmax"})
@@ -107,6 +129,23 @@ class Args:
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
     sample_every: int = field(default=5, metadata={"help": "rl: write samples.jsonl every N iterations"})
     report_to: str = field(default="none", metadata={"help": "none | tensorboard | wandb", "choices": ("none", "tensorboard", "wandb")})
+
+    def __post_init__(self):
+        """Bad values stop here with one line, before any file or model is read (HfArgumentParser calls this)."""
+        rules = [(n, "> 0", lambda v: v > 0) for n in ("epochs", "batch_size", "eval_batch_size", "rollout_batch_size",
+                 "minibatch_size", "ppo_epochs", "max_new_tokens", "max_length", "lr", "clip_eps", "value_clip",
+                 "max_grad_norm", "temperature")]
+        rules += [(n, ">= 0", lambda v: v >= 0) for n in ("steps", "warmup_steps", "eval_every", "value_warmup_steps",
+                  "save_every", "sample_every", "beta", "weight_decay")]
+        rules += [("top_p", "in (0, 1]", lambda v: 0 < v <= 1), ("gamma", "in [0, 1]", lambda v: 0 <= v <= 1),
+                  ("lam", "in [0, 1]", lambda v: 0 <= v <= 1), ("dropout", "in [0, 1)", lambda v: 0 <= v < 1),
+                  ("missing_eos_penalty", "> 0 (or unset)", lambda v: v is None or v > 0)]
+        rules += [(n, f"one of {', '.join(c)}", lambda v, c=c: v in c) for n, c in (("stage", STAGES),
+                  ("loss", ("auto", "pairwise", "pointwise")), ("kl_estimator", ("full", "k1")),
+                  ("report_to", ("none", "tensorboard", "wandb")))]
+        for name, want, ok in rules:
+            if not ok(getattr(self, name)):
+                raise SystemExit(f"--{name.replace('_', '-')} must be {want}, got {getattr(self, name)!r}")
 
 
 # ---------------------------------------------------------------- math (tests import these)
@@ -141,49 +180,45 @@ def pair_accuracy(r_better: torch.Tensor, r_worse: torch.Tensor) -> float:
     return ((r_better > r_worse).double() + 0.5 * (r_better == r_worse).double()).mean().item()
 
 
-def orient(better: str, worse: str) -> tuple[str, str, bool]:
-    """Name the two responses of a pair A and B by a content-blind order, A = the one with the smaller
-    (crc32(utf-8 text), text), so that a constant rule ("A wins") is a real classifier whose expected
-    accuracy is 1/2. Returns (A, B, A_is_better)."""
-    key = lambda x: (zlib.crc32(x.encode("utf-8")), x)
-    return (better, worse, True) if key(better) < key(worse) else (worse, better, False)
+def classification_accuracy(r: torch.Tensor, labels: torch.Tensor) -> float:
+    """Pointwise accuracy as §6.1 measures it: each response is classified alone, "good" iff
+    sigma(r) > 1/2, i.e. r > 0 (the decision rule of the BCE-trained RM (2)). [N], [N] -> float"""
+    return ((r > 0).long() == labels.long()).double().mean().item()
 
 
-def fit_majority(pairs: list[tuple[str, str]]) -> bool:
-    """Majority-class baseline fitted on training (better, worse) pairs: predict "A wins" for every
-    pair iff A is the better response in at least half of the training pairs."""
-    a_wins = sum(orient(b, w)[2] for b, w in pairs)
-    return 2 * a_wins >= len(pairs)
+def fit_majority_label(labels: list[int]) -> int:
+    """§6.1 majority baseline (Table 18): the majority label of the training split (a tie -> 1, our choice)."""
+    return int(2 * sum(labels) >= len(labels))
 
 
-def majority_accuracy(pairs: list[tuple[str, str]], predict_a: bool) -> float:
-    return sum(orient(b, w)[2] == predict_a for b, w in pairs) / len(pairs)
-
-
-def fit_length_rule(pairs: list[tuple[str, str]]) -> tuple[int, float]:
-    """Length baseline fitted on training (better, worse) pairs. With d = len(A) - len(B) in
-    characters, the rule predicts "A wins" iff s * d > t. s = +1 prefers the longer response,
-    s = -1 the shorter; t is the threshold. Candidates: s in (+1, -1), t in {min(s d) - 1} (always A),
-    the midpoints between consecutive distinct training values of s d, and max(s d) (never A); the
-    rule with the highest
-    training accuracy wins, ties broken by s = +1 first, then the smallest |t|, then the smaller t."""
+def fit_length_threshold(lengths: list[int], labels: list[int]) -> tuple[int, float]:
+    """§6.1 pointwise length baseline: "good" iff s * length > t; s = +1 means longer than t is good, s = -1
+    shorter than -t. Direction and threshold maximise training accuracy over s in (+1, -1) and t in
+    {min(s len) - 1 (always good), midpoints of consecutive distinct s len, max(s len) (never good)};
+    ties go to s = +1, then to the smaller t."""
     best, best_acc = (1, 0.0), -1.0
     for s in (1, -1):
-        vals = sorted({s * (len(a) - len(b)) for a, b, _ in (orient(*p) for p in pairs)})
-        cands = [vals[0] - 1.0] + [(x + y) / 2 for x, y in zip(vals, vals[1:])] + [float(vals[-1])]
-        for t in sorted(cands, key=lambda c: (abs(c), c)):
-            acc = length_accuracy(pairs, s, t)
+        vals = sorted({s * n for n in lengths})
+        for t in [vals[0] - 1.0] + [(x + y) / 2 for x, y in zip(vals, vals[1:])] + [float(vals[-1])]:
+            acc = length_threshold_accuracy(lengths, labels, s, t)
             if acc > best_acc:
                 best, best_acc = (s, t), acc
     return best
 
 
-def length_accuracy(pairs: list[tuple[str, str]], s: int, t: float) -> float:
-    hits = 0
-    for b, w in pairs:
-        a, bb, a_better = orient(b, w)
-        hits += (s * (len(a) - len(bb)) > t) == a_better
-    return hits / len(pairs)
+def length_threshold_accuracy(lengths: list[int], labels: list[int], s: int, t: float) -> float:
+    return sum((s * n > t) == bool(lab) for n, lab in zip(lengths, labels)) / len(labels)
+
+
+def fit_longer_or_shorter(pairs: list[tuple[int, int]]) -> int:
+    """§6.1 pairwise length baseline on (len(chosen), len(rejected)) pairs: +1 = always pick the longer
+    response, -1 = always the shorter, whichever is right more often on the training split (a tie -> +1)."""
+    return 1 if longer_or_shorter_accuracy(pairs, 1) >= longer_or_shorter_accuracy(pairs, -1) else -1
+
+
+def longer_or_shorter_accuracy(pairs: list[tuple[int, int]], s: int) -> float:
+    """Accuracy of the rule s on (len(chosen), len(rejected)) pairs; equal lengths count 1/2, as a tied RM score."""
+    return sum(1.0 if s * (c - r) > 0 else 0.5 if c == r else 0.0 for c, r in pairs) / len(pairs)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
@@ -201,19 +236,24 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv, (adv + values) * mask
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / sqrt(var + eps) over the masked entries, unbiased variance; 0 outside. [B, T] -> [B, T]"""
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> tuple[torch.Tensor, float]:
+    """(x - mean) * s over the masked entries, s = 1 / sqrt(var + eps) with the unbiased variance; 0 outside.
+    [B, T] -> ([B, T], s); s also scales the KL term (7)."""
     n = mask.sum()
     mean = (x * mask).sum() / n
     var = (((x - mean) * mask) ** 2).sum() / (n - 1).clamp(min=1)
-    return (x - mean) * torch.rsqrt(var + eps) * mask
+    s = torch.rsqrt(var + eps)
+    return (x - mean) * s * mask, s.item()
 
 
-def ppo_policy_loss(logp, old_logp, adv, mask, clip_eps: float):
-    """Eq. (5) summed over masked tokens (the caller divides by the global token count).
-    [B, T] x4 -> (loss sum, clipped-token count)"""
+def ppo_policy_loss(logp, old_logp, adv, mask, clip_eps: float, kl: torch.Tensor | None = None, kl_coef: float = 0.0):
+    """Eq. (5) + (7) summed over masked tokens (the caller divides by the global token count).
+    kl: the differentiable exact KL_t(theta) for --kl-estimator full (None for k1), kl_coef = beta s.
+    [B, T] x4 (+ [B, T]) -> (loss sum, clipped-token count)"""
     ratio = torch.exp(logp - old_logp)
     per_tok = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_eps, 1 + clip_eps))
+    if kl is not None:
+        per_tok = per_tok + kl_coef * kl
     clipped = ((ratio - 1).abs() > clip_eps).float() * mask
     return (per_tok * mask).sum(), clipped.sum()
 
@@ -225,6 +265,16 @@ def ppo_value_loss(values, old_values, returns, mask, clip: float) -> torch.Tens
     return (per_tok * mask).sum()
 
 
+def penalise_missing_eos(score: torch.Tensor, r_ids: torch.Tensor, r_mask: torch.Tensor, eos_id: int,
+                         penalty: float | None) -> torch.Tensor:
+    """TRL's missing-EOS rule: score - penalty for every response without eos among its tokens (cut off by
+    --max-new-tokens); unchanged when penalty is None. [B], [B, R], [B, R] -> [B]"""
+    if penalty is None:
+        return score
+    has_eos = ((r_ids == eos_id) & r_mask.bool()).any(1)
+    return score - penalty * (~has_eos).to(score.dtype)
+
+
 def kl_rewards(kl: torch.Tensor, score: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
     """Eq. (3): -beta KL_t on every response token, plus the RM score on the last one. [B, T], [B], [B, T] -> [B, T]"""
     r = -beta * kl * mask
@@ -232,69 +282,120 @@ def kl_rewards(kl: torch.Tensor, score: torch.Tensor, mask: torch.Tensor, beta: 
 
 
 # ---------------------------------------------------------------- loading
-def text_of(x) -> str:
-    """A response may be a string or a chat list (then its last message's content)."""
-    return x[-1]["content"] if isinstance(x, list) else str(x)
+JSON_TYPE = {dict: "object", list: "list", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 
 
-def load_rows(path: str, split: str) -> list[dict]:
-    if os.path.isfile(path):
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
+def text_of(x, where: str) -> str:
+    """A response or prompt: a string, or a chat list (then its last message's content). Anything else,
+    null included, stops with one line naming `where` (never str(None) = "None" as training text)."""
+    if isinstance(x, list) and x and isinstance(x[-1], dict) and isinstance(x[-1].get("content"), str):
+        return x[-1]["content"]
+    if not isinstance(x, str):
+        raise SystemExit(f"{where} is {json.dumps(x, default=str)[:40]}, not text; a text field must be a string "
+                         "or a chat list of {role, content} messages (fix or remove the row, or remap the field)")
+    return x
+
+
+def load_rows(path: str, split: str, flag: str) -> list[tuple[str, dict]]:
+    """-> [(where, row)]. A local .jsonl (or extension-less) file is read line by line, blank lines skipped,
+    where = "line N" (1-based); a .json file holds one array of objects (where = "row N") or JSON lines;
+    .csv/.parquet files, folders and hub names go through datasets.load_dataset. Every row must be an object."""
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix not in (".csv", ".parquet"):
+        data = p.read_bytes()
+        if p.suffix == ".json" and data.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"[":
+            try:
+                rows = [(f"row {i}", r) for i, r in enumerate(json.loads(data.decode("utf-8-sig")), 1)]
+            except UnicodeDecodeError as e:
+                raise SystemExit(f"{flag} {path} is not UTF-8 ({e.reason} at byte {e.start}); re-save the file as UTF-8")
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{flag} {path} is not a valid JSON array ({e}); fix the file")
+        else:
+            rows = []
+            for i, raw in enumerate(data.splitlines(), 1):
+                try:
+                    line = raw.decode("utf-8-sig" if i == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise SystemExit(f"{flag} {path} line {i} is not UTF-8 ({e.reason}); re-save the file as UTF-8")
                 if line.strip():
                     try:
-                        rows.append(json.loads(line))
+                        rows.append((f"line {i}", json.loads(line)))
                     except json.JSONDecodeError as e:
-                        raise SystemExit(f"{path} line {i} is not JSON ({e}); fix the line or remove it")
+                        raise SystemExit(f"{flag} {path} line {i} is not JSON ({e.msg}); fix the line or remove it")
     else:
-        if path.endswith((".json", ".jsonl")) or "/" not in path:
-            raise SystemExit(f"{path}: no such file; pass a JSONL file or a hub dataset name")
-        import datasets  # lazily: only for hub names
+        import datasets  # lazily: only for hub names, folders, csv and parquet
 
-        rows = list(datasets.load_dataset(path, split=split))
+        if p.is_file():
+            ds = datasets.load_dataset(p.suffix[1:], data_files=str(p), split="train")
+        elif p.is_dir():
+            ds = datasets.load_dataset(str(p), split=split)
+        elif path.startswith((".", "/", "~")) or p.suffix in (".json", ".jsonl", ".csv", ".parquet") \
+                or Path(path.split("/")[0]).exists():
+            raise SystemExit(f"{flag} {path}: no such file; check the path")
+        else:
+            try:
+                ds = datasets.load_dataset(path, split=split)
+            except Exception as e:  # offline, unknown name, no such split: any of them means "not loadable"
+                raise SystemExit(f"{flag} {path}: no such file, and the hub has no data set of that name "
+                                 f"({type(e).__name__}); check the path, or unset HF_HUB_OFFLINE to download")
+        rows = [(f"row {i}", r) for i, r in enumerate(ds, 1)]
+    for where, r in rows:
+        if not isinstance(r, dict):
+            raise SystemExit(f"{flag} {path} {where} is a JSON {JSON_TYPE.get(type(r), type(r).__name__)}, not an "
+                             "object; write one JSON object per line")
     if not rows:
-        raise SystemExit(f"{path} is empty; pass a file with preference rows")
+        raise SystemExit(f"{flag} {path} is empty; pass a file with rows")
     return rows
 
 
-def parse_prefs(rows: list[dict], path: str, a: Args, loss: str = "auto"):
-    """-> (kind, items): pairwise items (prompt, chosen, rejected); pointwise (prompt, response, label)."""
-    first = rows[0]
+def parse_prefs(rows: list[tuple[str, dict]], path: str, flag: str, a: Args, loss: str = "auto"):
+    """-> (kind, items, skipped): pairwise items (prompt, chosen, rejected); pointwise (prompt, response, label).
+    Stops with one line on a missing field, a null or non-text field, a label other than 0/1: the field
+    mapping or the export is wrong, and training on the rest would hide it. Skips and counts
+    (skipped = {"empty": n, "identical": m}) a row whose response is empty or blank, or whose chosen ==
+    rejected: single bad rows, common in real preference sets, with no preference to learn from."""
+    first = rows[0][1]
     kind = loss if loss != "auto" else (
         "pairwise" if a.chosen_field in first and a.rejected_field in first else
         "pointwise" if a.response_field in first and a.label_field in first else "")
     if not kind:
-        raise SystemExit(f'{path} row 1 has neither "{a.chosen_field}"/"{a.rejected_field}" nor '
+        raise SystemExit(f'{flag} {path} {rows[0][0]} has neither "{a.chosen_field}"/"{a.rejected_field}" nor '
                          f'"{a.response_field}"/"{a.label_field}"; pass --chosen-field/--rejected-field or '
                          f"--response-field/--label-field")
-    need = {a.prompt_field: "--prompt-field"}
-    need.update({a.chosen_field: "--chosen-field", a.rejected_field: "--rejected-field"} if kind == "pairwise"
-                else {a.response_field: "--response-field", a.label_field: "--label-field"})
-    items = []
-    for i, r in enumerate(rows, 1):
-        for k, flag in need.items():
+    texts = [(a.prompt_field, "--prompt-field")] + ([(a.chosen_field, "--chosen-field"), (a.rejected_field, "--rejected-field")]
+                                                    if kind == "pairwise" else [(a.response_field, "--response-field")])
+    items, skipped = [], {"empty": 0, "identical": 0}
+    for where, r in rows:
+        for k, fl in texts + ([] if kind == "pairwise" else [(a.label_field, "--label-field")]):
             if k not in r:
-                raise SystemExit(f'{path} row {i} has no field "{k}"; pass {flag} NAME')
-        if kind == "pairwise":
-            items.append((text_of(r[a.prompt_field]), text_of(r[a.chosen_field]), text_of(r[a.rejected_field])))
+                raise SystemExit(f'{flag} {path} {where} has no field "{k}"; pass {fl} NAME')
+        t = [text_of(r[k], f'{flag} {path} {where}: "{k}"') for k, _ in texts]
+        if kind == "pointwise" and r[a.label_field] not in (0, 1, True, False):
+            raise SystemExit(f'{flag} {path} {where}: "{a.label_field}" = {r[a.label_field]!r}; pointwise labels must be 0 or 1')
+        if any(not x.strip() for x in t[1:]):
+            skipped["empty"] += 1
+        elif kind == "pairwise" and t[1] == t[2]:
+            skipped["identical"] += 1
         else:
-            lab = r[a.label_field]
-            if lab not in (0, 1, True, False):
-                raise SystemExit(f'{path} row {i}: "{a.label_field}" = {lab!r}; pointwise labels must be 0 or 1')
-            items.append((text_of(r[a.prompt_field]), text_of(r[a.response_field]), int(lab)))
-    return kind, items
+            items.append((t[0], t[1], t[2] if kind == "pairwise" else int(r[a.label_field])))
+    if not items:
+        raise SystemExit(f"{flag} {path}: every row was skipped ({skipped['empty']} with an empty response, "
+                         f"{skipped['identical']} with chosen == rejected); check the file and the --*-field flags")
+    return kind, items, skipped
 
 
-def ranking_pairs(kind: str, items: list) -> list[tuple[str, str, str]]:
-    """(prompt, better, worse) pairs: pairwise rows as they are; pointwise rows -> every (label 1,
-    label 0) pair of responses to the same prompt."""
-    if kind == "pairwise":
-        return list(items)
+def ranking_pairs(items: list[tuple[str, str, int]]) -> list[tuple[int, int]]:
+    """Pointwise items -> the index pairs (label 1, label 0) of responses to the same prompt (eval-rm's
+    extra pair-ranking column)."""
     by_prompt: dict[str, list] = {}
-    for p, r, l in items:
-        by_prompt.setdefault(p, []).append((r, l))
-    return [(p, g, b) for p, rs in by_prompt.items() for g, lg in rs for b, lb in rs if lg == 1 and lb == 0]
+    for i, (p, _, lab) in enumerate(items):
+        by_prompt.setdefault(p, []).append((i, lab))
+    return [(i, j) for g in by_prompt.values() for i, li in g for j, lj in g if li == 1 and lj == 0]
+
+
+def lang_of(path: str, rows: list[tuple[str, dict]]) -> str:
+    """The "lang" field of the first row (read as every row is: blank lines skipped), else the file's stem."""
+    return str(rows[0][1]["lang"]) if "lang" in rows[0][1] else Path(path).stem
 
 
 def prompt_ids(tok, prompt: str) -> list[int]:
@@ -320,23 +421,56 @@ def pad(seqs: list[list[int]], pad_id: int, side: str, length: int = 0):
     return ids, mask
 
 
-def load_tokenizer(path: str):
-    tok = AutoTokenizer.from_pretrained(path)
+def check_model_path(path: str, flag: str):
+    """One line, before anything loads, for a model path that cannot work; hub names pass through."""
+    p = Path(path).expanduser()
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise SystemExit(f"{flag} {path} is a folder without a model (no config.json); pass a folder written by "
+                         "save_pretrained, or a hub name")
+    if p.is_file():
+        raise SystemExit(f"{flag} {path} is a file, not a model folder; pass a folder written by save_pretrained, or a hub name")
+    if not p.exists() and (path.startswith((".", "/", "~")) or Path(path.split("/")[0]).exists() or path.count("/") > 1):
+        raise SystemExit(f"{flag} {path} does not exist; pass a folder written by save_pretrained, or a hub name (org/name)")
+
+
+def from_pretrained(cls, path: str, flag: str, **kw):
+    """cls.from_pretrained(path) with one line when a hub name cannot be loaded (offline, unknown, gated)."""
+    try:
+        return cls.from_pretrained(str(Path(path).expanduser()) if path.startswith("~") else path, **kw)
+    except OSError as e:
+        raise SystemExit(f"{flag} {path} could not be loaded ({type(e).__name__}); check the name, or unset "
+                         "HF_HUB_OFFLINE to download")
+
+
+def load_tokenizer(path: str, flag: str):
+    tok = from_pretrained(AutoTokenizer, path, flag)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
-def load_scorer(path: str, tok, device):
-    """AutoModelForSequenceClassification(num_labels=1); pad_token_id set when the config lacks it."""
-    if path.startswith(("/", ".", "~")) and not os.path.isdir(path):
-        raise SystemExit(f"{path}: no such model folder; pass --model/--reward-model a folder or hub name")
-    m = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+def set_dropout(config, p: float) -> list[str]:
+    """Sets every dropout probability the architecture's config has (names with "dropout" or ending in
+    "pdrop": Llama/Qwen2/SmolLM2 attention_dropout only, GPT-2 resid/embd/attn_pdrop, T5 dropout_rate, ...)."""
+    names = [k for k, v in config.to_dict().items() if ("dropout" in k or k.endswith("pdrop")) and (v is None or isinstance(v, float))]
+    for k in names:
+        setattr(config, k, p)
+    return names
+
+
+def load_scorer(path: str, tok, device, flag: str = "--reward-model", dropout: float | None = None):
+    """AutoModelForSequenceClassification(num_labels=1); pad_token_id set when the config lacks it; dropout
+    (train-rm, App. B) set on the config's dropout fields."""
+    config = from_pretrained(AutoConfig, path, flag, num_labels=1)
+    fields = set_dropout(config, dropout) if dropout is not None else []
+    m = from_pretrained(AutoModelForSequenceClassification, path, flag, config=config, dtype=torch.float32)
     if m.config.pad_token_id is None:
         m.config.pad_token_id = tok.pad_token_id
     if not hasattr(m, "score"):
-        raise SystemExit(f"{path}: {type(m).__name__} has no per-token `score` head; use a decoder backbone (Llama, Qwen2, ...)")
-    return TokenScorer(m).to(device)
+        raise SystemExit(f"{flag} {path}: {type(m).__name__} has no per-token `score` head; use a decoder backbone (Llama, Qwen2, ...)")
+    scorer = TokenScorer(m).to(device)
+    scorer.dropout_fields = fields
+    return scorer
 
 
 class TokenScorer(torch.nn.Module):
@@ -362,13 +496,18 @@ def score_sequences(scorer, seqs: list[list[int]], pad_id: int, device, batch: i
 
 
 # ---------------------------------------------------------------- utilities shared by the stages
-def lang_of(path: str) -> str:
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            first = json.loads(f.readline())
-        if "lang" in first:
-            return str(first["lang"])
-    return Path(path).stem
+def finite(x):
+    """Non-finite floats -> None, recursively: a number that does not exist is logged as null."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    return [finite(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+
+def dumps(x, **kw) -> str:
+    """Strict JSON: null, never bare NaN/Infinity."""
+    return json.dumps(finite(x), allow_nan=False, ensure_ascii=False, **kw)
 
 
 def rng_state() -> dict:
@@ -424,15 +563,18 @@ class Logger:
             self.wb = wandb.init(project="lowres-align", name=out.name, config=asdict(a))
 
     def log(self, m: dict):
+        """A value that does not exist (None, NaN, inf) is written as null and left out of the bar and tensorboard."""
         if self.rank != 0:
             return
+        m = finite(m)
         with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(m) + "\n")
+            f.write(dumps(m) + "\n")
         self.bar.update(1)
-        self.bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in m.items() if k != "step"})
+        self.bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in m.items() if k != "step" and v is not None})
         if self.tb is not None:
             for k, v in m.items():
-                self.tb.add_scalar(k, v, m["step"])
+                if v is not None:
+                    self.tb.add_scalar(k, v, m["step"])
         if self.wb is not None:
             self.wb.log(m, step=m["step"])
 
@@ -479,54 +621,97 @@ def warmup_constant(opt, warmup: int):
 
 # ---------------------------------------------------------------- stages
 def encode_items(kind, items, tok, max_length):
-    """Tokenize; pairs/examples longer than max_length are dropped. -> (kept encodings, n_skipped)"""
+    """Tokenize; pairs/examples longer than max_length are dropped. -> (kept encodings, their indices, n_skipped)"""
     enc = [(sequence_ids(tok, it[0], it[1]), sequence_ids(tok, it[0], it[2]) if kind == "pairwise" else it[2])
            for it in items]
-    keep = [e for e in enc if max(len(e[0]), len(e[1]) if kind == "pairwise" else 0) <= max_length]
-    return keep, len(enc) - len(keep)
+    kept = [i for i, e in enumerate(enc) if max(len(e[0]), len(e[1]) if kind == "pairwise" else 0) <= max_length]
+    return [enc[i] for i in kept], kept, len(enc) - len(kept)
 
 
-def eval_pairs(scorer, tok, pairs, device, a: Args, rank: int = 0, world: int = 1) -> float:
-    """Pairwise accuracy of (prompt, better, worse) pairs; each rank scores a strided slice."""
-    seqs = [sequence_ids(tok, p, r) for p, b, w in pairs for r in (b, w)]
+def load_eval_sets(a: Args) -> list[list]:
+    """--eval-data files -> [name, kind, items, skipped rows]; name = the language (+ " pointwise"), or the
+    file's stem where two files share one."""
+    sets = []
+    for p in a.eval_data:
+        rows = load_rows(p, a.dataset_split, "--eval-data")
+        kind, items, skipped = parse_prefs(rows, p, "--eval-data", a)
+        sets.append([lang_of(p, rows) + (" pointwise" if kind == "pointwise" else ""), kind, items, skipped])
+    names = [s[0] for s in sets]
+    for s, p in zip(sets, a.eval_data):
+        s[0] = s[0] if names.count(s[0]) == 1 else Path(p).stem
+    return sets
+
+
+def evaluate(scorer, tok, kind: str, items: list, device, a: Args, rank: int = 0, world: int = 1) -> dict:
+    """acc: pairwise, the pairs ranked right (a tie 1/2); pointwise, the responses classified right alone
+    (r > 0), as §6.1 measures it. loss: the mean of (1) or (2). rank_acc (pointwise): the (good, bad) pairs
+    per prompt ranked right. Items longer than --max-length are skipped and counted; a value that does not
+    exist is None. Each rank scores a strided slice."""
+    enc, kept, n_long = encode_items(kind, items, tok, a.max_length)
+    seqs = [e[0] for e in enc] + ([e[1] for e in enc] if kind == "pairwise" else [])
     s = torch.zeros(len(seqs), dtype=torch.float64, device=device)
     s[rank::world] = score_sequences(scorer, seqs[rank::world], tok.pad_token_id, device, a.eval_batch_size).double().to(device)
     if world > 1:
         dist.all_reduce(s)
-    return pair_accuracy(s[0::2], s[1::2])
+    s, n = s.cpu(), len(enc)
+    res = {"acc": None, "loss": None, "rank_acc": None, "n": n, "skipped_long": n_long}
+    if n and kind == "pairwise":
+        res.update(acc=pair_accuracy(s[:n], s[n:]), loss=bradley_terry_loss(s[:n], s[n:]).mean().item())
+    elif n:
+        lab = torch.tensor([e[1] for e in enc])
+        res.update(acc=classification_accuracy(s, lab), loss=pointwise_bce_loss(s, lab).mean().item())
+        pairs = ranking_pairs([items[i] for i in kept])
+        if pairs:
+            res["rank_acc"] = pair_accuracy(s[[i for i, _ in pairs]], s[[j for _, j in pairs]])
+    return res
 
 
 def train_rm(a: Args, out: Path, rank: int, world: int, device):
-    tok = load_tokenizer(a.model)
     if not a.train_data:
         raise SystemExit("train-rm needs --train-data FILE [FILE ...] (pairwise or pointwise preferences)")
-    kind, items = None, []
+    check_model_path(a.model, "--model")
+    kind, items, skipped, langs = None, [], {"empty": 0, "identical": 0}, []
     for path in a.train_data:
-        k, its = parse_prefs(load_rows(path, a.dataset_split), path, a, a.loss)
+        rows = load_rows(path, a.dataset_split, "--train-data")
+        k, its, sk = parse_prefs(rows, path, "--train-data", a, a.loss)
         if kind is not None and k != kind:
-            raise SystemExit(f"{path} is {k} but earlier --train-data files are {kind}; pass files of one kind or --loss")
-        kind, items = k, items + its
-    enc, skipped = encode_items(kind, items, tok, a.max_length)
+            raise SystemExit(f"--train-data {path} is {k} but earlier --train-data files are {kind}; pass files of one kind or --loss")
+        kind, items, langs = k, items + its, langs + [lang_of(path, rows)]
+        skipped = {key: skipped[key] + sk[key] for key in skipped}
+    evals = load_eval_sets(a)
+    # App. B: checkpoint selection on validation loss, here the first --eval-data set of the training kind
+    sel = next((i for i, e in enumerate(evals) if e[1] == kind), None)
+    tok = load_tokenizer(a.model, "--model")
+    enc, _, skipped_long = encode_items(kind, items, tok, a.max_length)
     if not enc:
-        raise SystemExit(f"every training example is longer than --max-length {a.max_length}; raise it")
-    evals = [(p, ranking_pairs(*parse_prefs(load_rows(p, a.dataset_split), p, a))) for p in a.eval_data]
+        shortest = min(max(len(sequence_ids(tok, it[0], r)) for r in (it[1:] if kind == "pairwise" else it[1:2])) for it in items)
+        raise SystemExit(f"every training example is longer than --max-length {a.max_length} (the shortest has "
+                         f"{shortest} tokens); raise --max-length")
     if a.batch_size % world or len(enc) < a.batch_size:
         raise SystemExit(f"--batch-size {a.batch_size} must be a multiple of the {world} processes and at most the "
                          f"{len(enc)} training examples")
     steps_per_epoch = len(enc) // a.batch_size  # the last partial batch of each (reshuffled) epoch is dropped
     total = a.steps or a.epochs * steps_per_epoch
+    eval_every = a.eval_every or steps_per_epoch
+    if rank == 0 and (skipped_long or sum(skipped.values())):
+        print(f"train-rm: skipped {skipped['empty']} rows with an empty response, {skipped['identical']} with "
+              f"chosen == rejected, {skipped_long} longer than --max-length {a.max_length}")
 
     torch.manual_seed(a.seed)
-    scorer = load_scorer(a.model, tok, device)
+    scorer = load_scorer(a.model, tok, device, "--model", dropout=a.dropout)
+    if rank == 0:
+        print(f"train-rm: dropout {a.dropout} on {', '.join(scorer.dropout_fields) or 'no field (the backbone has none)'}")
+    scorer.train()
     model = DDP(scorer, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else scorer
     opt = torch.optim.AdamW(scorer.parameters(), lr=a.lr, weight_decay=a.weight_decay)
     sched = warmup_constant(opt, a.warmup_steps)
-    start = 0
+    start, best = 0, (math.inf, None)  # (lowest validation loss, its step)
     if a.resume and (ck := newest_checkpoint(out)) is not None:
         scorer.model.load_state_dict(AutoModelForSequenceClassification.from_pretrained(ck, num_labels=1).state_dict())
         st = torch.load(ck / "trainer_state.pt", weights_only=False)
         opt.load_state_dict(st["optimizer"]), sched.load_state_dict(st["scheduler"]), set_rng_state(st["rng"])
-        start = st["step"]
+        start, best = st["step"], tuple(st.get("best", best))
+    info = {"kind": kind, "train_data": a.train_data, "langs": langs}
     logger = Logger(a, out, rank, total, start)
     for step in range(start, total):
         t0 = time.time()
@@ -560,22 +745,42 @@ def train_rm(a: Args, out: Path, rank: int, world: int, device):
         sched.step()
         m = {"step": step + 1, "epoch": epoch, "loss": all_sum(losses.sum().item(), device) / len(batch),
              "train_acc": all_sum(correct, device) / len(batch), "lr": lr,
-             "grad_norm": gnorm.item(), "skipped_nonfinite": skipped_nonfinite, "skipped_long": skipped,
+             "grad_norm": gnorm.item(), "skipped_nonfinite": skipped_nonfinite, "skipped_long": skipped_long,
+             "skipped_empty": skipped["empty"], "skipped_identical": skipped["identical"],
              "tokens_per_s": all_sum(mask.sum().item(), device) / (time.time() - t0)}
-        if evals and ((a.eval_every and (step + 1) % a.eval_every == 0) or step + 1 == total):
+        if evals and ((step + 1) % eval_every == 0 or step + 1 == total):
             scorer.eval()
-            for p, pairs in evals:
-                m[f"eval_acc/{lang_of(p)}"] = eval_pairs(scorer, tok, pairs, device, a, rank, world)
+            for i, (name, k, its, _) in enumerate(evals):
+                res = evaluate(scorer, tok, k, its, device, a, rank, world)
+                m[f"eval_acc/{name}"] = res["acc"]
+                if k == kind:
+                    m[f"eval_loss/{name}"] = res["loss"]
+                if k == "pointwise":
+                    m[f"eval_rank_acc/{name}"] = res["rank_acc"]
+                if i == sel and res["loss"] is not None and res["loss"] < best[0]:
+                    best = (res["loss"], step + 1)
+                    if rank == 0:
+                        scorer.model.config.update({"rm_transfer": {**info, "step": step + 1, "selected_on": name, "eval_loss": best[0]}})
+                        save_atomic(out / "best", {"": scorer.model}, tok, None)
             scorer.train()
+        m["best_step"] = best[1]
         logger.log(m)
         if rank == 0 and a.save_every and (step + 1) % a.save_every == 0 and step + 1 < total:
             save_atomic(out / f"checkpoint-{step + 1}", {"": scorer.model}, tok,
-                        {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state(), "step": step + 1})
+                        {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state(),
+                         "step": step + 1, "best": best})
         if world > 1:
             dist.barrier()
-    if rank == 0:
-        scorer.model.config.update({"rm_transfer": {"kind": kind, "train_data": a.train_data}})
-        save_atomic(out / "final", {"": scorer.model}, tok, None)
+    if rank == 0:  # final/ = the step with the lowest validation loss (App. B), else the last step
+        if best[1] is not None and (out / "best").is_dir():
+            if (out / "final").exists():
+                shutil.rmtree(out / "final")
+            os.rename(out / "best", out / "final")
+            print(f"train-rm: final/ = step {best[1]}, the lowest validation loss ({best[0]:.4f} on {evals[sel][0]})")
+        else:
+            scorer.model.config.update({"rm_transfer": {**info, "step": total, "selected_on": None}})
+            save_atomic(out / "final", {"": scorer.model}, tok, None)
+            print(f"train-rm: final/ = the last step {total} (no --eval-data set of the {kind} kind to select on)")
     logger.close()
 
 
@@ -585,34 +790,57 @@ def eval_rm(a: Args, out: Path, rank: int, world: int, device):
     if a.train_data and len(a.train_data) != len(a.eval_data):
         raise SystemExit(f"--train-data gives {len(a.train_data)} files for {len(a.eval_data)} --eval-data files; "
                          "pass one training split per eval file, in the same order (or none to skip the baselines)")
-    parsed = [parse_prefs(load_rows(p, a.dataset_split), p, a) for p in a.eval_data]
-    cols = [lang_of(p) + (" pointwise" if kind == "pointwise" else "") for p, (kind, _) in zip(a.eval_data, parsed)]
-    cols = [c if cols.count(c) == 1 else Path(p).stem for c, p in zip(cols, a.eval_data)]
-    evals = [ranking_pairs(*x) for x in parsed]
-    table: dict[str, dict[str, float]] = {}
+    for p in a.reward_model:
+        check_model_path(p, "--reward-model")
+    sets, trains = load_eval_sets(a), []
+    for (name, kind, _, _), tpath in zip(sets, a.train_data):
+        k, its, _ = parse_prefs(load_rows(tpath, a.dataset_split, "--train-data"), tpath, "--train-data", a)
+        if k != kind:
+            raise SystemExit(f"--train-data {tpath} is {k} but its --eval-data set {name} is {kind}; pass the same kind")
+        trains.append(its)
+    cols = [c for name, kind, _, _ in sets for c in ([name, f"{name} (ranking)"] if kind == "pointwise" else [name])]
+    table, skipped_long = {}, {}
     for rm_path in a.reward_model:
-        tok = load_tokenizer(rm_path)
-        scorer = load_scorer(rm_path, tok, device).eval()
+        tok = load_tokenizer(rm_path, "--reward-model")
+        scorer = load_scorer(rm_path, tok, device, "--reward-model").eval()
         info = getattr(scorer.model.config, "rm_transfer", None) or {}
-        src = ",".join(lang_of(p) for p in info.get("train_data", [])) or Path(rm_path).name
-        table[f"RM {src} ({rm_path})"] = {c: eval_pairs(scorer, tok, p, device, a, rank, world) for c, p in zip(cols, evals)}
-    if a.train_data:
+        key = f"RM {','.join(info.get('langs', [])) or Path(rm_path).name} ({rm_path})"
+        table[key], skipped_long[key] = {}, {}
+        for name, kind, items, _ in sets:
+            res = evaluate(scorer, tok, kind, items, device, a, rank, world)
+            table[key][name], skipped_long[key][name] = res["acc"], res["skipped_long"]
+            if kind == "pointwise":
+                table[key][f"{name} (ranking)"] = res["rank_acc"]
+    rules = {}
+    if trains:  # §6.1 baselines, fitted on each eval set's training split
         maj, length = {}, {}
-        for col, tpath, pairs in zip(cols, a.train_data, evals):
-            train = [(b, w) for _, b, w in ranking_pairs(*parse_prefs(load_rows(tpath, a.dataset_split), tpath, a))]
-            val = [(b, w) for _, b, w in pairs]
-            maj[col] = majority_accuracy(val, fit_majority(train))
-            s, t = fit_length_rule(train)
-            length[col] = length_accuracy(val, s, t)
-            length[f"{col}_rule"] = f"A wins iff {s:+d}*(len(A)-len(B)) > {t:g}"
-        table["majority class"], table["length"] = maj, length
+        for (name, kind, items, _), train in zip(sets, trains):
+            if kind == "pointwise":
+                lab = fit_majority_label([x[2] for x in train])
+                maj[name] = sum(x[2] == lab for x in items) / len(items)
+                s, t = fit_length_threshold([len(x[1]) for x in train], [x[2] for x in train])
+                length[name] = length_threshold_accuracy([len(x[1]) for x in items], [x[2] for x in items], s, t)
+                rules[name] = f"majority label {lab}; length: good iff len(response) {'>' if s > 0 else '<'} {s * t:g} characters"
+            else:  # §6.1: a pairwise task has no majority baseline
+                maj[name] = None
+                s = fit_longer_or_shorter([(len(x[1]), len(x[2])) for x in train])
+                length[name] = longer_or_shorter_accuracy([(len(x[1]), len(x[2])) for x in items], s)
+                rules[name] = f"length: always the {'longer' if s > 0 else 'shorter'} response"
+        table["majority label (train split)"], table["length (train split)"] = maj, length
     if rank == 0:
+        cell = lambda v: "–" if v is None else f"{v:.3f}"
         lines = ["| RM \\ eval | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-        lines += [f"| {name} | " + " | ".join(f"{row[c]:.3f}" for c in cols) + " |" for name, row in table.items()]
-        md = "\n".join(lines) + f"\n\nPairs per eval set: {', '.join(f'{c}={len(p)}' for c, p in zip(cols, evals))}\n"
+        lines += [f"| {name} | " + " | ".join(cell(row.get(c)) for c in cols) + " |" for name, row in table.items()]
+        md = "\n".join(lines) + "\n\nItems per eval set: " + ", ".join(f"{n}={len(it)}" for n, _, it, _ in sets) + "\n"
+        md += "".join(f"Baseline rule, {n}: {r}\n" for n, r in rules.items())
+        md += "".join(f"Skipped rows, {n}: {sk}\n" for n, _, _, sk in sets if sum(sk.values()))
+        if any(v for row in skipped_long.values() for v in row.values()):
+            md += f"Skipped as longer than --max-length {a.max_length}: {json.dumps(skipped_long)}\n"
         print(md)
         (out / "accuracy.md").write_text(md)
-        (out / "accuracy.json").write_text(json.dumps({"columns": cols, "rows": table}, indent=1, ensure_ascii=False))
+        (out / "accuracy.json").write_text(dumps({"columns": cols, "rows": {k: {c: row.get(c) for c in cols} for k, row in table.items()},
+                                                  "rules": rules, "skipped_long": skipped_long,
+                                                  "skipped_rows": {n: sk for n, _, _, sk in sets}}, indent=1))
     return table
 
 
@@ -659,28 +887,39 @@ def rl(a: Args, out: Path, rank: int, world: int, device):
     if a.rollout_batch_size % world or a.minibatch_size % world or a.rollout_batch_size % a.minibatch_size:
         raise SystemExit(f"--rollout-batch-size {a.rollout_batch_size} and --minibatch-size {a.minibatch_size} must be "
                          f"multiples of the {world} processes, and the first a multiple of the second")
-    tok = load_tokenizer(a.model)
-    rm_tok = load_tokenizer(a.reward_model[0])
+    check_model_path(a.model, "--model")
+    check_model_path(a.reward_model[0], "--reward-model")
+    rows = load_rows(a.prompts, a.dataset_split, "--prompts")
+    for where, r in rows:
+        if a.prompt_field not in r:
+            raise SystemExit(f'--prompts {a.prompts} {where} has no field "{a.prompt_field}"; pass --prompt-field NAME')
+    prompts = list(dict.fromkeys(text_of(r[a.prompt_field], f'--prompts {a.prompts} {where}: "{a.prompt_field}"')
+                                 for where, r in rows))
+    tok = load_tokenizer(a.model, "--model")
+    rm_tok = load_tokenizer(a.reward_model[0], "--reward-model")
     if rm_tok.get_vocab() != tok.get_vocab():
         raise SystemExit("the reward model's tokenizer differs from the policy's; the value model scores policy "
                          "tokens, so train the RM from the policy's backbone (train-rm --model POLICY)")
-    rows = load_rows(a.prompts, a.dataset_split)
-    for i, r in enumerate(rows, 1):
-        if a.prompt_field not in r:
-            raise SystemExit(f'--prompts {a.prompts} row {i} has no field "{a.prompt_field}"; pass --prompt-field NAME')
-    prompts = list(dict.fromkeys(text_of(r[a.prompt_field]) for r in rows))
     enc = [(p, prompt_ids(tok, p)) for p in prompts]
-    skipped_long = sum(len(e) + a.max_new_tokens > a.max_length for _, e in enc)
-    enc = [(p, e) for p, e in enc if len(e) + a.max_new_tokens <= a.max_length]
-    if not enc:
-        raise SystemExit(f"every prompt is longer than --max-length {a.max_length} minus --max-new-tokens; raise it")
+    room = a.max_length - a.max_new_tokens
+    skipped_long = sum(len(e) > room for _, e in enc)
+    if skipped_long == len(enc):
+        raise SystemExit(f"every prompt of --prompts {a.prompts} is too long: the shortest has {min(len(e) for _, e in enc)} "
+                         f"tokens, and --max-length {a.max_length} minus --max-new-tokens {a.max_new_tokens} leaves {room}; "
+                         "raise --max-length (within the model's context) or lower --max-new-tokens")
+    if skipped_long and rank == 0:
+        print(f"rl: skipped {skipped_long} of {len(enc)} prompts longer than --max-length minus --max-new-tokens ({room} tokens)")
+    enc = [(p, e) for p, e in enc if len(e) <= room]
     total = a.steps or math.ceil(len(enc) / a.rollout_batch_size)
 
     torch.manual_seed(a.seed)
-    policy = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).to(device)
-    ref = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).to(device).eval().requires_grad_(False)
-    rm = load_scorer(a.reward_model[0], tok, device).eval().requires_grad_(False)
-    value = load_scorer(a.reward_model[0], tok, device)
+    policy = from_pretrained(AutoModelForCausalLM, a.model, "--model", dtype=torch.float32).to(device)
+    ref = from_pretrained(AutoModelForCausalLM, a.model, "--model", dtype=torch.float32).to(device).requires_grad_(False)
+    rm = load_scorer(a.reward_model[0], tok, device, "--reward-model").requires_grad_(False)
+    value = load_scorer(a.reward_model[0], tok, device, "--reward-model")
+    # dropout stays off in every model of `rl` (eval mode, never train()): rollout and PPO forwards must be
+    # the same function of the weights, or rho != 1 at the first minibatch and the value clip is noise
+    policy.eval(), ref.eval(), rm.eval(), value.eval()
     start = 0
     ck = newest_checkpoint(out) if a.resume else None
     if ck is not None:
@@ -708,7 +947,6 @@ def rl(a: Args, out: Path, rank: int, world: int, device):
         p_ids, p_mask = pad([enc[i][1] for i in gidx], pad_id, "left")
         p_ids, p_mask = p_ids.to(device), p_mask.to(device)
         gens = [torch.Generator().manual_seed(a.seed * 1_000_003 + k) for k in ks]
-        policy.eval()
         r_ids, r_mask = sample(policy, p_ids, p_mask, gens, a, eos_id, pad_id)
         R = r_ids.shape[1]
         ids, mask = torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1)
@@ -728,14 +966,14 @@ def rl(a: Args, out: Path, rank: int, world: int, device):
             ("old_values", old_values * rf, 0.0, "right"), ("entropy", o.entropy * rf, 0.0, "right")]}
         g["score"] = gather_rows(score[:, None], rank, world, 0.0)[:, 0]
         m_ = g["r_mask"]
-        rewards = kl_rewards(g["kl"], g["score"], m_, a.beta)
+        score_pen = penalise_missing_eos(g["score"], g["r_ids"], m_, eos_id, a.missing_eos_penalty)
+        rewards = kl_rewards(g["kl"], score_pen, m_, a.beta)
         adv, returns = gae(rewards, g["old_values"], m_, a.gamma, a.lam)
-        adv = masked_whiten(adv, m_)
+        adv, adv_scale = masked_whiten(adv, m_)
         ids_all, mask_all = torch.cat([g["p_ids"], g["r_ids"]], 1), torch.cat([g["p_mask"], m_.long()], 1)
         Rg, B = m_.shape[1], m_.shape[0]
         # ---- PPO epochs over minibatches; the value model trains alone during warm-up
         update_policy = step >= a.value_warmup_steps
-        policy.train(), value.train()
         stats = {"loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0, "n_tok": 0.0, "skipped_nonfinite": 0}
         for ep in range(a.ppo_epochs):
             perm = torch.randperm(B, generator=torch.Generator().manual_seed(a.seed * 100003 + step * 101 + ep)).tolist()
@@ -749,8 +987,16 @@ def rl(a: Args, out: Path, rank: int, world: int, device):
                     if is_pi and not update_policy:
                         continue
                     if is_pi:
-                        logp = fused_logprob(response_logits(model_d, x, xm, Rg), g["r_ids"][mine], temperature=a.temperature)
-                        loss_sum, clipped = ppo_policy_loss(logp, g["old_logp"][mine], adv[mine], mk, a.clip_eps)
+                        lg, kl_theta = response_logits(model_d, x, xm, Rg), None
+                        if a.kl_estimator == "full":  # the direct part of the KL's gradient, Eq. (7)
+                            with torch.no_grad():
+                                ref_lg = response_logits(ref, x, xm, Rg)
+                            o_mb = fused_logprob_kl(lg, ref_lg, g["r_ids"][mine], temperature=a.temperature)
+                            logp, kl_theta = o_mb.logp, o_mb.kl
+                        else:
+                            logp = fused_logprob(lg, g["r_ids"][mine], temperature=a.temperature)
+                        loss_sum, clipped = ppo_policy_loss(logp, g["old_logp"][mine], adv[mine], mk, a.clip_eps,
+                                                            kl_theta, a.beta * adv_scale)
                         stats["clipfrac"] += all_sum(clipped.item(), device)
                     else:
                         v = model_d(x, xm)[:, -Rg - 1:-1]
@@ -764,25 +1010,26 @@ def rl(a: Args, out: Path, rank: int, world: int, device):
                     opt.zero_grad(set_to_none=True)
                     stats["loss" if is_pi else "value_loss"] += all_sum(loss_sum.item(), device)
                 stats["n_tok"] += n_tok
-        lr = sch_pi.get_last_lr()[0] if update_policy else 0.0
+        lr = sch_pi.get_last_lr()[0] if update_policy else None  # null: no policy step (value warm-up)
         if update_policy:  # the policy's warm-up starts when it starts moving
             sch_pi.step()
         sch_v.step()
         seq_kl = g["kl"].sum(1)
         m = {"step": step + 1, "reward_mean": g["score"].mean().item(), "reward_std": g["score"].std(unbiased=False).item(),
-             "kl": seq_kl.mean().item(), "reward_total": (g["score"] - a.beta * seq_kl).mean().item(),
+             "kl": seq_kl.mean().item(), "reward_total": (score_pen - a.beta * seq_kl).mean().item(),
+             "no_eos_frac": (~((g["r_ids"] == eos_id) & m_.bool()).any(1)).float().mean().item(),
              "entropy": (g["entropy"].sum() / m_.sum()).item(), "response_len": m_.sum(1).mean().item(),
-             "loss": stats["loss"] / stats["n_tok"] if update_policy else 0.0, "value_loss": stats["value_loss"] / stats["n_tok"],
-             "clipfrac": stats["clipfrac"] / stats["n_tok"] if update_policy else 0.0, "policy_updated": int(update_policy),
+             "loss": stats["loss"] / stats["n_tok"] if update_policy else None, "value_loss": stats["value_loss"] / stats["n_tok"],
+             "clipfrac": stats["clipfrac"] / stats["n_tok"] if update_policy else None, "policy_updated": int(update_policy),
              "skipped_nonfinite": stats["skipped_nonfinite"], "skipped_long": skipped_long, "lr": lr,
              "tokens_per_s": m_.sum().item() / (time.time() - t0)}
         logger.log(m)
         if rank == 0 and a.sample_every and (step % a.sample_every == 0 or step + 1 == total):
             with open(out / "samples.jsonl", "a") as f:
                 for i in range(min(3, B)):
-                    f.write(json.dumps({"step": step + 1, "prompt": tok.decode(g["p_ids"][i][g["p_mask"][i].bool()]),
-                                        "response": tok.decode(g["r_ids"][i][m_[i].bool()], skip_special_tokens=True),
-                                        "rm_score": g["score"][i].item(), "kl": seq_kl[i].item()}, ensure_ascii=False) + "\n")
+                    f.write(dumps({"step": step + 1, "prompt": tok.decode(g["p_ids"][i][g["p_mask"][i].bool()]),
+                                   "response": tok.decode(g["r_ids"][i][m_[i].bool()], skip_special_tokens=True),
+                                   "rm_score": g["score"][i].item(), "kl": seq_kl[i].item()}) + "\n")
         last = step + 1 == total
         if rank == 0 and (last or (a.save_every and (step + 1) % a.save_every == 0)):
             save_atomic(out / f"checkpoint-{step + 1}", {"": policy, "value": value.model}, tok,

@@ -1,6 +1,7 @@
 """rm_transfer.py: every loss, metric and advantage against a plain version written with loops in
 float64, reward reading under both paddings, a learning run (RM learns a token preference, PPO
 raises the RM score), 2-process gloo runs against 1 process, and resume."""
+import itertools
 import json
 import math
 import random
@@ -11,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import rm_transfer as rt
+from kernels import fused_logprob, fused_logprob_kl
 from conftest import run_torchrun
 
 
@@ -51,63 +53,53 @@ def test_pair_accuracy_counts_ties_as_half():
     assert rt.pair_accuracy(better, worse) == pytest.approx((1 + 0.5 + 0 + 1) / 4)
 
 
-# A = the response with the smaller crc32 of its utf-8 text. crc32 values used below:
-# a 3904355907, b 1908338681, c 112844655, d 2564639436, e 4024072794, f 1993550816, m 3775001192,
-# n 2013832146, p 2181537457, q 4110462503, w 476252946, x 2363233923, y 4225443349, z 1657960367,
-# aa 126491095, yyy 1933935082, aaaa 2912478533, bbbb 256898699, yyyy 3145165042, bbbbbb 956760648,
-# aaaaaaa 1535844468
-def test_majority_baseline_predicts_the_more_frequent_side_of_training_pairs():
-    train = [("a", "b"),  # A=b, worse
-             ("c", "d"),  # A=c, better
-             ("f", "e")]  # A=f, better  -> A better in 2 of 3: predict "A wins"
-    assert rt.fit_majority(train) is True
-    val = [("x", "y"),   # A=x better
-           ("z", "w"),   # A=w worse
-           ("m", "n"),   # A=n worse
-           ("q", "p")]   # A=p worse
-    assert rt.majority_accuracy(val, True) == 0.25
-    other = [("b", "a"), ("d", "c"), ("a", "b")]  # A=b better, A=c worse, A=b worse -> predict "B wins"
-    assert rt.fit_majority(other) is False
-    assert rt.majority_accuracy(other, False) == pytest.approx(2 / 3)
+def test_pointwise_accuracy_classifies_each_response_alone_at_sigmoid_one_half():
+    r = torch.tensor([0.3, -0.2, 0.0, 2.0, -3.0])
+    labels = torch.tensor([1, 0, 0, 0, 1])  # r > 0 predicts good: 1, 0, 0, 1, 0 -> right on the first three
+    assert rt.classification_accuracy(r, labels) == pytest.approx(3 / 5)
 
 
-def test_length_baseline_fits_shorter_preference_and_threshold_by_hand():
-    # (better, worse); the shorter response is better in every pair. d = len(A) - len(B)
-    train = [("aa", "bbbbbb"),   # A=aa better,      d = -4
-             ("a", "bbbb"),      # A=bbbb worse,     d = 3
-             ("yyy", "aaaa"),    # A=yyy better,     d = -1
-             ("m", "aaaaaaa")]   # A=aaaaaaa worse,  d = 6
-    # s=+1 reaches 2/4 at best. s=-1: s*d = 4, 1 (A better) vs -3, -6 (A worse): any t in [-3, 1) is perfect;
-    # candidates -7, -4.5, -1, 2.5, 4 -> the smallest |t| among the perfect ones is -1
-    assert rt.fit_length_rule(train) == (-1, -1.0)
-    assert rt.length_accuracy(train, -1, -1.0) == 1.0
-    val = [("x", "yyyy"),   # A=x better,   d = -3
-           ("yyy", "x"),    # A=yyy better, d = 2
-           ("aaaa", "b")]   # A=b worse,    d = -3
-    assert rt.length_accuracy(val, -1, 0.0) == pytest.approx(1 / 3)  # predicts A for rows 1, 3: right on row 1
-    assert rt.length_accuracy(val, 1, 0.0) == pytest.approx(2 / 3)   # predicts A for row 2: right on rows 2, 3
-    assert rt.length_accuracy(val, 1, 5.0) == pytest.approx(1 / 3)   # never A: right on row 3
+def test_pointwise_majority_baseline_is_the_majority_label_of_the_training_split():
+    assert rt.fit_majority_label([1, 0, 1, 1, 0]) == 1
+    assert rt.fit_majority_label([0, 0, 1]) == 0
+    assert rt.fit_majority_label([0, 1]) == 1  # a tie goes to "good"
 
 
-def test_length_rule_can_predict_never_a():
-    only_b = [("a", "b"), ("d", "c"), ("a", "bbbb")]  # A = b, c, bbbb: worse in every pair
-    s, t = rt.fit_length_rule(only_b)
-    assert rt.length_accuracy(only_b, s, t) == 1.0
+def test_pointwise_length_baseline_fits_direction_and_threshold_by_hand():
+    # shorter is good in training: s = +1 reaches 2/4 at best (always or never good); s = -1 with
+    # -len > t for t in (-10, -5) is perfect; candidates -13, -11, -7.5, -4, -3 -> the first perfect is -7.5
+    lengths, labels = [3, 5, 10, 12], [1, 1, 0, 0]
+    assert rt.fit_length_threshold(lengths, labels) == (-1, -7.5)  # good iff len < 7.5
+    assert rt.length_threshold_accuracy(lengths, labels, -1, -7.5) == 1.0
+    # validation: len 4, 8, 7, 20 with labels 1, 1, 1, 0; "len < 7.5" predicts 1, 0, 1, 0 -> 3 of 4
+    assert rt.length_threshold_accuracy([4, 8, 7, 20], [1, 1, 1, 0], -1, -7.5) == 0.75
+    # longer is good: 5, 6 bad; 9, 9, 11 good -> s = +1, midpoint t = 7.5
+    assert rt.fit_length_threshold([9, 5, 11, 6, 9], [1, 0, 1, 0, 1]) == (1, 7.5)
 
 
-def test_length_rule_search_matches_brute_force():
+def test_pointwise_length_threshold_matches_brute_force_search():
     rng = random.Random(3)
-    words = ["a" * k for k in range(1, 12)] + ["b" * k for k in range(1, 12)]
-    train = [tuple(rng.sample(words, 2)) for _ in range(40)]
-    s, t = rt.fit_length_rule(train)
-    best = max(rt.length_accuracy(train, ss, tt) for ss in (1, -1) for tt in [x / 2 for x in range(-30, 30)])
-    assert rt.length_accuracy(train, s, t) == pytest.approx(best)
+    lengths = [rng.randint(1, 30) for _ in range(50)]
+    labels = [int(n > 12) if rng.random() < 0.7 else rng.randint(0, 1) for n in lengths]
+    s, t = rt.fit_length_threshold(lengths, labels)
+    naive = max(sum((d * n > x / 2) == bool(lab) for n, lab in zip(lengths, labels)) / 50
+                for d in (1, -1) for x in range(-80, 80))
+    assert rt.length_threshold_accuracy(lengths, labels, s, t) == pytest.approx(naive)
 
 
-def test_pointwise_rows_become_all_good_bad_pairs_per_prompt():
+def test_pairwise_length_baseline_is_always_longer_or_always_shorter():
+    # (len(chosen), len(rejected)); longer is right on rows 1, 4, shorter on row 2, row 3 ties (1/2 each)
+    train = [(5, 3), (2, 7), (4, 4), (9, 1)]
+    assert rt.longer_or_shorter_accuracy(train, 1) == pytest.approx(2.5 / 4)
+    assert rt.longer_or_shorter_accuracy(train, -1) == pytest.approx(1.5 / 4)
+    assert rt.fit_longer_or_shorter(train) == 1
+    assert rt.fit_longer_or_shorter([(1, 5), (2, 3), (8, 8)]) == -1
+    assert rt.fit_longer_or_shorter([(1, 5), (6, 3)]) == 1  # a tie goes to "longer"
+
+
+def test_pointwise_rows_become_all_good_bad_index_pairs_per_prompt():
     items = [("p", "g1", 1), ("p", "b1", 0), ("p", "g2", 1), ("q", "g", 1), ("r", "b", 0), ("r", "b2", 0)]
-    pairs = rt.ranking_pairs("pointwise", items)
-    assert sorted(pairs) == [("p", "g1", "b1"), ("p", "g2", "b1")]
+    assert sorted(rt.ranking_pairs(items)) == [(0, 1), (2, 1)]
 
 
 # ---------------------------------------------------------------- reward at the last real token
@@ -171,7 +163,8 @@ def test_masked_whiten_matches_naive_and_ignores_padding():
     vals = [x[b, t].item() for b in range(3) for t in range(5) if mask[b, t]]
     mean = sum(vals) / len(vals)
     var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)
-    out = rt.masked_whiten(x, mask, eps=0.0)
+    out, scale = rt.masked_whiten(x, mask, eps=0.0)
+    assert scale == pytest.approx(1 / math.sqrt(var), rel=1e-12)
     for b in range(3):
         for t in range(5):
             want = (x[b, t].item() - mean) / math.sqrt(var) if mask[b, t] else 0.0
@@ -204,6 +197,84 @@ def test_ppo_policy_loss_matches_naive_loop_values_and_grads():
     assert loss.item() == pytest.approx(naive.item(), rel=1e-12)
     assert clipped.item() == n_clip
     assert torch.allclose(logp.grad, lp2.grad, atol=1e-12)
+
+
+def chain_paths(V, T, eos):
+    """Every response of a chain with vocabulary range(V): it stops at eos or after T tokens."""
+    return [y for n in range(1, T + 1) for y in itertools.product(range(V), repeat=n)
+            if eos not in y[:-1] and (y[-1] == eos or n == T)]
+
+
+@pytest.mark.parametrize("estimator", ["full", "k1"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_expected_policy_gradient_equals_exact_gradient_of_kl_regularised_objective(estimator, temperature):
+    """A tabular policy (one row of logits per prefix, vocabulary 3, token 2 = eos, at most 3 tokens:
+    15 responses). Exact, by enumeration in float64:
+        grad J,  J = sum_y pi(y) r(y) - beta sum_y pi(y) log(pi(y) / pi_ref(y))   (sequence-level KL)
+    against the exact expectation over the same 15 responses of the gradient of the script's policy
+    loss, built with the script's functions: kernels' logp/KL, kl_rewards (3), gae (4) with
+    gamma = lambda = 1 and V = 0 (so A_t = the return from t, an unbiased weight), no whitening,
+    ppo_policy_loss (5) + (7) at the first minibatch (old log-probs = current ones, rho = 1).
+    `full` passes only with the differentiable KL term (7); without it the gradient is far off."""
+    V, T, eos, beta = 3, 3, 2, 0.5
+    paths = chain_paths(V, T, eos)
+    prefixes = sorted({y[:t] for y in paths for t in range(len(y))})
+    row = {p: i for i, p in enumerate(prefixes)}
+    g = torch.Generator().manual_seed(11)
+    theta = torch.randn(len(prefixes), V, generator=g, dtype=torch.float64).requires_grad_()
+    ref = torch.randn(len(prefixes), V, generator=g, dtype=torch.float64)
+    r = torch.randn(len(paths), generator=g, dtype=torch.float64)
+
+    def seq_logprob(table, y):  # naive: product of per-prefix softmaxes
+        return sum(torch.log_softmax(table[row[y[:t]]] / temperature, -1)[y[t]] for t in range(len(y)))
+
+    logp_seq = torch.stack([seq_logprob(theta, y) for y in paths])
+    logq_seq = torch.stack([seq_logprob(ref, y) for y in paths])
+    prob = logp_seq.exp()
+    assert prob.sum().item() == pytest.approx(1.0, abs=1e-12)
+    J = (prob * r).sum() - beta * (prob * (logp_seq - logq_seq)).sum()
+    (grad_J,) = torch.autograd.grad(J, theta)
+
+    def expected_loss_grad(with_kl_term):
+        B = len(paths)
+        rows, ids, mask = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.float64)
+        for i, y in enumerate(paths):
+            for t in range(len(y)):
+                rows[i, t], ids[i, t], mask[i, t] = row[y[:t]], y[t], 1.0
+        lg, ref_lg = theta[rows], ref[rows]  # padded positions hold prefix ()'s logits, masked out
+        o = fused_logprob_kl(lg, ref_lg, ids, temperature=temperature)
+        kl = o.kl if estimator == "full" else o.logp - fused_logprob(ref_lg, ids, temperature=temperature)
+        rewards = rt.kl_rewards(kl.detach() * mask, r, mask, beta)
+        adv, _ = rt.gae(rewards, torch.zeros_like(rewards), mask, 1.0, 1.0)
+        kl_theta = o.kl if estimator == "full" and with_kl_term else None
+        total = torch.zeros((), dtype=torch.float64)
+        for i in range(B):
+            kl_term = (kl_theta[i:i + 1], beta) if kl_theta is not None else ()  # k1: the loss as it always was
+            loss, clipped = rt.ppo_policy_loss(o.logp[i:i + 1], o.logp[i:i + 1].detach(), adv[i:i + 1], mask[i:i + 1],
+                                               0.2, *kl_term)
+            assert clipped.item() == 0
+            total = total + prob[i].detach() * loss
+        return torch.autograd.grad(total, theta)[0]
+
+    got = -expected_loss_grad(with_kl_term=True)
+    assert torch.allclose(got, grad_J, rtol=1e-9, atol=1e-12), (got - grad_J).abs().max()
+    if estimator == "full":  # the KL inside the reward alone misses the direct part of the gradient
+        without = -expected_loss_grad(with_kl_term=False)
+        assert (without - grad_J).norm() > 0.1 * grad_J.norm()
+
+
+def test_kl_term_of_policy_loss_is_beta_s_times_summed_kl():
+    g = torch.Generator().manual_seed(12)
+    logp = torch.randn(2, 4, generator=g, dtype=torch.float64)
+    kl = torch.rand(2, 4, generator=g, dtype=torch.float64).requires_grad_()
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.float64)
+    adv = torch.randn(2, 4, generator=g, dtype=torch.float64)
+    base, _ = rt.ppo_policy_loss(logp, logp, adv, mask, 0.2)
+    with_kl, _ = rt.ppo_policy_loss(logp, logp, adv, mask, 0.2, kl, 0.3)
+    naive = sum(0.3 * kl[b, t].item() for b in range(2) for t in range(4) if mask[b, t])
+    assert (with_kl - base).item() == pytest.approx(naive, rel=1e-12)
+    with_kl.backward()
+    assert torch.equal(kl.grad, 0.3 * mask)
 
 
 def test_ppo_value_loss_matches_naive_loop_values_and_grads():
@@ -263,7 +334,11 @@ def test_rm_learns_letter_preference_then_ppo_raises_rm_score(tmp_path, tiny_lm_
     assert m[-1]["eval_acc/val"] >= 0.9, m[-1]
     table = rt.main(["eval-rm", "--reward-model", str(tmp_path / "rm" / "final"), "--eval-data", str(val),
                      "--train-data", str(train), "--output-dir", str(tmp_path / "ev")])
-    assert table["majority class"]["val"] <= 0.8 and table[next(iter(table))]["val"] >= 0.9
+    assert table[next(iter(table))]["val"] >= 0.9
+    assert table["majority label (train split)"]["val"] is None  # §6.1: no majority baseline for a pairwise task
+    lens = [(len(r["chosen"]), len(r["rejected"])) for r in map(json.loads, open(val))]
+    longer = sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in lens) / len(lens)
+    assert table["length (train split)"]["val"] in (pytest.approx(longer), pytest.approx(1 - longer))
     assert (tmp_path / "ev" / "accuracy.md").exists()
 
     rt.main(["rl", "--model", str(tiny_lm_dir), "--reward-model", str(tmp_path / "rm" / "final"),
@@ -275,6 +350,7 @@ def test_rm_learns_letter_preference_then_ppo_raises_rm_score(tmp_path, tiny_lm_
     last = sum(x["reward_mean"] for x in m[-3:]) / 3
     assert last > first + 0.5, [round(x["reward_mean"], 3) for x in m]
     assert m[0]["policy_updated"] == 0 and m[1]["policy_updated"] == 1
+    assert m[0]["loss"] is None and m[0]["clipfrac"] is None and m[0]["lr"] is None  # no policy step: null, not 0.0
     assert m[-1]["kl"] > 0
 
 
@@ -302,7 +378,7 @@ def tiny_rm_from_lm(tmp_path, tiny_lm_dir):
 def test_two_process_gloo_matches_one_process(tmp_path, tiny_lm_dir, cpu_only):
     data, rm = tiny_rm_from_lm(tmp_path, tiny_lm_dir)
     common_rm = ["train-rm", "--model", str(tiny_lm_dir), "--train-data", str(data), "--steps", "2", "--batch-size", "8",
-                 "--lr", "1e-3", "--warmup-steps", "1"]
+                 "--lr", "1e-3", "--warmup-steps", "1", "--dropout", "0"]  # dropout masks depend on the process count
     common_rl = ["rl", "--model", str(tiny_lm_dir), "--reward-model", str(rm), "--prompts", str(data), "--steps", "2",
                  "--rollout-batch-size", "4", "--minibatch-size", "2", "--ppo-epochs", "2", "--max-new-tokens", "5",
                  "--lr", "1e-3", "--value-warmup-steps", "1", "--warmup-steps", "1"]
@@ -323,15 +399,33 @@ def test_two_process_gloo_matches_one_process(tmp_path, tiny_lm_dir, cpu_only):
         assert a["kl"] == pytest.approx(b["kl"], abs=1e-4)
 
 
-def test_ppo_ratio_is_one_when_the_policy_does_not_move(tmp_path, tiny_lm_dir):
-    """lr = 0: the log-probs recomputed in the PPO minibatches (global padding, train mode) must equal
-    the rollout's, so no token is clipped and the whitened-advantage loss is 0."""
-    data, rm = tiny_rm_from_lm(tmp_path, tiny_lm_dir)
-    rt.main(["rl", "--model", str(tiny_lm_dir), "--reward-model", str(rm), "--prompts", str(data), "--steps", "2",
+@pytest.mark.parametrize("estimator", ["full", "k1"])
+def test_ppo_ratio_is_one_when_the_policy_does_not_move_even_with_dropout_in_the_config(tmp_path, tiny_tokenizer, estimator):
+    """The backbone's config asks for attention dropout 0.5 and the learning rate is negligible: the
+    log-probs recomputed in the PPO minibatches (global padding) must equal the rollout's, so dropout
+    must be off in `rl`; then no token is clipped and the whitened-advantage loss plus the KL term (KL = 0
+    as policy = reference) is 0."""
+    from conftest import make_tiny_llama
+    lm = tmp_path / "lm-dropout"
+    make_tiny_llama(len(tiny_tokenizer), attention_dropout=0.5).save_pretrained(lm)
+    tiny_tokenizer.save_pretrained(lm)
+    data, rm = tiny_rm_from_lm(tmp_path, lm)
+    rt.main(["rl", "--model", str(lm), "--reward-model", str(rm), "--prompts", str(data), "--steps", "2",
              "--rollout-batch-size", "8", "--minibatch-size", "4", "--ppo-epochs", "2", "--max-new-tokens", "8",
-             "--lr", "0", "--value-warmup-steps", "0", "--output-dir", str(tmp_path / "rl")])
+             "--lr", "1e-12", "--value-warmup-steps", "0", "--kl-estimator", estimator, "--output-dir", str(tmp_path / "rl")])
     for m in metrics(tmp_path / "rl"):
         assert m["clipfrac"] == 0 and abs(m["loss"]) < 1e-5, m
+
+
+def test_missing_eos_penalty_is_subtracted_only_from_responses_without_eos():
+    eos = 2
+    r_ids = torch.tensor([[5, 6, 2, 2], [5, 6, 7, 8], [2, 0, 0, 0], [5, 6, 7, 2]])  # pad = eos in row 1
+    r_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 1]])
+    score = torch.tensor([1.0, 1.0, -0.5, 0.25])
+    assert rt.penalise_missing_eos(score, r_ids, r_mask, eos, 2.0).tolist() == [1.0, -1.0, -0.5, 0.25]
+    assert torch.equal(rt.penalise_missing_eos(score, r_ids, r_mask, eos, None), score)
+    cut = torch.tensor([[5, 6, 7, 2]])  # an eos outside the mask (padding) does not count
+    assert rt.penalise_missing_eos(torch.tensor([0.0]), cut, torch.tensor([[1, 1, 1, 0]]), eos, 1.5).item() == -1.5
 
 
 def test_rl_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path, tiny_lm_dir):
@@ -375,5 +469,187 @@ def test_train_rm_resume_gives_the_same_metrics_and_weights(tmp_path, tiny_lm_di
 def test_row_without_field_gets_one_line_error_naming_file_row_and_fix(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
-    with pytest.raises(SystemExit, match=r'bad.jsonl row 2 has no field "rejected"; pass --rejected-field'):
-        rt.parse_prefs(rt.load_rows(str(bad), "train"), str(bad), rt.Args())
+    with pytest.raises(SystemExit, match=r'--train-data .*bad.jsonl line 2 has no field "rejected"; pass --rejected-field'):
+        rt.parse_prefs(rt.load_rows(str(bad), "train", "--train-data"), str(bad), "--train-data", rt.Args())
+
+
+# ---------------------------------------------------------------- App. B: dropout and checkpoint selection
+def test_dropout_flag_sets_every_dropout_field_of_the_config():
+    from transformers import BertConfig, GPT2Config, LlamaConfig
+
+    cfg = LlamaConfig()
+    assert rt.set_dropout(cfg, 0.1) == ["attention_dropout"] and cfg.attention_dropout == 0.1
+    cfg = GPT2Config()
+    assert set(rt.set_dropout(cfg, 0.1)) >= {"attn_pdrop", "embd_pdrop", "resid_pdrop"}
+    assert cfg.attn_pdrop == cfg.embd_pdrop == cfg.resid_pdrop == 0.1
+    cfg = BertConfig()
+    assert {"hidden_dropout_prob", "attention_probs_dropout_prob"} <= set(rt.set_dropout(cfg, 0.2))
+    assert cfg.hidden_dropout_prob == 0.2
+
+
+def test_final_rm_is_the_step_with_the_lowest_validation_loss(tmp_path, tiny_lm_dir):
+    """Training prefers letters n-z, validation a-m: the validation loss rises as the RM learns, so the
+    lowest one comes early and final/ must hold that step's weights, not the last step's."""
+    train = letter_pref_data(tmp_path, 32, 7, "train")
+    flipped = tmp_path / "flipped.jsonl"
+    flipped.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": r["rejected"], "rejected": r["chosen"]}) + "\n"
+                               for r in map(json.loads, open(train))))
+    val = letter_pref_data(tmp_path, 16, 8, "val")
+    rt.main(["train-rm", "--model", str(tiny_lm_dir), "--train-data", str(flipped), "--eval-data", str(val),
+             "--steps", "5", "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "1", "--eval-every", "1",
+             "--save-every", "1", "--output-dir", str(tmp_path / "rm")])
+    m = metrics(tmp_path / "rm")
+    losses = [x["eval_loss/val"] for x in m]
+    best = 1 + min(range(5), key=losses.__getitem__)
+    assert best < 5 and losses[-1] > losses[best - 1], losses
+    assert m[-1]["best_step"] == best
+    w_final = load_file(tmp_path / "rm" / "final" / "model.safetensors")
+    w_best = load_file(tmp_path / "rm" / f"checkpoint-{best}" / "model.safetensors")
+    assert all(torch.equal(w_final[k], w_best[k]) for k in w_best)
+    cfg = json.loads((tmp_path / "rm" / "final" / "config.json").read_text())
+    assert cfg["rm_transfer"]["step"] == best and cfg["attention_dropout"] == 0.1  # App. B dropout by default
+    assert not (tmp_path / "rm" / "best").exists()
+
+
+# ---------------------------------------------------------------- bad input (issue 10)
+BAD_ARGS = [
+    (["train-rm", "--steps", "-2"], "--steps must be >= 0"),
+    (["rl", "--steps", "-1"], "--steps must be >= 0"),
+    (["train-rm", "--batch-size", "0"], "--batch-size must be > 0"),
+    (["rl", "--minibatch-size", "0"], "--minibatch-size must be > 0"),
+    (["rl", "--rollout-batch-size", "0"], "--rollout-batch-size must be > 0"),
+    (["rl", "--ppo-epochs", "0"], "--ppo-epochs must be > 0"),
+    (["rl", "--max-new-tokens", "0"], "--max-new-tokens must be > 0"),
+    (["eval-rm", "--eval-batch-size", "0"], "--eval-batch-size must be > 0"),
+    (["train-rm", "--epochs", "0"], "--epochs must be > 0"),
+    (["train-rm", "--save-every", "-1"], "--save-every must be >= 0"),
+    (["rl", "--temperature", "0"], "--temperature must be > 0"),
+    (["rl", "--temperature", "-0.5"], "--temperature must be > 0"),
+    (["rl", "--top-p", "0"], "--top-p must be in"),
+    (["rl", "--lr", "0"], "--lr must be > 0"),
+    (["rl", "--beta", "-0.1"], "--beta must be >= 0"),
+    (["train-rm", "--dropout", "1"], "--dropout must be in"),
+    (["rl", "--missing-eos-penalty", "-1"], "--missing-eos-penalty must be > 0"),
+    (["rl", "--gamma", "1.5"], "--gamma must be in"),
+]
+
+
+@pytest.mark.parametrize("argv,msg", BAD_ARGS, ids=[" ".join(a) for a, _ in BAD_ARGS])
+def test_bad_flag_values_stop_with_one_line_before_anything_is_written(tmp_path, argv, msg):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=msg) as e:
+        rt.main(argv + ["--output-dir", str(out)])
+    assert "\n" not in str(e.value.code)
+    assert not out.exists()
+
+
+def test_defaults_pass_validation():
+    rt.Args()
+
+
+def write(path, text: str | bytes):
+    (path.write_bytes if isinstance(text, bytes) else path.write_text)(text)
+    return str(path)
+
+
+ROW = '{"prompt": "p", "chosen": "good", "rejected": "bad"}'
+
+
+@pytest.mark.parametrize("name,content,msg", [
+    ("x.jsonl", ROW + '\n{"prompt": "p", "chosen": null, "rejected": "bad"}\n', r'x.jsonl line 2: "chosen" is null, not text'),
+    ("x.jsonl", ROW + '\n{"prompt": "p", "chosen": "a", "rejected": 5}\n', r'x.jsonl line 2: "rejected" is 5, not text'),
+    ("x.jsonl", ROW + '\n\n{"prompt": null, "chosen": "a", "rejected": "b"}\n', r'x.jsonl line 3: "prompt" is null'),
+    ("x.jsonl", (ROW + "\n").encode() + b'{"prompt": "\xe6", "chosen": "a", "rejected": "b"}\n', r"x.jsonl line 2 is not UTF-8"),
+    ("x.jsonl", '[1, 2]\n' + ROW + "\n", r"x.jsonl line 1 is a JSON list, not an object; write one JSON object per line"),
+    ("x.jsonl", ROW + '\n"text"\n', r"x.jsonl line 2 is a JSON string, not an object"),
+    ("x.json", "[" + ROW + ", 7]", r"x.json row 2 is a JSON number, not an object"),
+    ("x.jsonl", '{"prompt": "p", "chosen": " ", "rejected": "b"}\n{"prompt": "p", "chosen": "a", "rejected": "a"}\n',
+     r"every row was skipped \(1 with an empty response, 1 with chosen == rejected\)"),
+    ("x.jsonl", "\n\n", r"x.jsonl is empty"),
+])
+def test_bad_preference_files_stop_with_one_line_naming_file_and_line(tmp_path, name, content, msg):
+    path = write(tmp_path / name, content)
+    with pytest.raises(SystemExit, match=msg) as e:
+        rt.parse_prefs(rt.load_rows(path, "train", "--train-data"), path, "--train-data", rt.Args())
+    assert "\n" not in str(e.value.code) and "--train-data" in str(e.value.code)
+
+
+def test_empty_and_identical_pairs_are_skipped_and_counted(tmp_path):
+    path = write(tmp_path / "x.jsonl", "\n".join([
+        ROW, '{"prompt": "p", "chosen": "", "rejected": "bad"}', '{"prompt": "p", "chosen": "same", "rejected": "same"}',
+        '{"prompt": "p", "chosen": [{"role": "assistant", "content": "chat"}], "rejected": "  \\n"}',
+        '{"prompt": "", "chosen": "ok", "rejected": "no"}']) + "\n")
+    kind, items, skipped = rt.parse_prefs(rt.load_rows(path, "train", "--train-data"), path, "--train-data", rt.Args())
+    assert kind == "pairwise" and items == [("p", "good", "bad"), ("", "ok", "no")]
+    assert skipped == {"empty": 2, "identical": 1}
+
+
+def test_json_array_file_and_blank_first_line_are_read_like_jsonl(tmp_path):
+    arr = write(tmp_path / "a.json", json.dumps([json.loads(ROW), {"prompt": "q", "chosen": "x", "rejected": "y"}], indent=2))
+    rows = rt.load_rows(arr, "train", "--eval-data")
+    assert [w for w, _ in rows] == ["row 1", "row 2"] and rows[1][1]["prompt"] == "q"
+    lines = write(tmp_path / "b.json", "\n" + ROW + "\n")  # a .json file of JSON lines
+    assert rt.load_rows(lines, "train", "--eval-data")[0][0] == "line 2"
+    blank_first = write(tmp_path / "nb_val.jsonl", '\n  \n{"prompt": "p", "chosen": "a", "rejected": "b", "lang": "nb"}\n')
+    assert rt.lang_of(blank_first, rt.load_rows(blank_first, "train", "--eval-data")) == "nb"
+
+
+def test_train_rm_with_blank_first_line_in_eval_data_names_its_language(tmp_path, tiny_lm_dir):
+    val = tmp_path / "v.jsonl"
+    val.write_text("\n" + "".join(json.dumps({**json.loads(x), "lang": "nb"}) + "\n"
+                                  for x in open(letter_pref_data(tmp_path, 8, 9, "val0"))))
+    rt.main(["train-rm", "--model", str(tiny_lm_dir), "--train-data", str(letter_pref_data(tmp_path, 8, 10, "t")),
+             "--eval-data", str(val), "--steps", "1", "--batch-size", "8", "--output-dir", str(tmp_path / "rm")])
+    assert "eval_acc/nb" in metrics(tmp_path / "rm")[-1] and (tmp_path / "rm" / "final" / "config.json").exists()
+
+
+@pytest.mark.parametrize("kind", ["missing-data", "missing-data-no-ext", "model-folder-without-config", "missing-model",
+                                  "missing-model-under-existing-dir"])
+def test_missing_paths_stop_with_one_line_before_any_model_loads(tmp_path, tiny_lm_dir, monkeypatch, kind):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "empty").mkdir()
+    good = letter_pref_data(tmp_path / "data", 4, 0, "ok")
+    model, data = str(tiny_lm_dir), str(good)
+    msg = {"missing-data": r"--train-data data/nope.jsonl: no such file; check the path",
+           "missing-data-no-ext": r"--train-data data/nope: no such file; check the path",
+           "model-folder-without-config": r"--model empty is a folder without a model \(no config.json\)",
+           "missing-model": r"--model ./nope does not exist",
+           "missing-model-under-existing-dir": r"--model runs/rm/final does not exist"}[kind]
+    data = {"missing-data": "data/nope.jsonl", "missing-data-no-ext": "data/nope"}.get(kind, data)
+    model = {"model-folder-without-config": "empty", "missing-model": "./nope",
+             "missing-model-under-existing-dir": "runs/rm/final"}.get(kind, model)
+    monkeypatch.setattr(rt, "AutoTokenizer", None)  # nothing may load: reaching a model load is a failure too
+    with pytest.raises(SystemExit, match=msg) as e:
+        rt.main(["train-rm", "--model", model, "--train-data", data, "--output-dir", str(tmp_path / "o")])
+    assert "\n" not in str(e.value.code)
+
+
+def test_hub_name_that_cannot_be_loaded_offline_gets_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit, match=r"--prompts no-such-org-xyz/no-such-set: no such file, and the hub has no data set"):
+        rt.load_rows("no-such-org-xyz/no-such-set", "train", "--prompts")
+
+
+def test_eval_skips_and_counts_items_longer_than_max_length(tiny_rm_dir, tiny_tokenizer):
+    scorer = rt.load_scorer(str(tiny_rm_dir), tiny_tokenizer, torch.device("cpu")).eval()
+    items = [("p", "short good", "bad"), ("p", "x" * 3000, "bad"), ("q", "fine", "meh")]
+    a = rt.Args(max_length=64)
+    res = rt.evaluate(scorer, tiny_tokenizer, "pairwise", items, torch.device("cpu"), a)
+    assert res["skipped_long"] == 1 and res["n"] == 2
+    alone = rt.evaluate(scorer, tiny_tokenizer, "pairwise", [items[0], items[2]], torch.device("cpu"), a)
+    assert res["acc"] == alone["acc"] and res["loss"] == pytest.approx(alone["loss"])
+    none = rt.evaluate(scorer, tiny_tokenizer, "pointwise", [("p", "x" * 3000, 1)], torch.device("cpu"), a)
+    assert none["acc"] is None and none["loss"] is None and none["skipped_long"] == 1
+
+
+def test_every_prompt_too_long_names_the_limits_to_change(tmp_path, tiny_lm_dir):
+    data = letter_pref_data(tmp_path, 4, 0, "d")
+    with pytest.raises(SystemExit, match=r"raise --max-length .* or lower --max-new-tokens"):
+        rt.main(["rl", "--model", str(tiny_lm_dir), "--reward-model", str(tiny_lm_dir), "--prompts", str(data),
+                 "--max-length", "12", "--max-new-tokens", "8", "--output-dir", str(tmp_path / "o")])
+
+
+def test_logged_json_holds_null_never_nan():
+    assert rt.dumps({"a": float("nan"), "b": [1.5, float("inf")], "c": None, "d": 2}) == '{"a": null, "b": [1.5, null], "c": null, "d": 2}'
