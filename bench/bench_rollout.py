@@ -40,6 +40,7 @@ Issue 13's target: (b) >= 20x (a) at 16 x 8 x 512 on an H100.
 """
 import argparse
 import datetime
+import os
 import platform
 import statistics
 import sys
@@ -131,7 +132,7 @@ def machine(device) -> str:
         return torch.cuda.get_device_name()
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor() or "cpu")
-    return f"CPU {cpu}, {torch.get_num_threads()} threads"
+    return f"CPU {cpu} ({os.cpu_count()} cores, shared), torch threads: {torch.get_num_threads()}"
 
 
 def main():
