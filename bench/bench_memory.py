@@ -31,7 +31,10 @@ response) tokens; `trained` / `frozen` count the models a script trains / holds 
            FSDP: 2 (trained + frozen)(2 P_layer + P_root) + A + Z   bf16 unsharded layer (+ prefetch) and root
            A = kappa T L (24 h + 4 k + 8 i)         activations saved for backward (estimate, kappa = 1)
            A_ckpt = T L 2 h + kappa T (24 h + 4 k + 8 i)   checkpointed layer inputs + one recomputed layer
-           Z = 6 G (response + 1) V                  policy logits, their gradient, reference logits (bf16)
+           Z = 2.5 C + 6 V h + 8 G response h       fused linear log-prob/KL (reinforce_kl's default): float32
+                                                     chunks (C = 256 MiB), bf16 LM-head copies (DDP: policy, its
+                                                     gradient, reference; FSDP2: 2 V h, the gradient), dL/dh
+           Z_logits = 6 G (response + 1) V           --no-fused-linear: policy logits, their gradient, reference logits
   total    state + max(rollout, update) + 1 GB      (cuBLAS workspace, allocator rounding)
 The state coefficients are exact dtype arithmetic, checked on CPU by the sharding table (4 and 8
 bytes per parameter of rank 0 for weights and AdamW, divided by N); the activation coefficients
@@ -98,6 +101,7 @@ SCRIPTS = {  # (trained models, frozen models, samples with the policy) of each 
     "rm_transfer rl (policy + value; reference + RM frozen)": (2, 2, True),
 }
 FIT_GB, TARGET_12B_GB, OVERHEAD = 72.0, 60.0, 1e9
+CHUNK = 256 << 20  # kernels.fused_linear_logprob_kl's default chunk_bytes
 # The one GPU measurement of an update we have: bench/results/step-qwen2-0.5b-NVIDIA-H100-80GB-HBM3-2026-11-23.md,
 # "update, KL via kernels": 12.28 GB above the allocated state, Qwen2-0.5B, G = 8, 128 + 512 tokens, fp32 + autocast.
 H100_UPDATE_EXTRA_GB = 12.28
@@ -107,7 +111,7 @@ def kappa_from_h100_update() -> float:
     """kappa that makes the formula's update term (2P autocast copy + A + Z, no DDP) equal the H100 measurement."""
     cfg = make_config("qwen2", MEASURED["qwen2.5-0.5b"])  # Qwen2-0.5B has the same shapes
     P = count_params(cfg)
-    a = project(cfg, P, "ddp", 1, prompts_per_step=1, kappa=1.0)
+    a = project(cfg, P, "ddp", 1, prompts_per_step=1, kappa=1.0, fused=False)  # that run materialised logits
     return (H100_UPDATE_EXTRA_GB * 1e9 - (a["update"] - a["act"])) / a["act"]
 
 
@@ -130,15 +134,21 @@ def count_params(cfg) -> int:
 
 
 def project(cfg, P: int, mode: str, n_gpus: int, trained=1, frozen=1, rollout=True, G=8, prompt=128, response=512,
-            prompts_per_step=16, kappa=1.0) -> dict:
-    """Bytes per GPU of one reinforce_kl-style step, by term (docstring formula)."""
+            prompts_per_step=16, kappa=1.0, fused=True) -> dict:
+    """Bytes per GPU of one reinforce_kl-style step, by term (docstring formula). fused: log-probs and KL
+    from hidden states (reinforce_kl's --fused-linear, its default), else from materialised logits."""
     L, h, i, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     k = cfg.num_key_value_heads * (getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads)
     T = G * (prompt + response)
     root = V * h * (1 if cfg.tie_word_embeddings else 2) + h
     layer = (P - root) / L
     per_layer_act = T * (24 * h + 4 * k + 8 * i)
-    logits = 6 * G * (response + 1) * V if rollout else 0
+    if not rollout:  # a reward model: no LM head, no logits
+        logits = 0
+    elif fused:  # float32 chunks + bf16 head copies (DDP: policy, its gradient, reference; FSDP2: the gradient)
+        logits = 2.5 * CHUNK + (6 if mode == "ddp" else 2) * V * h + 8 * G * response * h
+    else:
+        logits = 6 * G * (response + 1) * V
     rows = max(prompts_per_step // n_gpus, 1) * G
     kv = rows * (prompt + response) * L * 2 * k * 2
     roll = 2 * P + kv if rollout else 0
@@ -275,11 +285,11 @@ def worker(spec: dict):
 
 
 def run_reinforce_kl(tmp: Path, model_dir: Path, prompts: Path, nproc: int, mode: str, P: int, G: int, R: int,
-                     steps: int, env: dict) -> dict:
+                     steps: int, env: dict, extra: list) -> dict:
     out = tmp / f"run-{mode}-{nproc}"
     argv = ["--model", str(model_dir), "--prompts", str(prompts), "--output-dir", str(out), "--overwrite",
             "--steps", str(steps), "--prompts-per-step", str(P), "--group-size", str(G), "--max-new-tokens", str(R),
-            "--sample-every", "0", *MODES[mode]]
+            "--sample-every", "0", *MODES[mode], *extra]
     spec = tmp / f"spec-{mode}-{nproc}.json"
     spec.write_text(json.dumps({"argv": argv, "out": str(tmp / f"res-{mode}-{nproc}")}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", __file__,
@@ -325,6 +335,14 @@ def summarize(run: dict, n_seq: int) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------
+def script_blob() -> str:
+    """git's blob id of the reinforce_kl.py that ran (`git rev-parse <commit>:reinforce_kl.py` names the commit)."""
+    import hashlib
+
+    data = (ROOT / "reinforce_kl.py").read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()[:10]
+
+
 def machine(gpu: bool) -> str:
     import torch
 
@@ -349,6 +367,7 @@ def main():
     p.add_argument("--prompt-len", type=int, default=128 if gpu else 16)
     p.add_argument("--response-len", type=int, default=512 if gpu else 8)
     p.add_argument("--steps", type=int, default=2, help="the second step is the one timed")
+    p.add_argument("--rk-args", default="", help="more reinforce_kl.py flags, e.g. '--no-fused-linear'")
     p.add_argument("--kappa", type=float, default=0.0,
                    help="activation factor of the projection; 0: fitted to this run (GPU) or to the H100 update measurement")
     p.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
@@ -366,7 +385,8 @@ def main():
                **({} if gpu else {"MALLOC_MMAP_THRESHOLD_": "65536"}))  # CPU: freed tensors leave RSS
     P_, G, R = args.prompts_per_step, args.group_size, args.response_len
     head = [f"# bench_memory ({'GPU' if gpu else 'CPU'}), {date}",
-            f"Machine: {machine(gpu)}; torch {torch.__version__}, transformers {transformers.__version__}",
+            f"Machine: {machine(gpu)}; torch {torch.__version__}, transformers {transformers.__version__}; "
+            f"reinforce_kl.py blob {script_blob()}",
             f"Command: `{' '.join(['python bench/bench_memory.py', *sys.argv[1:]])}`",
             f"Setup: reinforce_kl.py, policy + reference, {P_} prompt(s) x G = {G} per step, {args.prompt_len}-token "
             f"prompts + {R}-token responses (EOS never sampled), {args.steps} steps, checkpoint write skipped", ""]
@@ -381,7 +401,8 @@ def main():
             write_model_folder(tmp / arch, arch, "cuda" if gpu else "cpu")
             for mode, n in (r.split(":") for r in args.runs.split(",")):
                 t0 = time.time()
-                run = run_reinforce_kl(tmp, tmp / arch, tmp / "prompts.jsonl", int(n), mode, P_, G, R, args.steps, env)
+                run = run_reinforce_kl(tmp, tmp / arch, tmp / "prompts.jsonl", int(n), mode, P_, G, R, args.steps, env,
+                                       args.rk_args.split())
                 s = summarize(run, P_ * G)
                 rows[f"{arch}/{mode}/{n}"] = dict(arch=arch, mode=mode, nproc=int(n), P=P, command=run["command"], **s)
                 print(f"{arch} {mode} nproc={n}: {time.time() - t0:.0f} s; {s}", flush=True)
@@ -394,7 +415,8 @@ def main():
         fit_x, fit_y = [], []
         for key, r in rows.items():
             cfg = make_config("qwen2", MEASURED[r["arch"]])
-            pr = project(cfg, r["P"], r["mode"], 1, prompts_per_step=P_, G=G, prompt=args.prompt_len, response=R)
+            pr = project(cfg, r["P"], r["mode"], 1, prompts_per_step=P_, G=G, prompt=args.prompt_len, response=R,
+                         fused="--no-fused-linear" not in r["command"])
             if not r["oom"] and r.get("update_gb"):  # kappa: measured update peak minus the fixed terms, over A
                 fit_x.append(pr["act"])
                 fit_y.append(r["update_gb"] * 1e9 - r["state_gb"] * 1e9 - (pr["update"] - pr["act"]))

@@ -127,6 +127,14 @@ def round_robin(paths: dict, repeats: dict, device) -> dict:
     return {name: (statistics.median(times[name]), times[name], out[name]) for name in paths}
 
 
+def script_blob() -> str:
+    """git's blob id of the reinforce_kl.py that ran (`git rev-parse <commit>:reinforce_kl.py` names the commit)."""
+    import hashlib
+
+    data = (ROOT / "reinforce_kl.py").read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()[:10]
+
+
 def machine(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name()
@@ -246,7 +254,8 @@ def main():
     cache = "static KV cache + compiled decoding for (b) and (c)" if gpu and not args.no_compile else "dynamic KV cache, eager"
     cmd = "python bench/bench_rollout.py " + " ".join(sys.argv[1:])
     head = [f"# bench_rollout ({mode}), {date}",
-            f"Machine: {machine(device)}; torch {torch.__version__}, transformers {transformers.__version__}",
+            f"Machine: {machine(device)}; torch {torch.__version__}, transformers {transformers.__version__}; "
+            f"reinforce_kl.py blob {script_blob()}",
             f"Command: `{cmd.strip()}`",
             f"Setup: {args.prompts} prompts x G = {args.group_size} x {args.new_tokens} new tokens after "
             f"{args.prompt_len}-token prompts; EOS = id V (never sampled); {weights}; {cache}; "

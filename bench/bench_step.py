@@ -161,7 +161,7 @@ def worker(name: str, spec: dict):
                 "--steps", str(S), "--prompts-per-step", str(P), "--group-size", str(G),
                 "--max-new-tokens", str(R), "--beta", str(spec["beta"]), "--lr", str(spec["lr"]),
                 "--temperature", "1.0", "--top-p", "1.0", "--sample-every", "0", "--seed", str(spec["seed"]),
-                *(["--gradient-checkpointing"] if spec["gradient_checkpointing"] else [])]
+                *(["--gradient-checkpointing"] if spec["gradient_checkpointing"] else []), *spec["rk_args"]]
         rk.main(argv, reward_fn=lambda prompts, responses, ids: even_fraction(ids))
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert all(m["response_len"] == R for m in metrics), "reinforce_kl: a response stopped before --response-len"
@@ -219,6 +219,14 @@ def worker(name: str, spec: dict):
 # ----------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------
+def script_blob() -> str:
+    """git's blob id of the reinforce_kl.py that ran (`git rev-parse <commit>:reinforce_kl.py` names the commit)."""
+    import hashlib
+
+    data = (ROOT / "reinforce_kl.py").read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()[:10]
+
+
 def machine(gpu: bool) -> str:
     import torch
 
@@ -245,6 +253,7 @@ def main():
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--gradient-checkpointing", action="store_true", help="in both systems")
     p.add_argument("--systems", default="reinforce_kl,trl")
+    p.add_argument("--rk-args", default="", help="more reinforce_kl.py flags, e.g. '--no-fused-linear'")
     p.add_argument("--threads", type=int, default=0 if gpu else 1, help="OMP/torch threads per worker on CPU (0: default)")
     p.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
@@ -267,7 +276,8 @@ def main():
             for s in systems:
                 spec = dict(model=str(tmp / "model"), prompts=str(tmp / "prompts.jsonl"), tmp=str(tmp), steps=args.steps,
                             prompts_per_step=P, group_size=G, response_len=R, beta=args.beta, lr=args.lr, seed=r,
-                            gradient_checkpointing=args.gradient_checkpointing, out=str(tmp / f"{s}-{r}.json"))
+                            gradient_checkpointing=args.gradient_checkpointing, rk_args=args.rk_args.split(),
+                            out=str(tmp / f"{s}-{r}.json"))
                 (tmp / "spec.json").write_text(json.dumps(spec))
                 t0 = time.time()
                 proc = subprocess.run([sys.executable, __file__, "--worker", s, "--spec", str(tmp / "spec.json")],
@@ -293,7 +303,8 @@ def main():
     date = datetime.date.today().isoformat()
     mem = "peak GB (max allocated)" if gpu else "peak RSS - RSS after imports, GB"
     head = [f"# bench_step ({'GPU' if gpu else 'CPU'}), {date}",
-            f"Machine: {machine(gpu)}; torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}",
+            f"Machine: {machine(gpu)}; torch {torch.__version__}, transformers {transformers.__version__}, trl "
+            f"{trl.__version__}; reinforce_kl.py blob {script_blob()}",
             f"Command: `{' '.join(['python bench/bench_step.py', *sys.argv[1:]])}`",
             f"Setup: random {args.arch}, {P} prompts x G = {G} per step, {args.prompt_len}-token prompts + {R}-token "
             f"responses (EOS never sampled), beta = {args.beta}, lr = {args.lr}, "
