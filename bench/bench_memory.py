@@ -9,9 +9,11 @@ sampled), policy + same-size reference, each run through the real script
   fsdp-ckpt  --fsdp --gradient-checkpointing
 Measured per run (torch.cuda.memory_allocated, rank 0): the steady state (params + gradients +
 AdamW + reference, read just before the second rollout), the peak of the rollouts and of the
-updates, and the second step's time (metrics.jsonl). Bytes per parameter = those / P. Runs that
-do not fit say OOM. --arch / --modes pick a subset; rows accumulate in a JSON file beside the
-result, so the 9 runs can be spread over several commands of a time-limited GPU machine.
+updates, and the second step's time (metrics.jsonl; under --fsdp the script samples without the
+static cache and compilation, so FSDP2's step time is slower by construction). Bytes per parameter
+= those / P. Runs that do not fit say OOM. --arch / --runs pick a subset; rows accumulate in a JSON
+file beside the result, so the 9 runs can be spread over several commands of a time-limited GPU
+machine. The checkpoint the script writes after its last step is replaced by a no-op.
 
 CPU mode (default without CUDA): the evidence that sharding divides the state. A small random Qwen2
 (30M parameters) under `torchrun --nproc_per_node=1, 2, 4` with --fsdp (gloo, OMP_NUM_THREADS=1),
@@ -29,7 +31,7 @@ response) tokens; `trained` / `frozen` count the models a script trains / holds 
            KV = rows x (prompt + response) x L x 2k x 2 bytes, rows = prompts per GPU x G
   update   DDP:  2 P trained + A + Z                autocast's bf16 copy of trained weights
            FSDP: 2 (trained + frozen)(2 P_layer + P_root) + A + Z   bf16 unsharded layer (+ prefetch) and root
-           A = kappa T L (24 h + 4 k + 8 i)         activations saved for backward (estimate, kappa = 1)
+           A = kappa T L (24 h + 4 k + 8 i)         activations saved for backward (estimate x kappa)
            A_ckpt = T L 2 h + kappa T (24 h + 4 k + 8 i)   checkpointed layer inputs + one recomputed layer
            Z = 2.5 C + 6 V h + 8 G response h       fused linear log-prob/KL (reinforce_kl's default): float32
                                                      chunks (C = 256 MiB), bf16 LM-head copies (DDP: policy, its
@@ -37,9 +39,11 @@ response) tokens; `trained` / `frozen` count the models a script trains / holds 
            Z_logits = 6 G (response + 1) V           --no-fused-linear: policy logits, their gradient, reference logits
   total    state + max(rollout, update) + 1 GB      (cuBLAS workspace, allocator rounding)
 The state coefficients are exact dtype arithmetic, checked on CPU by the sharding table (4 and 8
-bytes per parameter of rank 0 for weights and AdamW, divided by N); the activation coefficients
-are an estimate from HF Qwen2's saved tensors (fp32 RMSNorm inputs, bf16 linear inputs, SDPA
-q/k/v/out, SwiGLU's gate/up/product), which the GPU mode replaces by a fitted kappa. A model
+bytes per parameter of rank 0 for weights and AdamW, divided by N; resident memory a + b / N with b
+the sharded bytes per parameter). The activation coefficients are an estimate from the tensors HF
+Qwen2 saves for backward (fp32 RMSNorm inputs, bf16 linear inputs, SDPA q/k/v/out, SwiGLU's
+gate/up/product); kappa = 1.01 makes the update term reproduce the one GPU measurement of an update
+so far (H100_UPDATE_EXTRA_GB below), and the GPU mode refits kappa to its own runs. A model
 "fits" when the projection is <= 72 GB on an 80 GB GPU (10% left for the CUDA context,
 fragmentation and NCCL buffers); issue 12's target for 12B + 12B on 8 x 80 GB is <= 60 GB.
 
@@ -112,7 +116,7 @@ def kappa_from_h100_update() -> float:
     cfg = make_config("qwen2", MEASURED["qwen2.5-0.5b"])  # Qwen2-0.5B has the same shapes
     P = count_params(cfg)
     a = project(cfg, P, "ddp", 1, prompts_per_step=1, kappa=1.0, fused=False)  # that run materialised logits
-    return (H100_UPDATE_EXTRA_GB * 1e9 - (a["update"] - a["act"])) / a["act"]
+    return (H100_UPDATE_EXTRA_GB * 1e9 - (a["update"] - a["kappa_part"])) / a["kappa_part"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,16 +156,16 @@ def project(cfg, P: int, mode: str, n_gpus: int, trained=1, frozen=1, rollout=Tr
     rows = max(prompts_per_step // n_gpus, 1) * G
     kv = rows * (prompt + response) * L * 2 * k * 2
     roll = 2 * P + kv if rollout else 0
+    ak = per_layer_act if mode == "fsdp-ckpt" else L * per_layer_act  # the part kappa scales
+    act = (T * L * 2 * h if mode == "fsdp-ckpt" else 0) + kappa * ak
     if mode == "ddp":
         state = P * (20 * trained + 4 * frozen)
-        act = kappa * L * per_layer_act
         upd = 2 * P * trained + act + logits
     else:
         state = P * (16 * trained + 2 * frozen) / n_gpus
-        act = T * L * 2 * h + kappa * per_layer_act if mode == "fsdp-ckpt" else kappa * L * per_layer_act
         upd = 2 * (trained + frozen) * (2 * layer + root) + act + logits
     total = state + max(roll, upd) + OVERHEAD
-    return dict(state=state, rollout=roll, update=upd, act=act, total=total)
+    return dict(state=state, rollout=roll, update=upd, act=act, kappa_part=kappa * ak, total=total)
 
 
 def largest_fit(models: dict, mode: str, n_gpus: int, trained: int, frozen: int, rollout: bool, kappa: float,
@@ -335,6 +339,32 @@ def summarize(run: dict, n_seq: int) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------
+def gpu_table(rows: dict, args, kappa: float):
+    """Measured GB and bytes per parameter beside the projection; kappa refitted to the runs (least
+    squares of the measured update peak above the state, minus the projection's fixed terms)."""
+    out = ["| model | params | set-up | state GB | state B/param | rollout peak GB | update peak GB | peak GB | "
+           "peak B/param | projected GB | step s |", "|---" * 11 + "|"]
+    fit_x, fit_y = [], []
+    f = lambda x, d=1: "-" if x is None else f"{x:.{d}f}"  # noqa: E731
+    for r in rows.values():
+        cfg = make_config("qwen2", MEASURED[r["arch"]])
+        kw = dict(prompts_per_step=args.prompts_per_step, G=args.group_size, prompt=args.prompt_len,
+                  response=args.response_len, fused="--no-fused-linear" not in r["command"])
+        pr, pr1 = project(cfg, r["P"], r["mode"], 1, kappa=kappa, **kw), project(cfg, r["P"], r["mode"], 1, **kw)
+        if not r["oom"] and r.get("update_gb") and r.get("state_gb"):
+            fit_x.append(pr1["kappa_part"])
+            fit_y.append((r["update_gb"] - r["state_gb"]) * 1e9 - (pr1["update"] - pr1["kappa_part"]))
+        state, peak = r.get("state_gb"), None if r["oom"] else r.get("peak_gb")
+        out.append(f"| {r['arch']} | {r['P'] / 1e9:.2f}B | {r['mode']} | {f(state)} | "
+                   f"{f(state and state * 1e9 / r['P'])} | {f(r.get('rollout_gb'))} | {f(r.get('update_gb'))} | "
+                   f"{'OOM' if r['oom'] else f(peak)} | {f(peak and peak * 1e9 / r['P'])} | "
+                   f"{pr['total'] / 1e9:.1f} | {f(r.get('step_s'), 2)} |")
+    if fit_x and not args.kappa:
+        kappa = max(sum(x * y for x, y in zip(fit_x, fit_y)) / sum(x * x for x in fit_x), 0.0)
+        out += ["", f"kappa refitted to the {len(fit_x)} runs that fit (least squares): {kappa:.2f}"]
+    return out + [""], kappa
+
+
 def script_blob() -> str:
     """git's blob id of the reinforce_kl.py that ran (`git rev-parse <commit>:reinforce_kl.py` names the commit)."""
     import hashlib
@@ -410,25 +440,8 @@ def main():
                 cache.write_text(json.dumps(rows, indent=1))
 
     if gpu:
-        body += ["| model | params | set-up | state GB | state B/param | rollout peak GB | update peak GB | "
-                 "peak GB | peak B/param | projected GB | step s |", "|---" * 11 + "|"]
-        fit_x, fit_y = [], []
-        for key, r in rows.items():
-            cfg = make_config("qwen2", MEASURED[r["arch"]])
-            pr = project(cfg, r["P"], r["mode"], 1, prompts_per_step=P_, G=G, prompt=args.prompt_len, response=R,
-                         fused="--no-fused-linear" not in r["command"])
-            if not r["oom"] and r.get("update_gb"):  # kappa: measured update peak minus the fixed terms, over A
-                fit_x.append(pr["act"])
-                fit_y.append(r["update_gb"] * 1e9 - r["state_gb"] * 1e9 - (pr["update"] - pr["act"]))
-            f = lambda x, d=1: "-" if x is None else f"{x:.{d}f}"  # noqa: E731
-            body.append(f"| {r['arch']} | {r['P'] / 1e9:.2f}B | {r['mode']} | {f(r.get('state_gb'))} | "
-                        f"{f(r['state_gb'] * 1e9 / r['P'] if r.get('state_gb') else None)} | {f(r.get('rollout_gb'))} | "
-                        f"{f(r.get('update_gb'))} | {'OOM' if r['oom'] else f(r.get('peak_gb'))} | "
-                        f"{f(r['peak_gb'] * 1e9 / r['P'] if r.get('peak_gb') and not r['oom'] else None)} | "
-                        f"{pr['total'] / 1e9:.1f} | {f(r.get('step_s'), 2)} |")
-        if fit_x and not args.kappa:
-            kappa = max(sum(x * y for x, y in zip(fit_x, fit_y)) / sum(x * x for x in fit_x), 0.0)
-        body += ["", f"kappa (activation factor, least squares over the runs above): {kappa:.2f}", ""]
+        lines, kappa = gpu_table(rows, args, kappa)
+        body += lines
     else:
         base = rows["cpu-30m/fsdp/1"]
         body += ["| set-up | processes | rank 0 param_bytes | B/param | ratio to 1 process | rank 0 optimizer_bytes | "

@@ -318,6 +318,10 @@ def main():
         vs_m = f"{r['peak'] / ref['peak']:.2f}x" if ref and ref["peak"] > 0 else "-"
         table.append(f"| {s} | {r['step_s']:.3f} | {r['tps']:,.0f} | {r['peak']:.3f} | {vs_t} | {vs_m} |")
     notes = [""] + [f"{s}: timed steps (s) {r['all']}; {r['extra']}" for s, r in rows.items()]
+    if gpu and ref and "reinforce_kl" in rows:
+        t, m = rows["reinforce_kl"]["tps"] / ref["tps"], rows["reinforce_kl"]["peak"] / ref["peak"]
+        notes.append(f"issue 13's targets (H100): tokens/s >= 1.5x TRL ({t:.2f}x: {'met' if t >= 1.5 else 'not met'}), "
+                     f"peak memory <= 0.6x TRL ({m:.2f}x: {'met' if m <= 0.6 else 'not met'})")
     text = "\n".join(head + table + notes)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
