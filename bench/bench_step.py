@@ -9,7 +9,8 @@ vLLM), and the same programmatic reward: the fraction of even token ids in the r
   reinforce_kl   the real script: `reinforce_kl.main(argv, reward_fn)` for --steps steps (rollout of
                  all prompts x G in one compiled `generate`, reward, one update of eq. 4, one prompt
                  group per backward). Step time = response tokens / `tokens_per_s` read from its
-                 metrics.jsonl (the script times each step from its start to its metrics). The
+                 metrics.jsonl (the script times each step from its start to its metrics; on a GPU
+                 only the optimizer's last kernels can still run then, milliseconds). The
                  checkpoint that the script writes after its last step is replaced by a no-op: the
                  bench measures steps, not a disk write (reinforce_kl has no flag to skip it).
   trl            `GRPOTrainer` with per_device_train_batch_size = G, gradient_accumulation_steps =
@@ -42,7 +43,8 @@ pure-Python wheels, fetched here with
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \\
         trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 transformers==5.23.0
 (1.8 MB without transformers; transformers 5.23.0, 13 MB, makes the GPU run use the version the
-CPU results were taken with). There, before the bench:
+CPU results were taken with; datasets 5.2 needs pyarrow >= 24 and fsspec <= 2026.9.0: check with
+`pip show pyarrow fsspec` there and add their wheels if the image's differ). There, before the bench:
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 
 How to read the table: tokens/s = response tokens (prompts x G x response length) per second of a
