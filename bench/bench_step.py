@@ -1,154 +1,337 @@
-"""Time one reinforce_kl.py training step on a GPU, with a random-weight model of a real architecture.
+"""One whole RL step, reinforce_kl.py against TRL's GRPOTrainer (issue 13): tokens/s and peak memory.
 
-The step is reinforce_kl.py's own code: `sample_group` (G responses with a KV cache), then the
-update of eq. (4) on those G sequences: reference forward (no grad), policy forward, per-token
-log-prob and full-vocabulary KL, loss, backward, AdamW. The KL path is swapped between
-  kernels:  reinforce_kl.token_kl (kernels.fused_logprob_kl on the bf16 logits)
-  eager:    float32 log_softmax of policy and reference, gather, sum p (log p - log q)
-  compile:  torch.compile of the eager function
-so the table shows what the fused kernel buys inside a real step (time and peak memory), next to
-what sampling costs. Weights float32 with bf16 autocast, as reinforce_kl.py runs on CUDA.
+Both systems train the same random-weight model (published Qwen2 configuration, saved with
+`save_pretrained` into a temporary folder) on the same number of prompts per step, G samples per
+prompt, prompt and response lengths, beta > 0 (so TRL keeps a reference model, as reinforce_kl
+always does), learning rate, temperature 1 and no top-p/top-k, with Hugging Face generation (no
+vLLM), and the same programmatic reward: the fraction of even token ids in the response.
 
-    python bench/bench_step.py                                  # Qwen2-0.5B shape, G=8, 512 tokens
-    python bench/bench_step.py --arch qwen2.5-1.5b --response-len 1024
+  reinforce_kl   the real script: `reinforce_kl.main(argv, reward_fn)` for --steps steps (rollout of
+                 all prompts x G in one compiled `generate`, reward, one update of eq. 4, one prompt
+                 group per backward). Step time = response tokens / `tokens_per_s` read from its
+                 metrics.jsonl (the script times each step from its start to its metrics; on a GPU
+                 only the optimizer's last kernels can still run then, milliseconds). The
+                 checkpoint that the script writes after its last step is replaced by a no-op: the
+                 bench measures steps, not a disk write (reinforce_kl has no flag to skip it).
+  trl            `GRPOTrainer` with per_device_train_batch_size = G, gradient_accumulation_steps =
+                 prompts per step (one optimizer step per generation batch of prompts x G, on-policy
+                 as reinforce_kl: num_iterations = 1), its own defaults otherwise (loss_type "dapo",
+                 dynamic-cache `generate`); gradient checkpointing set like reinforce_kl's (off unless
+                 --gradient-checkpointing), bf16 autocast over fp32 weights on GPUs as reinforce_kl.
+                 Step time = time between two `on_step_end` callbacks (CUDA synchronised).
+
+Fixed lengths: the tokenizer's EOS is id V, one past the model's last logit, so neither system can
+sample it and every response has exactly --response-len tokens (checked: reinforce_kl's
+`response_len` and TRL's `completions/mean_length`). The tokenizer is a Qwen2-style byte-level one
+(ids 0..255 are bytes) so prompts of N letters are N tokens in both systems; ids >= 256 decode to
+nothing, which is fine for a reward computed on ids.
+
+Each system runs in a fresh subprocess (so peak memory is its own), --rounds times, alternating;
+the first step of each run is a warm-up (compilation, allocator) and is not timed. Step time is the
+median of the timed steps, then the median over rounds. Peak memory: on a GPU
+`torch.cuda.max_memory_allocated` over the whole run; on CPU the peak RSS of the process minus its
+RSS after importing torch, transformers, trl and reinforce_kl (both workers import all four), an
+honest but coarse number at the small CPU sizes (allocator caching, glibc arenas).
+
+    python bench/bench_step.py                  # CPU here (small model, a few minutes);
+    python bench/bench_step.py                  # on a CUDA machine: Qwen2-0.5B, 16 prompts x G = 8, 128 + 512 tokens
+
+GPU machine without a package index: TRL and what it needs beyond the CUDA image (which has torch,
+accelerate, transformers 5.17, pandas, pyarrow, psutil, jinja2, pyyaml, xxhash, fsspec) travel as
+pure-Python wheels, fetched here with
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \\
+        trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 transformers==5.23.0
+(1.8 MB without transformers; transformers 5.23.0, 13 MB, makes the GPU run use the version the
+CPU results were taken with; datasets 5.2 needs pyarrow >= 24 and fsspec <= 2026.9.0: check with
+`pip show pyarrow fsspec` there and add their wheels if the image's differ). There, before the bench:
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+
+How to read the table: tokens/s = response tokens (prompts x G x response length) per second of a
+whole step (generation + reward + update). `vs TRL` is reinforce_kl / TRL for tokens/s (higher is
+better) and for peak memory (lower is better). Issue 13's targets on an H100: tokens/s >= 1.5x
+TRL's at <= 0.6x its peak memory.
 """
 import argparse
-import copy
 import datetime
-import re
+import json
+import os
+import platform
+import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import reinforce_kl as rk  # noqa: E402
-
-ARCHS = {  # published configurations (config.json of each model on the Hugging Face hub)
+ROOT = Path(__file__).resolve().parents[1]
+ARCHS = {  # published config.json values on the Hugging Face hub
     "qwen2-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                       num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+                       num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
+                       max_position_embeddings=131072, rope_theta=1e6, rms_norm_eps=1e-6),
     "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=True),  # CPU smoke run
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
+                         max_position_embeddings=131072, rope_theta=1e6, rms_norm_eps=1e-6),
+    "cpu-small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=8192, tie_word_embeddings=True,
+                      max_position_embeddings=4096, rope_theta=1e6, rms_norm_eps=1e-6),
 }
 
 
-def eager_token_kl(logits, ref_logits, tokens, temperature):
-    lp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    lq = torch.log_softmax(ref_logits.float() / temperature, dim=-1)
-    logp = lp.gather(-1, tokens[..., None]).squeeze(-1)
-    return logp, (lp.exp() * (lp - lq)).sum(-1)
+# ----------------------------------------------------------------------------------------------
+# Model folder, tokenizer, prompts, reward (shared by both systems)
+# ----------------------------------------------------------------------------------------------
+def bytes_to_unicode() -> dict:
+    """GPT-2's byte -> printable character map, which byte-level BPE tokenizers (Qwen2's) use."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
 
 
-def kernels_token_kl(logits, ref_logits, tokens, temperature):
-    logp, kl, _, _ = rk.token_kl(logits, ref_logits, tokens, temperature, "full")
-    return logp, kl
+def write_model_folder(path: Path, arch: str, seed: int = 0) -> int:
+    """A random-weight model of `arch` (float32) and a byte-level tokenizer whose EOS is id V."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
+
+    V = ARCHS[arch]["vocab_size"]
+    vocab = {ch: b for b, ch in bytes_to_unicode().items()}
+    vocab["<eos>"] = V  # one past the last logit: never sampled
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False, byte_fallback=False))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token=bytes_to_unicode()[0])
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # the prompt text, nothing added
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(**ARCHS[arch], bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(path)
+    tok.save_pretrained(path)
+    return V
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def write_prompts(path: Path, model_dir: Path, n: int, length: int, seed: int = 0):
+    """n prompts of `length` random lowercase letters = `length` tokens (checked through the tokenizer
+    as both systems load it)."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rng = random.Random(seed)
+    rows = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(length)) for _ in range(n)]
+    lens = {len(tok(r, add_special_tokens=False)["input_ids"]) for r in rows}
+    assert lens == {length}, f"prompts tokenize to {lens} tokens, not {length} ({type(tok).__name__})"
+    path.write_text("".join(json.dumps({"prompt": r}) + "\n" for r in rows))
+
+
+def even_fraction(ids_list) -> list:
+    """The programmatic reward both systems use: fraction of even token ids in each response."""
+    return [sum(t % 2 == 0 for t in ids) / len(ids) if len(ids) else 0.0 for ids in ids_list]
+
+
+# ----------------------------------------------------------------------------------------------
+# Workers: one system in a fresh process; write {"step_s": [...], "peak_gb": ..., ...} to spec["out"]
+# ----------------------------------------------------------------------------------------------
+def rss_gb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1e6
+
+
+def worker(name: str, spec: dict):
+    import torch
+    import trl  # noqa: F401 - both workers import the same libraries before the RSS baseline
+
+    sys.path.insert(0, str(ROOT))
+    import reinforce_kl as rk
+
+    gpu = torch.cuda.is_available()
+    base_rss = rss_gb()
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    S, P, G, R = spec["steps"], spec["prompts_per_step"], spec["group_size"], spec["response_len"]
+    res = {}
+    if name == "reinforce_kl":
+        rk.save_checkpoint = lambda *a, **k: None  # measure the steps, not the final checkpoint write
+        out = Path(spec["tmp"]) / "rk-run"
+        argv = ["--model", spec["model"], "--prompts", spec["prompts"], "--output-dir", str(out), "--overwrite",
+                "--steps", str(S), "--prompts-per-step", str(P), "--group-size", str(G),
+                "--max-new-tokens", str(R), "--beta", str(spec["beta"]), "--lr", str(spec["lr"]),
+                "--temperature", "1.0", "--top-p", "1.0", "--sample-every", "0", "--seed", str(spec["seed"]),
+                *(["--gradient-checkpointing"] if spec["gradient_checkpointing"] else []), *spec["rk_args"]]
+        rk.main(argv, reward_fn=lambda prompts, responses, ids: even_fraction(ids))
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert all(m["response_len"] == R for m in metrics), "reinforce_kl: a response stopped before --response-len"
+        res["step_s"] = [m["response_len"] * P * G / m["tokens_per_s"] for m in metrics]
+    else:
+        from datasets import Dataset
+        from transformers import TrainerCallback
+        from trl import GRPOConfig, GRPOTrainer
+
+        class StepTimer(TrainerCallback):
+            def __init__(self):
+                self.marks = []
+
+            def _mark(self):
+                if gpu:
+                    torch.cuda.synchronize()
+                self.marks.append(time.perf_counter())
+
+            def on_train_begin(self, *a, **k):
+                self._mark()
+
+            def on_step_end(self, *a, **k):
+                self._mark()
+
+        def reward(prompts, completions, completion_ids, **kwargs):
+            return even_fraction(completion_ids)
+
+        prompts = [json.loads(line)["prompt"] for line in Path(spec["prompts"]).read_text().splitlines()]
+        cfg = GRPOConfig(output_dir=str(Path(spec["tmp"]) / "trl-run"), max_steps=S, per_device_train_batch_size=G,
+                         gradient_accumulation_steps=P, num_generations=G, max_completion_length=R,
+                         beta=spec["beta"], learning_rate=spec["lr"], temperature=1.0, top_p=1.0, top_k=0,
+                         num_iterations=1, gradient_checkpointing=spec["gradient_checkpointing"],
+                         bf16=gpu, use_cpu=not gpu, model_init_kwargs={"dtype": torch.float32},
+                         disable_dropout=True, logging_steps=1, save_strategy="no", report_to="none",
+                         seed=spec["seed"], dataloader_num_workers=0)
+        trainer = GRPOTrainer(model=spec["model"], reward_funcs=reward, args=cfg,
+                              train_dataset=Dataset.from_dict({"prompt": prompts}))
+        assert trainer.ref_model is not None, "TRL built no reference model (beta must be > 0)"
+        timer = StepTimer()
+        trainer.add_callback(timer)
+        trainer.train()
+        lens = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+        assert lens and all(x == R for x in lens), f"TRL: completion lengths {lens}, not {R}"
+        res["step_s"] = [b - a for a, b in zip(timer.marks, timer.marks[1:])]
+    if gpu:
+        res["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        res["reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
+    else:
+        res["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+        res["peak_gb"] = res["peak_rss_gb"] - base_rss
+        res["base_rss_gb"] = base_rss
+    Path(spec["out"]).write_text(json.dumps(res))
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------------------------
+def script_blob() -> str:
+    """git's blob id of the reinforce_kl.py that ran (`git rev-parse <commit>:reinforce_kl.py` names the commit)."""
+    import hashlib
+
+    data = (ROOT / "reinforce_kl.py").read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()[:10]
+
+
+def machine(gpu: bool) -> str:
+    import torch
+
+    if gpu:
+        return torch.cuda.get_device_name()
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor() or "cpu")
+    return f"CPU {cpu}, {os.cpu_count()} cores"
 
 
 def main():
+    import torch
+
+    gpu = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", default="qwen2-0.5b", choices=sorted(ARCHS))
-    p.add_argument("--group-size", type=int, default=8)  # paper: G = 8
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--response-len", type=int, default=512)
-    p.add_argument("--modes", default="kernels,eager,compile")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--arch", default="qwen2-0.5b" if gpu else "cpu-small", choices=sorted(ARCHS))
+    p.add_argument("--prompts-per-step", type=int, default=16 if gpu else 4)  # reinforce_kl's default: 16
+    p.add_argument("--group-size", type=int, default=8 if gpu else 4)  # paper: G = 8
+    p.add_argument("--prompt-len", type=int, default=128 if gpu else 16)
+    p.add_argument("--response-len", type=int, default=512 if gpu else 32)
+    p.add_argument("--steps", type=int, default=3 if gpu else 4, help="per run; the first is a warm-up")
+    p.add_argument("--rounds", type=int, default=1 if gpu else 3, help="fresh runs of each system, alternating")
+    p.add_argument("--beta", type=float, default=0.05)  # reinforce_kl's default; > 0 so TRL keeps a reference
+    p.add_argument("--lr", type=float, default=1e-6)
+    p.add_argument("--gradient-checkpointing", action="store_true", help="in both systems")
+    p.add_argument("--systems", default="reinforce_kl,trl")
+    p.add_argument("--rk-args", default="", help="more reinforce_kl.py flags, e.g. '--no-fused-linear'")
+    p.add_argument("--threads", type=int, default=0 if gpu else 1, help="OMP/torch threads per worker on CPU (0: default)")
     p.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    p.add_argument("--spec", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    if args.worker:
+        return worker(args.worker, json.loads(Path(args.spec).read_text()))
 
-    torch.manual_seed(0)
-    cfg = Qwen2Config(**ARCHS[args.arch], max_position_embeddings=32768, rope_theta=1e6)
-    with torch.device(device):
-        policy = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    ref = copy.deepcopy(policy).eval().requires_grad_(False)
-    policy.eval()
-    n_params = sum(x.numel() for x in policy.parameters())
-    opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    G, V = args.group_size, cfg.vocab_size
-    prompt_ids = torch.randint(0, V, (args.prompt_len,)).tolist()
-    results = []
+    systems = args.systems.split(",")
+    P, G, R = args.prompts_per_step, args.group_size, args.response_len
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1")
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    runs = {s: [] for s in systems}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write_model_folder(tmp / "model", args.arch)
+        write_prompts(tmp / "prompts.jsonl", tmp / "model", P * args.steps, args.prompt_len)
+        for r in range(args.rounds):
+            for s in systems:
+                spec = dict(model=str(tmp / "model"), prompts=str(tmp / "prompts.jsonl"), tmp=str(tmp), steps=args.steps,
+                            prompts_per_step=P, group_size=G, response_len=R, beta=args.beta, lr=args.lr, seed=r,
+                            gradient_checkpointing=args.gradient_checkpointing, rk_args=args.rk_args.split(),
+                            out=str(tmp / f"{s}-{r}.json"))
+                (tmp / "spec.json").write_text(json.dumps(spec))
+                t0 = time.time()
+                proc = subprocess.run([sys.executable, __file__, "--worker", s, "--spec", str(tmp / "spec.json")],
+                                      env=env, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise SystemExit(f"{s} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+                runs[s].append(json.loads(Path(spec["out"]).read_text()))
+                print(f"round {r + 1}/{args.rounds} {s}: {time.time() - t0:.0f} s, steps "
+                      + ", ".join(f"{x:.2f}" for x in runs[s][-1]["step_s"]) + " s", flush=True)
 
-    # sampling: G responses of exactly response_len tokens (no EOS can stop a random model early)
-    gen_args = SimpleNamespace(group_size=G, max_new_tokens=args.response_len, temperature=1.0, top_p=1.0)
-    gen = torch.Generator(device=device).manual_seed(0)
-    times = []
-    for _ in range(2):
-        sync(device)
-        t0 = time.perf_counter()
-        with autocast:
-            tokens, mask = rk.sample_group(policy, prompt_ids, gen_args, [-1], 0, gen, device)
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    results.append(dict(what=f"sample {G} x {args.response_len} tokens (KV cache)", ms=times[-1], peak=float("nan")))
+    rows = {}
+    for s in systems:
+        step_s = statistics.median(statistics.median(run["step_s"][1:]) for run in runs[s])
+        rows[s] = dict(step_s=step_s, tps=P * G * R / step_s, peak=statistics.median(run["peak_gb"] for run in runs[s]),
+                       all=[round(x, 3) for run in runs[s] for x in run["step_s"][1:]],
+                       extra=(f"peak RSS {statistics.median(run['peak_rss_gb'] for run in runs[s]):.2f} GB, "
+                              f"after imports {statistics.median(run['base_rss_gb'] for run in runs[s]):.2f} GB")
+                       if not gpu else f"max reserved {statistics.median(run['reserved_gb'] for run in runs[s]):.2f} GB")
 
-    adv = torch.randn(G, device=device)
-    for mode in args.modes.split(","):
-        kl_fn = {"kernels": kernels_token_kl, "eager": eager_token_kl,
-                 "compile": torch.compile(eager_token_kl, dynamic=False)}[mode]
+    import transformers
+    import trl
 
-        def update():
-            opt.zero_grad(set_to_none=True)
-            with autocast:
-                with torch.no_grad():
-                    ref_logits = rk.response_logits(ref, prompt_ids, tokens, mask)
-                logits = rk.response_logits(policy, prompt_ids, tokens, mask)
-                logp, kl = kl_fn(logits, ref_logits, tokens, 1.0)
-                loss = rk.reinforce_kl_loss(logp, kl, adv, mask, 0.1, G)
-            loss.backward()
-            opt.step()
-            return loss
-
-        try:
-            update()  # warm-up (compilation, AdamW state)
-            sync(device)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-            times = []
-            for _ in range(args.repeats):
-                sync(device)
-                t0 = time.perf_counter()
-                update()
-                sync(device)
-                times.append((time.perf_counter() - t0) * 1e3)
-            peak = (torch.cuda.max_memory_allocated() - base) / 1e9 if device.type == "cuda" else float("nan")
-            results.append(dict(what=f"update, KL via {mode}", ms=statistics.median(times), peak=peak))
-        except torch.cuda.OutOfMemoryError:
-            results.append(dict(what=f"update, KL via {mode}", ms=float("nan"), peak=float("nan")))
-        torch._dynamo.reset()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     date = datetime.date.today().isoformat()
-    tokens_per_update = G * (args.prompt_len + args.response_len)
-    lines = [f"GPU: {gpu}; torch {torch.__version__}; {date}; {args.arch} ({n_params / 1e6:.0f}M parameters, "
-             f"random weights), G = {G}, prompt {args.prompt_len} + response {args.response_len} tokens",
-             f"Command: python bench/bench_step.py --arch {args.arch} --group-size {G} --prompt-len {args.prompt_len} "
-             f"--response-len {args.response_len}", "",
-             "| part of one step | ms (median) | extra peak GB | tokens/s |", "|---|---|---|---|"]
-    for r in results:
-        tok = G * args.response_len if r["what"].startswith("sample") else tokens_per_update
-        lines.append(f"| {r['what']} | {r['ms']:.1f} | {r['peak']:.2f} | {tok / (r['ms'] * 1e-3):,.0f} |")
-    table = "\n".join(lines)
+    mem = "peak GB (max allocated)" if gpu else "peak RSS - RSS after imports, GB"
+    head = [f"# bench_step ({'GPU' if gpu else 'CPU'}), {date}",
+            f"Machine: {machine(gpu)}; torch {torch.__version__}, transformers {transformers.__version__}, trl "
+            f"{trl.__version__}; reinforce_kl.py blob {script_blob()}",
+            f"Command: `{' '.join(['python bench/bench_step.py', *sys.argv[1:]])}`",
+            f"Setup: random {args.arch}, {P} prompts x G = {G} per step, {args.prompt_len}-token prompts + {R}-token "
+            f"responses (EOS never sampled), beta = {args.beta}, lr = {args.lr}, "
+            f"{'bf16 autocast over fp32 weights' if gpu else 'fp32'}, gradient checkpointing "
+            f"{'on' if args.gradient_checkpointing else 'off'} in both; {args.steps} steps per run (first untimed), "
+            f"{args.rounds} fresh run(s) per system alternating; medians", ""]
+    table = ["| system | s / step | tokens/s | " + mem + " | vs TRL: tokens/s | vs TRL: memory |", "|---|---|---|---|---|---|"]
+    ref = rows.get("trl")
+    for s, r in rows.items():
+        vs_t = f"{r['tps'] / ref['tps']:.2f}x" if ref else "-"
+        vs_m = f"{r['peak'] / ref['peak']:.2f}x" if ref and ref["peak"] > 0 else "-"
+        table.append(f"| {s} | {r['step_s']:.3f} | {r['tps']:,.0f} | {r['peak']:.3f} | {vs_t} | {vs_m} |")
+    notes = [""] + [f"{s}: timed steps (s) {r['all']}; {r['extra']}" for s, r in rows.items()]
+    if gpu and ref and "reinforce_kl" in rows:
+        t, m = rows["reinforce_kl"]["tps"] / ref["tps"], rows["reinforce_kl"]["peak"] / ref["peak"]
+        notes.append(f"issue 13's targets (H100): tokens/s >= 1.5x TRL ({t:.2f}x: {'met' if t >= 1.5 else 'not met'}), "
+                     f"peak memory <= 0.6x TRL ({m:.2f}x: {'met' if m <= 0.6 else 'not met'})")
+    text = "\n".join(head + table + notes)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"step-{args.arch}-{re.sub(r'[^A-Za-z0-9]+', '-', gpu).strip('-')}-{date}.md"
-    path.write_text(table + "\n")
-    print(table)
-    print(f"\nwritten to {path}")
+    dev = "cpu" if not gpu else torch.cuda.get_device_name().replace(" ", "-")
+    path = out / f"bench_step-{dev}-{date}.md"
+    path.write_text(text + "\n")
+    print("\n".join(head[:4] + notes[1:] + [""] + table))
+    print(f"written to {path}")
 
 
 if __name__ == "__main__":
