@@ -8,47 +8,44 @@ The method:
   0. `train-embedder` (§3.4, §4.1): the reward's encoder (a sentence-transformers model, or a plain HF
      encoder plus mean pooling) is trained on translation pairs with MultipleNegativesRankingLoss in
      both directions (translations are positives, the batch's other sentences negatives), then frozen.
-  1. Cold start (§3.2): a small SFT (--sft-data, loss on assistant tokens only) so outputs come out in
-     the right script at all; its LoRA is merged into the base, which is then pi_ref.
-  2. GRPO: for each prompt sample K outputs, reward meaning (eqs. 1-2) and language (eq. 3), take
-     group-relative advantages (no value model), a PPO clipped surrogate and a KL penalty to pi_ref.
-     Only PEFT LoRA adapters on all attention and MLP projections train (App. A.1).
+  1. Cold start (§3.2): a small SFT (--sft-data, loss on assistant tokens) so outputs come out in the
+     right script at all; its LoRA is merged into the base, which is then pi_ref.
+  2. GRPO: K outputs per prompt, rewarded for meaning (eqs. 1-2) and language (eq. 3); group-relative
+     advantages, a PPO clipped surrogate and a KL penalty to pi_ref. Only LoRA adapters train (App. A.1).
   3. Evaluation (before SFT, before GRPO, at the end): BLEU/chrF/ROUGE-L, similarity, script and
      language consistency, and the alignment-tax probe of App. C (token NLL and full-vocabulary KL to
-     the base model on general text that is NOT in a target language; per language if it mixes).
+     the base model on general text NOT in a target language; per language when it mixes).
 
 Equations (as the paper states them; our numbering):
-  (1) s        = cos(f(y), f(y_ref))          f = the frozen encoder, embeddings L2-normalised
-  (2) R_sim    = 0 if s <= tau else (s - tau) / (1 - tau);  tau = --tau, or "auto": the mean s of the
-                 cold-start policy (greedy) on the last --tau-holdout rows of --train-data (not trained on)
-  (3) R_lang   = 1 if the output is in the target script AND language, else 0. Script: >= --script-threshold
-                 of its letters (Unicode L*, and M* inside a script's block) in the target script's Unicode
-                 blocks; digits, punctuation, symbols, spaces are neutral; no letters: 0. Language (ours:
-                 Latin and Cyrillic are shared by many languages): when the row has one (`lang` field or
-                 --target-lang) that py3langid knows, py3langid must give it probability >= --lang-min-prob.
-  (4) R        = lambda_sim R_sim + lambda_lang R_lang        (paper: lambda_sim = 1.5, lambda_lang = 1.0)
-  (5) A_i      = (R_i - mean_j R_j) / std_j R_j over the K outputs of a prompt (population std; 0 if no spread)
-  (6) rho_t    = pi_theta(y_t | x, y_<t) / pi_old(y_t | x, y_<t)
-  (7) L        = -1/N sum_i 1/|y_i| sum_t [ min(rho_t A_i, clip(rho_t, 1-eps, 1+eps) A_i) - beta KL_t ]
-      N = sequences in the GLOBAL batch, |y_i| = output tokens incl. EOS (DeepSeekMath eq. 3).
-  KL_t (--kl-estimator): k3 = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1 (DeepSeekMath eq. 4), or
-      full = sum_w pi_theta(w) [log pi_theta(w) - log pi_ref(w)] (exact, whole vocabulary, kernels/).
-  Log-probs and KL are taken at the sampling temperature. pi_old: with --num-iterations 1 the current
-  policy (rho = 1); otherwise the sampling policy's log-probs, computed once per batch without gradient.
+  (1) s      = cos(f(y), f(y_ref)), f = the frozen encoder, embeddings L2-normalised
+  (2) R_sim  = 0 if s <= tau else (s - tau) / (1 - tau); tau = --tau, or "auto": the mean s of the
+               cold-start policy (greedy) on the last --tau-holdout rows of --train-data (not trained on)
+  (3) R_lang = 1 if the output is in the target script AND language, else 0. Script: >= --script-threshold
+               of its letters (Unicode L*, and M* inside a script's block) in the script's Unicode blocks;
+               digits, punctuation, symbols, spaces are neutral; no letters: 0. Language (ours: Latin and
+               Cyrillic serve many languages): if the row has one (`lang`, or --target-lang) that py3langid
+               knows, py3langid must give it probability >= --lang-min-prob.
+  (4) R      = lambda_sim R_sim + lambda_lang R_lang        (paper: lambda_sim = 1.5, lambda_lang = 1.0)
+  (5) A_i    = (R_i - mean_j R_j) / std_j R_j over the K outputs of a prompt (population std; 0 if no spread)
+  (6) rho_t  = pi_theta(y_t | x, y_<t) / pi_old(y_t | x, y_<t)
+  (7) L      = -1/N sum_i 1/|y_i| sum_t [ min(rho_t A_i, clip(rho_t, 1-eps, 1+eps) A_i) - beta KL_t ]
+      N = sequences in the GLOBAL batch, |y_i| = output tokens incl. EOS (DeepSeekMath eq. 3); KL_t is
+      k3 = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1 (DeepSeekMath eq. 4) or, with --kl-estimator full,
+      the exact sum_w pi_theta(w) log(pi_theta(w)/pi_ref(w)) (kernels/). All at the sampling temperature.
+      pi_old: --num-iterations 1: the current policy (rho = 1); else the sampling policy, once per batch.
 
-pi_ref is the policy with its PEFT adapters disabled (disable_adapter(); no second copy).
-checkpoint-<step>/ holds the PEFT adapter: PeftModel.from_pretrained(base, checkpoint) with base =
---model, or <output-dir>/sft after a cold start; --save-merged adds merged/, a plain HF model in the
-model's own dtype. --lora-r 0 trains all weights (pi_ref: a frozen copy; checkpoints: the whole model).
-Chat templates that know `enable_thinking` (Qwen3) get False: the reward scores answers, not <think>.
+pi_ref = the policy with its adapters disabled (PEFT's disable_adapter(); no second copy). checkpoint-N/
+holds the PEFT adapter: PeftModel.from_pretrained(base, checkpoint-N), base = --model, or <output-dir>/sft
+after a cold start; --save-merged adds merged/, a plain HF model in the model's dtype. --lora-r 0 trains
+all weights (pi_ref: a frozen copy). Templates that know `enable_thinking` (Qwen3) get False.
 
-Run (CPU, embedded all-MiniLM-L6-v2 and SmolLM2-135M-Instruct; README has the times and results):
+Run (CPU, embedded all-MiniLM-L6-v2 and SmolLM2-135M-Instruct; README has times and results):
   python grpo_semantic.py train-embedder --output-dir runs/embedder-cpu
   python grpo_semantic.py --model ~/.cache/lowres-align/SmolLM2-135M-Instruct --embedder runs/embedder-cpu \\
       --tau auto --sft-lr 2e-4 --sft-batch-size 4 --prompts-per-step 2 --group-size 4 --lr 1e-4 \\
       --max-new-tokens 24 --eval-max-new-tokens 32 --output-dir runs/grpo_semantic-cpu
-GPUs, one process each, the paper's defaults:  torchrun --nproc_per_node=8 grpo_semantic.py \\
-      --model Qwen/Qwen3-4B --embedder sentence-transformers/LaBSE --sft-data S.jsonl --train-data T.jsonl --tau auto
+GPUs (one process each), the paper's defaults: torchrun --nproc_per_node=8 grpo_semantic.py \\
+      --model Qwen/Qwen3-4B --embedder EMBEDDER --sft-data S.jsonl --train-data T.jsonl --tau auto
 """
 import contextlib
 import copy
@@ -163,10 +160,8 @@ class Args:
                 raise SystemExit(msg)
         flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
         for name in ("prompts_per_step", "max_prompt_len", "max_new_tokens", "eval_max_new_tokens", "save_every",
-                     "sft_epochs", "sft_batch_size", "embed_batch_size", "num_iterations", "tau_holdout",
-                     "embedder_epochs", "embedder_batch_size"):
-            need(getattr(self, name) > 0, f"{flag(name)} must be > 0, got {getattr(self, name)}")
-        for name in ("lr", "sft_lr", "embedder_lr", "lora_alpha", "clip_eps", "max_grad_norm"):
+                     "sft_epochs", "sft_batch_size", "embed_batch_size", "num_iterations", "tau_holdout", "embedder_epochs",
+                     "embedder_batch_size", "lr", "sft_lr", "embedder_lr", "lora_alpha", "clip_eps", "max_grad_norm"):
             need(getattr(self, name) > 0, f"{flag(name)} must be > 0, got {getattr(self, name)}")
         need(self.group_size >= 2, f"--group-size must be >= 2 (group-normalised advantages need two samples per prompt), got {self.group_size}")
         need(self.temperature > 0, f"--temperature must be > 0 (GRPO samples its outputs), got {self.temperature}")
@@ -324,16 +319,12 @@ def mean_std(values: torch.Tensor, ddp: bool) -> Tuple[Optional[float], Optional
     in float32 cancels to 0 for a spread of 1e-4 around 2); (None, None) when there are none."""
     v = values.detach().double().flatten().cpu()
     v = v[torch.isfinite(v)]
-    s = torch.tensor([v.sum().item(), float(v.numel())], dtype=torch.float64)
-    if ddp:
-        dist.all_reduce(s)
+    total = lambda x: dist.all_reduce(x) or x if ddp else x  # noqa: E731
+    s = total(torch.tensor([v.sum().item(), float(v.numel())], dtype=torch.float64))
     if s[1] == 0:
         return None, None
     mean = s[0] / s[1]
-    sq = ((v - mean) ** 2).sum()
-    if ddp:
-        dist.all_reduce(sq)
-    return float(mean), math.sqrt(float(sq / s[1]))
+    return float(mean), math.sqrt(float(total((v - mean).pow(2).sum()) / s[1]))
 
 
 def lcs_length(a: Sequence, b: Sequence) -> int:
@@ -400,12 +391,6 @@ def save_merged(path: Path, policy, tok, dtype: torch.dtype):
     config.dtype = dtype  # save_pretrained recorded the float32 we train in
     config.save_pretrained(path)
     tok.save_pretrained(path)
-
-
-def model_dtype(path: str) -> torch.dtype:
-    """The dtype a model is published in (its config), float32 when it says nothing."""
-    dtype = getattr(AutoConfig.from_pretrained(os.path.expanduser(path)), "dtype", None)
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype or torch.float32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -675,24 +660,24 @@ def embedder_language_warnings(embed: EmbedFn, path: str, langs: Sequence[str], 
     return out
 
 
-def load_tokenizer(path: str, flag: str):
+def load(cls, path: str, flag: str, **kw):
+    """cls.from_pretrained(path) with one line for every way it fails."""
     check_model_path(path, flag)
     try:
-        tok = AutoTokenizer.from_pretrained(os.path.expanduser(path))
+        return cls.from_pretrained(os.path.expanduser(path), **kw)
     except (OSError, ValueError) as e:
         raise SystemExit(f"{flag} {path} could not be loaded ({type(e).__name__}); check the name, or unset HF_HUB_OFFLINE to download")
+
+
+def load_tokenizer(path: str, flag: str):
+    tok = load(AutoTokenizer, path, flag)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
 def load_lm(path: str, flag: str, device):
-    check_model_path(path, flag)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(path), dtype=torch.float32).to(device)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"{flag} {path} could not be loaded ({type(e).__name__}); check the name, or unset HF_HUB_OFFLINE to download")
-    return model.eval()  # eval: no dropout unless a loss forward asks for it
+    return load(AutoModelForCausalLM, path, flag, dtype=torch.float32).to(device).eval()  # eval: no dropout unless asked
 
 
 def save_checkpoint(out: Path, step: int, policy, tok, optimizer, extra: dict, merged_dtype: Optional[torch.dtype]):
@@ -730,28 +715,20 @@ def dumps(obj) -> str:
     return json.dumps(clean(obj), ensure_ascii=False, allow_nan=False)
 
 
-class Reporter:
-    """The metrics dict of each step to tensorboard or wandb (rank 0), when installed."""
-
-    def __init__(self, kind: str, out: Path, args: Args):
-        self.kind = kind
-        try:
-            if kind == "tensorboard":
-                from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(str(out / "tb"))
-            elif kind == "wandb":
-                import wandb
-                self.writer = wandb.init(project="lowres-align", name=out.name, config=asdict(args), resume="allow")
-        except ImportError:
-            raise SystemExit(f"--report-to {kind} needs `pip install {kind}`; or pass --report-to none")
-
-    def log(self, metrics: dict):
-        if self.kind == "tensorboard":
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    self.writer.add_scalar(k, v, metrics["step"])
-        elif self.kind == "wandb":
-            self.writer.log(metrics, step=metrics["step"])
+def reporter(kind: str, out: Path, args: Args) -> Callable[[dict], None]:
+    """log(metrics) to tensorboard or wandb (rank 0), when installed; a no-op for "none"."""
+    try:
+        if kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(str(out / "tb"))
+            return lambda m: [writer.add_scalar(k, v, m["step"]) for k, v in m.items() if isinstance(v, (int, float))]
+        if kind == "wandb":
+            import wandb
+            run = wandb.init(project="lowres-align", name=out.name, config=asdict(args), resume="allow")
+            return lambda m: run.log(m, step=m["step"])
+    except ImportError:
+        raise SystemExit(f"--report-to {kind} needs `pip install {kind}`; or pass --report-to none")
+    return lambda m: None
 
 
 def eos_of(model, tok) -> List[int]:
@@ -890,6 +867,36 @@ def main(argv: Optional[List[str]] = None, embed_fn: Optional[EmbedFn] = None):
     return train_embedder(args) if args.stage == "train-embedder" else train(args, embed_fn)
 
 
+def load_data(args: Args, tok, say):
+    """Training rows (less the --tau auto hold-out), held-out and evaluation rows, the probe's
+    (language, text) lines, the data's languages, and the counts of what was left out."""
+    train_rows, n_train = load_pairs(args, args.train_data, "--train-data", tok)
+    if not train_rows:
+        raise SystemExit(f"--train-data {args.train_data}: every prompt exceeds --max-prompt-len {args.max_prompt_len}; raise it")
+    held_out = []
+    if args.tau == "auto":
+        if len(train_rows) <= args.tau_holdout:
+            raise SystemExit(f"--tau auto holds out --tau-holdout {args.tau_holdout} of the {len(train_rows)} "
+                             f"--train-data rows; lower it or pass a number")
+        train_rows, held_out = train_rows[:-args.tau_holdout], train_rows[-args.tau_holdout:]
+    eval_rows, n_eval = load_pairs(args, args.eval_data, "--eval-data", tok) if args.eval_data else ([], 0)
+    langs = data_languages(train_rows + held_out)
+    unknown = sorted({r["lang"] for r in train_rows + eval_rows if r["lang"] and language_prob("", r["lang"]) is None})
+    if args.lang_id and unknown:
+        say(f"py3langid does not know {', '.join(unknown)}: R_lang checks the script only for those rows")
+    general, n_probe = [], 0
+    if args.general_text:  # App. C: the probe is out of distribution, so never in a target language
+        tagged = [(identify_language(line), line) for line in read_lines(args.general_text, "--general-text")]
+        general = [(g, line) for g, line in tagged if g not in langs]
+        n_probe = len(tagged) - len(general)
+        if not general:
+            raise SystemExit(f"--general-text {args.general_text}: every line is in a target language ({', '.join(langs)}); "
+                             f"the alignment-tax probe needs text in other languages")
+        if n_probe:
+            say(f"--general-text: {n_probe} lines in a target language ({', '.join(langs)}) left out of the probe")
+    return train_rows, held_out, eval_rows, general, langs, {"train": n_train, "eval": n_eval, "probe": n_probe}
+
+
 def sample_groups(args: Args, policy, rows, indices, tok, eos_ids, step: int, device, autocast) -> List[dict]:
     """K outputs for each prompt index, each group from its own seeded generator."""
     policy.eval()  # no dropout while sampling
@@ -978,32 +985,8 @@ def train(args: Args, embed_fn: Optional[EmbedFn] = None):
     say = print if rank == 0 else (lambda *a: None)
 
     tok = load_tokenizer(args.model, "--model")
-    train_rows, skipped = load_pairs(args, args.train_data, "--train-data", tok)
-    held_out = []
-    if args.tau == "auto":
-        if len(train_rows) <= args.tau_holdout:
-            raise SystemExit(f"--tau auto holds out --tau-holdout {args.tau_holdout} of the {len(train_rows)} "
-                             f"--train-data rows; lower it or pass a number")
-        train_rows, held_out = train_rows[:-args.tau_holdout], train_rows[-args.tau_holdout:]
-    if not train_rows:
-        raise SystemExit(f"--train-data {args.train_data}: every prompt exceeds --max-prompt-len {args.max_prompt_len}; raise it")
-    eval_rows, eval_skipped = load_pairs(args, args.eval_data, "--eval-data", tok) if args.eval_data else ([], 0)
-    langs = data_languages(train_rows + held_out)
-    unknown = sorted({r["lang"] for r in train_rows + eval_rows if r["lang"] and language_prob("", r["lang"]) is None})
-    if args.lang_id and unknown:
-        say(f"py3langid does not know {', '.join(unknown)}: R_lang checks the script only for those rows")
-    general, probe_skipped = [], 0
-    if args.general_text:  # App. C: the probe is out of distribution, so never in a target language
-        tagged = [(identify_language(line), line) for line in read_lines(args.general_text, "--general-text")]
-        general = [(g, line) for g, line in tagged if g not in langs]
-        probe_skipped = len(tagged) - len(general)
-        if not general:
-            raise SystemExit(f"--general-text {args.general_text}: every line is in a target language ({', '.join(langs)}); "
-                             f"the alignment-tax probe needs text in other languages")
-        if probe_skipped:
-            say(f"--general-text: {probe_skipped} lines in a target language ({', '.join(langs)}) left out of the probe")
+    train_rows, held_out, eval_rows, general, langs, skipped = load_data(args, tok, say)
     steps = args.steps or math.ceil(len(train_rows) / args.prompts_per_step)
-
     embed = embed_fn or Embedder(args.embedder, device, args.embed_batch_size)
     if args.parallel_eval_data and rank == 0:
         pairs = read_fields(args.parallel_eval_data, "--parallel-eval-data", ("source", "target"))
@@ -1020,7 +1003,7 @@ def train(args: Args, embed_fn: Optional[EmbedFn] = None):
         res = evaluate(args, policy, tok, eval_rows, general, embed, eos_of(policy, tok), rank, world, ddp, device)
         if rank == 0:
             outputs = res.pop("outputs", [])
-            res.update(eval_prompts_skipped=eval_skipped, probe_lines_skipped=probe_skipped)
+            res.update(eval_prompts_skipped=skipped["eval"], probe_lines_skipped=skipped["probe"])
             with open(out / "eval.jsonl", "a") as f:
                 f.write(dumps({"stage": stage, "step": step, **res}) + "\n")
             with open(out / f"eval_outputs-{stage}.jsonl", "w") as f:
@@ -1053,7 +1036,10 @@ def train(args: Args, embed_fn: Optional[EmbedFn] = None):
         reference = (policy, policy.disable_adapter)
     else:
         reference = (copy.deepcopy(policy).requires_grad_(False), contextlib.nullcontext)
-    merged_dtype = model_dtype(args.model) if args.save_merged else None
+    merged_dtype = None
+    if args.save_merged:  # the dtype the model is published in (its config); float32 when it says nothing
+        merged_dtype = getattr(AutoConfig.from_pretrained(os.path.expanduser(args.model)), "dtype", None) or torch.float32
+        merged_dtype = getattr(torch, merged_dtype) if isinstance(merged_dtype, str) else merged_dtype
     eos_ids = eos_of(policy, tok)
     model = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None) if ddp else policy
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -1082,7 +1068,7 @@ def train(args: Args, embed_fn: Optional[EmbedFn] = None):
         say(f"--tau auto: mean similarity of the cold-start policy on {len(held_out)} held-out rows = {tau:.4f}")
     else:
         tau = float(args.tau)
-    reporter = Reporter(args.report_to, out, args) if rank == 0 else None
+    report = reporter(args.report_to, out, args) if rank == 0 else None
     if ckpt is None:
         run_eval("start", 0, policy)
 
@@ -1110,7 +1096,7 @@ def train(args: Args, embed_fn: Optional[EmbedFn] = None):
                    "r_lang": lang_s, "r_script": script_s, "kl": kl_s / n_seq, "entropy": ent_s / n_seq,
                    "response_len": ntok / n_seq, "loss": loss_s, "clip_frac": nclip / ntok if ntok else None,
                    "grad_norm": grad_norm, "frac_zero_adv": nzero, "tau": tau, "skipped_steps": skipped_steps,
-                   "prompts_skipped": skipped, "tokens_per_s": ntok / (time.time() - t0)}
+                   "prompts_skipped": skipped["train"], "tokens_per_s": ntok / (time.time() - t0)}
         if rank == 0:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(dumps(metrics) + "\n")
@@ -1119,7 +1105,7 @@ def train(args: Args, embed_fn: Optional[EmbedFn] = None):
                     for k, gr in enumerate(groups[: args.samples_logged]):
                         f.write(dumps({"step": step, "prompt": gr["row"]["prompt"], "reference": gr["row"]["reference"],
                                        "outputs": gr["texts"], "rewards": rewards[k].tolist()}) + "\n")
-            reporter.log(metrics)
+            report(metrics)
             bar.set_postfix({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if k != "step"})
         if step % args.save_every == 0 or step == steps:
             if rank == 0:
