@@ -413,7 +413,7 @@ def read_rows(path: str, flag: str) -> List[Tuple[str, dict]]:
     or one array of objects); anything else (hub name, csv, parquet) through `datasets`."""
     local = os.path.expanduser(path)
     if os.path.isfile(local) and local.endswith((".jsonl", ".json")):
-        text = decode_utf8(open(local, "rb").read(), path, flag)
+        text = decode_utf8(Path(local).read_bytes(), path, flag)
         if local.endswith(".json") and text.lstrip().startswith("["):
             try:
                 items = [(f"item {i}", r) for i, r in enumerate(json.loads(text), 1)]
@@ -443,6 +443,8 @@ def read_rows(path: str, flag: str) -> List[Tuple[str, dict]]:
             ds = datasets.load_dataset(ext, data_files=local, split="train") if os.path.isfile(local) else \
                 datasets.load_dataset(path, split="train")
         except Exception as e:  # datasets raises many kinds (not found, offline, bad format)
+            if os.path.exists(local):
+                raise SystemExit(f"{flag} {path} could not be read ({type(e).__name__}: {str(e)[:200]}); pass JSONL, CSV or parquet")
             raise SystemExit(f"{flag} {path}: no such file, and the hub has no data set of that name ({type(e).__name__}); "
                              f"check the path, or unset HF_HUB_OFFLINE to download")
         items = [(f"row {i}", dict(r)) for i, r in enumerate(ds, 1)]
@@ -469,7 +471,7 @@ def read_lines(path: str, flag: str) -> List[str]:
     local = os.path.expanduser(path)
     if not os.path.isfile(local):
         raise SystemExit(f"{flag} {path} does not exist; pass a text file (one text per line) or an empty string")
-    lines = [line.strip() for line in decode_utf8(open(local, "rb").read(), path, flag).split("\n")]
+    lines = [line.strip() for line in decode_utf8(Path(local).read_bytes(), path, flag).split("\n")]
     if not any(lines):
         raise SystemExit(f"{flag} {path} has no text; pass a text file (one text per line) or an empty string")
     return [line for line in lines if line]
@@ -655,8 +657,8 @@ def embedder_language_warnings(embed: EmbedFn, path: str, langs: Sequence[str], 
         if acc < MULTILINGUAL_MIN_RETRIEVAL:
             out.append(f"warning: --embedder {path} does not look multilingual on {lang}: it finds the translation of "
                        f"{acc:.0%} of {len(rows)} held-out {lang} sentences (< {MULTILINGUAL_MIN_RETRIEVAL:.0%}); R_sim "
-                       f"will score shared words, not meaning. Pass a multilingual embedder or train one: "
-                       f"`grpo_semantic.py train-embedder --embedder {path}`")
+                       f"will score shared words, not meaning. Pass a multilingual embedder, or train one on more pairs "
+                       f"with `grpo_semantic.py train-embedder`")
     return out
 
 
