@@ -990,8 +990,9 @@ def train(args: Args, embed_fn: Optional[EmbedFn] = None):
     train_rows, held_out, eval_rows, general, langs, skipped = load_data(args, tok, say)
     steps = args.steps or math.ceil(len(train_rows) / args.prompts_per_step)
     embed = embed_fn or Embedder(args.embedder, device, args.embed_batch_size)
-    if args.parallel_eval_data and rank == 0:
-        pairs = read_fields(args.parallel_eval_data, "--parallel-eval-data", ("source", "target"))
+    if args.parallel_eval_data and rank == 0:  # optional: a run from another folder may not have the bundled file
+        pairs = read_fields(args.parallel_eval_data, "--parallel-eval-data", ("source", "target")) \
+            if os.path.exists(os.path.expanduser(args.parallel_eval_data)) else []
         for warning in embedder_language_warnings(embed, args.embedder, langs, pairs):
             print(warning)
     ckpt = latest_checkpoint(out) if args.resume else None
