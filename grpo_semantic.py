@@ -849,7 +849,7 @@ def train_embedder(args: Args):
     report["after"] = embedder_report(embed, held, graded)
     embed.model.save(str(out))
     shutil.rmtree(out / "trainer", ignore_errors=True)
-    (out / "embedder_eval.json").write_text(json.dumps(report, indent=1))
+    (out / "embedder_eval.json").write_text(dumps(report) + "\n")  # a Spearman of constant scores is null
     print(f"{'metric':<16}{'before':>8}{'after':>8}")
     for k in report["before"]:
         print(f"{k:<16}{report['before'][k]:>8.3f}{report['after'][k]:>8.3f}")
