@@ -319,7 +319,7 @@ class CounterSampler(LogitsProcessor):
 # ----------------------------------------------------------------------------- data and files
 def read_rows(spec: str, flag: str, split: str = "train") -> list[dict]:
     """Rows of a .jsonl file (one object per line, blank lines skipped), a .json file (an array of
-    objects, or JSON lines), or anything `datasets.load_dataset` reads (hub name, csv, parquet)."""
+    objects, or JSON lines), a .csv / .parquet file or folder, or a hub data set (`datasets`)."""
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix in (".jsonl", ".json"):
         data = path.read_bytes()
@@ -351,7 +351,11 @@ def read_rows(spec: str, flag: str, split: str = "train") -> list[dict]:
         return rows
     from datasets import load_dataset  # lazy: local JSON needs no `datasets`
 
-    if path.is_dir() or path.exists():
+    if path.is_file():
+        if path.suffix not in (".csv", ".parquet"):
+            raise SystemExit(f"{flag} {spec}: unknown file type {path.suffix!r}; pass a .jsonl, .json, .csv or .parquet file")
+        return list(load_dataset(path.suffix[1:], data_files=str(path), split="train"))
+    if path.is_dir():
         return list(load_dataset(str(path), split=split))
     try:
         return list(load_dataset(spec, split=split))
@@ -384,7 +388,8 @@ def read_finished_rows(path: Path) -> tuple[list[dict], int]:
     rows, good_end, start, line_no = [], 0, 0, 0
     while start < len(data):
         end = data.find(b"\n", start)
-        end = len(data) if end < 0 else end
+        if end < 0:  # no newline after it: a torn last line, even if it parses
+            break
         line_no += 1
         try:
             row = json.loads(data[start:end])
@@ -397,7 +402,7 @@ def read_finished_rows(path: Path) -> tuple[list[dict], int]:
             break
         rows.append(row)
         good_end = start = end + 1
-    return rows, min(good_end, len(data))
+    return rows, good_end
 
 
 def json_safe(x):
@@ -718,75 +723,44 @@ def http_label_probs(url: str, model: str, messages: list[dict], labels: list[st
     return None, "failed", error if error.startswith(endpoint) else f"{endpoint}: {error}"
 
 
-def make_pointwise_scorer(args: Args, rm=None, judge=None):
-    """Returns score(items) for items = [(prompt, reference, response)] -> (scores, NaN where
-    unscored; how each was read; each item's HTTP error or None). score.http: asks a server."""
+def make_scorer(args: Args, pairwise: bool, rm=None, judge=None, url: str = "", url_model: str = ""):
+    """Returns score(items) -> (values, NaN where unscored; how each was read; each item's HTTP
+    error or None); score.http says whether it asks a server. Pointwise items (prompt, reference,
+    response) -> eq. (3) score (an RM: its reward). Pairwise items (prompt, reference, a, b) ->
+    P(A better): p_A / (p_A + p_B) for an LLM judge, sigma(r_A - r_B) for an RM (Bradley-Terry)."""
+    labels = PAIR_LABELS if pairwise else SCORE_LABELS
     values = torch.tensor([float(v) for v in SCORE_LABELS])
     ref_of = (lambda r: r) if args.judge_use_reference else (lambda r: None)
+
+    def messages(item):
+        p, r, *ys = item
+        return pairwise_messages(p, *ys, ref_of(r)) if pairwise else pointwise_messages(p, ys[0], ref_of(r))
+
+    def from_probs(probs):  # [N, K] label probs -> [N]
+        return probs[:, 0] / probs.sum(-1) if pairwise else expected_score(probs, values)
+
     if rm is not None:
-        def by_reward(items):
-            s = reward_model_scores(rm[0], rm[1], [p for p, _, _ in items], [y for _, _, y in items], args.batch_size)
+        def score(items):
+            s = reward_model_scores(rm[0], rm[1], [it[0] for it in items for _ in it[2:]], [y for it in items for y in it[2:]],
+                                    args.batch_size)
+            if pairwise:  # sigma(r_A - r_B) without overflow
+                s = [0.5 + 0.5 * math.tanh((ra - rb) / 2) for ra, rb in zip(s[::2], s[1::2])]
             return s, ["reward" if math.isfinite(x) else "too_long" for x in s], [None] * len(s)
-        by_reward.http = False
-        return by_reward
-    if judge is not None:
-        model, tok = judge
-        ids = label_token_ids(tok, SCORE_LABELS)
+    elif judge is not None:
+        ids = label_token_ids(judge[1], labels)
 
-        def by_lm(items):
-            texts = [chat_text(tok, pointwise_messages(p, y, ref_of(r)), True) for p, r, y in items]
-            probs = next_token_label_probs(model, tok, texts, ids, args.batch_size)
-            hows = ["too_long" if math.isnan(x) else "logprobs" for x in probs[:, 0].tolist()]
-            return expected_score(probs, values).tolist(), hows, [None] * len(items)
-        by_lm.http = False
-        return by_lm
-
-    def by_http(items):
-        scores, hows, errs = [], [], []
-        for p, r, y in items:
-            probs, how, err = http_label_probs(args.judge_url, args.judge_model, pointwise_messages(p, y, ref_of(r)), SCORE_LABELS, args)
-            scores.append(expected_score(torch.tensor(probs), values).item() if probs else math.nan)
-            hows.append(how)
-            errs.append(err)
-        return scores, hows, errs
-    by_http.http = True
-    return by_http
-
-
-def make_pairwise_judge(args: Args, rm=None, judge=None, url: str = "", url_model: str = ""):
-    """Returns judge(items) for items = [(prompt, reference, a, b)] -> (P(A better), NaN where
-    unread; how read; HTTP errors): p_A / (p_A + p_B) for an LLM judge, sigma(r_A - r_B) for an RM."""
-    ref_of = (lambda r: r) if args.judge_use_reference else (lambda r: None)
-    if rm is not None:
-        def by_reward(items):
-            s = reward_model_scores(rm[0], rm[1], [p for p, _, _, _ in items for _ in (0, 1)],
-                                    [y for _, _, a, b in items for y in (a, b)], args.batch_size)
-            pa = [0.5 + 0.5 * math.tanh((ra - rb) / 2) for ra, rb in zip(s[::2], s[1::2])]  # sigma(r_A - r_B), no overflow
-            return pa, ["reward" if math.isfinite(x) else "too_long" for x in pa], [None] * len(pa)
-        by_reward.http = False
-        return by_reward
-    if judge is not None:
-        model, tok = judge
-        ids = label_token_ids(tok, PAIR_LABELS)
-
-        def by_lm(items):
-            texts = [chat_text(tok, pairwise_messages(p, a, b, ref_of(r)), True) for p, r, a, b in items]
-            probs = next_token_label_probs(model, tok, texts, ids, args.batch_size)
-            hows = ["too_long" if math.isnan(x) else "logprobs" for x in probs[:, 0].tolist()]
-            return (probs[:, 0] / probs.sum(-1)).tolist(), hows, [None] * len(items)
-        by_lm.http = False
-        return by_lm
-
-    def by_http(items):
-        pa, hows, errs = [], [], []
-        for p, r, a, b in items:
-            probs, how, err = http_label_probs(url, url_model, pairwise_messages(p, a, b, ref_of(r)), PAIR_LABELS, args)
-            pa.append(probs[0] / (probs[0] + probs[1]) if probs else math.nan)
-            hows.append(how)
-            errs.append(err)
-        return pa, hows, errs
-    by_http.http = True
-    return by_http
+        def score(items):
+            probs = next_token_label_probs(judge[0], judge[1], [chat_text(judge[1], messages(it), True) for it in items],
+                                           ids, args.batch_size)
+            return (from_probs(probs).tolist(), ["too_long" if math.isnan(x) else "logprobs" for x in probs[:, 0].tolist()],
+                    [None] * len(items))
+    else:
+        def score(items):
+            got = [http_label_probs(url, url_model, messages(it), labels, args) for it in items]
+            return ([from_probs(torch.tensor([p], dtype=torch.float64)).item() if p else math.nan for p, _, _ in got],
+                    [how for _, how, _ in got], [err for _, _, err in got])
+    score.http = rm is None and judge is None
+    return score
 
 
 # ----------------------------------------------------------------------------- main
@@ -921,25 +895,28 @@ def main(argv: list[str] | None = None):
     eos = policy.generation_config.eos_token_id
     eos_ids = sorted(({*eos} if isinstance(eos, list) else {eos}) | {policy_tok.eos_token_id} - {None})
     if args.reward_model:
-        score = make_pointwise_scorer(args, rm=model(args.reward_model, "rm", "--reward-model"))
+        scorer = ("rm", args.reward_model, "--reward-model", f"reward model {args.reward_model}")
     elif args.judge_url:
-        score = make_pointwise_scorer(args)
+        scorer = ("url", args.judge_url, args.judge_model, f"LLM judge at {args.judge_url}")
     else:
-        score = make_pointwise_scorer(args, judge=model(args.judge_model, "lm", "--judge-model"))
+        scorer = ("lm", args.judge_model, "--judge-model", f"LLM judge {args.judge_model}")
+
+    def make(kind, name, flag_or_model, _, pairwise):
+        if kind == "url":
+            return make_scorer(args, pairwise, url=name, url_model=flag_or_model)
+        return make_scorer(args, pairwise, **{"rm" if kind == "rm" else "judge": model(name, kind, flag_or_model)})
+    score = make(*scorer, pairwise=False)
     eval_desc = None
-    if args.eval:
+    if args.eval:  # the eval judge; without one, the selection scorer judges (optimistic: it also picked the best)
         if args.eval_reward_model:
-            pair, eval_desc = make_pairwise_judge(args, rm=model(args.eval_reward_model, "rm", "--eval-reward-model")), f"reward model {args.eval_reward_model}"
+            evaluator = ("rm", args.eval_reward_model, "--eval-reward-model", f"reward model {args.eval_reward_model}")
         elif args.eval_judge_url:
-            pair, eval_desc = make_pairwise_judge(args, url=args.eval_judge_url, url_model=args.eval_judge_model), f"LLM judge at {args.eval_judge_url}"
+            evaluator = ("url", args.eval_judge_url, args.eval_judge_model, f"LLM judge at {args.eval_judge_url}")
         elif args.eval_judge_model:
-            pair, eval_desc = make_pairwise_judge(args, judge=model(args.eval_judge_model, "lm", "--eval-judge-model")), f"LLM judge {args.eval_judge_model}"
-        elif args.reward_model:
-            pair, eval_desc = make_pairwise_judge(args, rm=model(args.reward_model, "rm", "--reward-model")), f"reward model {args.reward_model} (the selection scorer: optimistic)"
-        elif args.judge_url:
-            pair, eval_desc = make_pairwise_judge(args, url=args.judge_url, url_model=args.judge_model), f"LLM judge at {args.judge_url} (the selection scorer: optimistic)"
+            evaluator = ("lm", args.eval_judge_model, "--eval-judge-model", f"LLM judge {args.eval_judge_model}")
         else:
-            pair, eval_desc = make_pairwise_judge(args, judge=model(args.judge_model, "lm", "--judge-model")), f"LLM judge {args.judge_model} (the selection scorer: optimistic)"
+            evaluator = (*scorer[:3], f"{scorer[3]} (the selection scorer: optimistic)")
+        pair, eval_desc = make(*evaluator, pairwise=True), evaluator[3]
 
     # ------------------------------------------------------------------------- ALGO LOGIC: one chunk of prompts
     per_prompt = args.n + int(args.eval)

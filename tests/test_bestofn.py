@@ -325,7 +325,7 @@ def test_reward_model_pairwise_judgment_is_bradley_terry(tiny_rm_dir):
 
     rm = AutoModelForSequenceClassification.from_pretrained(tiny_rm_dir).eval()
     tok = AutoTokenizer.from_pretrained(tiny_rm_dir)
-    pair = bestofn.make_pairwise_judge(bestofn.Args(), rm=(rm, tok))
+    pair = bestofn.make_scorer(bestofn.Args(), pairwise=True, rm=(rm, tok))
     items = [("¿Capital de España?", None, a, b) for a, b in [("Madrid.", "Es Madrid, claro."), ("hola", "hola"), ("", "x")]]
     pa, hows, errs = pair(items)
     assert hows == ["reward"] * 3 and errs == [None] * 3
@@ -468,7 +468,7 @@ def test_judge_timeout_bounds_the_whole_request_of_a_trickling_server(judge_serv
 
 def test_unreadable_judgment_scores_nan_is_counted_and_never_selected():
     args = bestofn.Args(judge_url="http://127.0.0.1:9/v1", judge_retries=0, judge_timeout=1)  # closed port
-    scores, hows, errs = bestofn.make_pointwise_scorer(args)([("q", None, "a"), ("q", None, "b")])
+    scores, hows, errs = bestofn.make_scorer(args, pairwise=False, url=args.judge_url)([("q", None, "a"), ("q", None, "b")])
     assert all(math.isnan(x) for x in scores) and hows == ["failed", "failed"] and all(errs)
     assert bestofn.select_best(torch.tensor([math.nan, 0.2, math.nan])).item() == 1
     assert bestofn.finite_mean([math.nan, 1.0, None, 3.0]) == 2.0 and math.isnan(bestofn.finite_mean([math.nan]))
@@ -661,6 +661,7 @@ def test_bad_data_files_get_one_line_with_a_one_based_line_number(tmp_path):
     assert [r["prompt"] for r in load("g.json", b'[{"prompt": "a"}, {"prompt": "b", "reference": "B"}]')] == ["a", "b"]
     assert load("h.jsonl", b'{"text": "hei", "ref": "hi"}\n\n{"text": "hola"}\n', prompt_field="text", reference_field="ref") == [
         {"prompt": "hei", "reference": "hi"}, {"prompt": "hola", "reference": None}]
+    assert load("i.csv", "prompt,reference\nhei,hi\n".encode()) == [{"prompt": "hei", "reference": "hi"}]
     with pytest.raises(SystemExit, match="no such file, and the hub has no data set of that name .*unset HF_HUB_OFFLINE"):
         bestofn.load_prompts(bestofn.Args(prompts=str(tmp_path / "missing.jsonl")))
 
