@@ -176,37 +176,26 @@ def finite_mean(xs: list) -> float:
     return sum(xs) / len(xs) if xs else math.nan
 
 
-def preference(p_a: float, p_b: float) -> float:
-    """One pairwise decision: 1 if A is preferred, 0 if B, 1/2 if tied."""
-    return 1.0 if p_a > p_b else 0.0 if p_b > p_a else 0.5
-
-
 def win_both_orders(p_a_best_first: float, p_a_best_second: float) -> tuple[float, float]:
     """Eq. (4), App. G.2: (hard win, soft win q) of best-of-n from P(A better) in the two orders.
 
     The probabilities are averaged first, then decided: if the judge gives best-of-n 0.9 in one
     order and 0.4 in the other, q = 0.65, a win; deciding each order first would give a tie."""
     q = 0.5 * (p_a_best_first + (1.0 - p_a_best_second))
-    return preference(q, 1.0 - q), q
+    return (1.0 if q > 0.5 else 0.0 if q < 0.5 else 0.5), q
 
 
 def student_t_cdf(t: float, df: int) -> float:
-    """P(T <= t), T ~ Student t with integer df >= 1: the exact finite sums of Abramowitz &
-    Stegun 26.7.3 (df odd) and 26.7.4 (df even) for A = P(|T| <= |t|)."""
-    theta = math.atan(abs(t) / math.sqrt(df))
-    c2 = math.cos(theta) ** 2
-    if df % 2:  # A = 2/pi [theta + sin cos (1 + 2/3 cos^2 + 2*4/(3*5) cos^4 + ...)], df-1 / 2 terms
-        term, total = 1.0, 0.0
-        for k in range(1, (df - 1) // 2 + 1):
-            total += term
-            term *= c2 * (2 * k) / (2 * k + 1)
-        a = 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total)
-    else:  # A = sin [1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ...], df / 2 terms
-        term, total = 1.0, 0.0
-        for k in range(df // 2):
-            total += term
-            term *= c2 * (2 * k + 1) / (2 * k + 2)
-        a = math.sin(theta) * total
+    """P(T <= t), T ~ Student t with integer df >= 1: the exact finite sums of Abramowitz & Stegun
+    26.7.3 (df odd: A = 2/pi [theta + sin cos (1 + 2/3 c^2 + 2*4/(3*5) c^4 + ...)]) and 26.7.4
+    (df even: A = sin [1 + 1/2 c^2 + 1*3/(2*4) c^4 + ...]), A = P(|T| <= |t|), theta = atan(|t| / sqrt(df)),
+    c = cos(theta), (df - 1) // 2 resp. df // 2 terms."""
+    theta, odd = math.atan(abs(t) / math.sqrt(df)), df % 2
+    c2, term, total = math.cos(theta) ** 2, 1.0, 0.0
+    for j in range((df - odd) // 2):
+        total += term
+        term *= c2 * (2 * j + 1 + odd) / (2 * j + 2 + odd)
+    a = 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total) if odd else math.sin(theta) * total
     return 0.5 + 0.5 * a if t >= 0 else 0.5 - 0.5 * a
 
 
@@ -712,7 +701,7 @@ def http_label_probs(url: str, model: str, messages: list[dict], labels: list[st
         try:
             status, data = http_post(endpoint, body, headers, args.judge_timeout)
         except (OSError, http.client.HTTPException) as e:  # refused, reset, IncompleteRead, timeouts
-            error = f"{type(e).__name__}: {e}"
+            error = f"{endpoint}: {type(e).__name__}: {e}"
             continue
         if 200 <= status < 300:
             probs, how, error = read_judge_reply(data, labels)
@@ -720,7 +709,7 @@ def http_label_probs(url: str, model: str, messages: list[dict], labels: list[st
         error = f"{endpoint}: HTTP {status}: {data[:200].decode('utf-8', 'replace')!r}"
         if 400 <= status < 500 and status not in (408, 429):
             break
-    return None, "failed", error if error.startswith(endpoint) else f"{endpoint}: {error}"
+    return None, "failed", error
 
 
 def make_scorer(args: Args, pairwise: bool, rm=None, judge=None, url: str = "", url_model: str = ""):
@@ -1027,6 +1016,8 @@ def main(argv: list[str] | None = None):
         if stop:
             if rank == 0:
                 fout.close()
+            if dist.is_initialized():
+                dist.destroy_process_group()
             raise SystemExit(stop)
 
     if rank == 0:
