@@ -654,7 +654,9 @@ def read_judge_reply(data: bytes, labels: list[str]) -> tuple[list[float] | None
     if not (isinstance(choices, list) and choices and isinstance(choices[0], dict)):
         return bad("no choices[0] object")
     logprobs = choices[0].get("logprobs")
-    content = logprobs.get("content") if isinstance(logprobs, dict) else None
+    if logprobs is not None and not isinstance(logprobs, dict):
+        return bad(f"logprobs is a {type(logprobs).__name__}, not an object")
+    content = logprobs.get("content") if logprobs else None
     probs = [0.0] * len(labels)
     if content:
         if not (isinstance(content, list) and isinstance(content[0], dict)):
@@ -908,8 +910,12 @@ def main(argv: list[str] | None = None):
         pair, eval_desc = make(*evaluator, pairwise=True), evaluator[3]
 
     # ------------------------------------------------------------------------- ALGO LOGIC: one chunk of prompts
+    # A chunk = the prompts whose n (+1) samples fill one generate call, or, when one prompt needs
+    # several calls, enough prompts to fill every call (n = 64, --eval, --batch-size 16: 16 prompts
+    # in 65 full calls, not 5 calls per prompt of which the last samples one sequence).
     per_prompt = args.n + int(args.eval)
-    chunk_size = max(1, args.batch_size // per_prompt)  # prompts whose n (+1) samples fit one generate call
+    chunk_size = (max(1, args.batch_size // per_prompt) if per_prompt <= args.batch_size
+                  else args.batch_size // math.gcd(per_prompt, args.batch_size))
 
     def process_chunk(indexes: list[int]) -> tuple[list[dict], int]:
         """Sample, score, select and (--eval) judge the prompts of one chunk -> (rows, tokens)."""

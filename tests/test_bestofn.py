@@ -583,6 +583,17 @@ def test_prompts_batched_together_sample_what_they_sample_alone_and_resume_mid_b
     assert part.read_bytes() == mixed.read_bytes()
 
 
+@pytest.mark.parametrize("n,batch,prompts,calls", [(3, 3, 3, [3, 3, 3, 3]),   # 4 samples per prompt > 3: 3 prompts fill 4 calls
+                                                    (2, 6, 4, [6, 6]),         # 3 per prompt: 2 prompts per call
+                                                    (2, 7, 3, [6, 3])])        # a partial chunk at the end
+def test_generate_calls_hold_several_prompts_and_at_most_batch_size_sequences(tiny_lm_dir, tiny_rm_dir, tmp_path,
+                                                                               monkeypatch, n, batch, prompts, calls):
+    sizes, real = [], bestofn.sample_batch
+    monkeypatch.setattr(bestofn, "sample_batch", lambda model, ids, keys, *a: sizes.append(len(ids)) or real(model, ids, keys, *a))
+    bestofn.main(run_args(tiny_lm_dir, tiny_rm_dir, tmp_path / "bon.jsonl", prompts=prompts, n=n, batch=batch))
+    assert sizes == calls
+
+
 def test_resume_refuses_a_corrupt_middle_line_and_keeps_the_file(tiny_lm_dir, tiny_rm_dir, tmp_path):
     out = tmp_path / "bon.jsonl"
     bestofn.main(run_args(tiny_lm_dir, tiny_rm_dir, out, prompts=3))
