@@ -88,7 +88,7 @@ RESULT_FLAGS = ("model", "prompts", "prompt_field", "reference_field", "split", 
 class Args:
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "policy: HF name or folder (causal LM)"})
     # our choice: the bundled Norwegian/Spanish prompts
-    prompts: str = field(default="data/bon_prompts.jsonl", metadata={"help": "prompts: JSONL/JSON file or HF dataset name"})
+    prompts: str = field(default="data/bon_prompts.jsonl", metadata={"help": "prompts: .jsonl / .json / .csv / .parquet file or HF dataset name"})
     prompt_field: str = field(default="prompt", metadata={"help": "field holding the prompt"})
     reference_field: str = field(default="reference", metadata={"help": "optional field with a reference answer the judge may see"})
     split: str = field(default="train", metadata={"help": "split when --prompts is an HF dataset"})

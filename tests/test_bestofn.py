@@ -242,7 +242,7 @@ def naive_rollout(model, prompt, key, max_new, temperature, top_p, eos):
 
 def test_batched_rollout_equals_a_naive_loop_with_exact_eos_and_pad_masks(vocab8_lm):
     prompts = [[3, 5], [6, 7, 7, 3, 1, 5, 4] * 6, [1, 2, 3, 4, 6, 7]]  # 2, 42 and 6 tokens
-    rows = [(p, [9, i, 0, j]) for j in range(5) for i, p in enumerate(prompts)]
+    rows = [(p, [9, i, 0, j]) for j in range(3) for i, p in enumerate(prompts)]
     tokens, mask = bestofn.sample_batch(vocab8_lm, [p for p, _ in rows], [k for _, k in rows], 24, 1.0, 1.0,
                                         eos_ids=[0, 6], pad_id=0)  # pad == an eos id, as in SmolLM2
     expected = [naive_rollout(vocab8_lm, p, k, 24, 1.0, 1.0, {0, 6}) for p, k in rows]
