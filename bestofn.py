@@ -2,18 +2,23 @@
 
 Paper: Z. Wu, A. Balashankar, Y. Kim, J. Eisenstein, A. Beirami, "Reuse Your Rewards: Reward
 Model Transfer for Zero-Shot Cross-Lingual Alignment", arXiv:2404.12318 (NAACL 2024). The paper
-uses best-of-n (n = 64) as its training-free alignment testbed: a reward model trained in one
-language reranks samples of a policy in another. KL bound: A. Beirami, A. Agarwal, J. Berant,
-A. D'Amour, J. Eisenstein, C. Nagpal, A. T. Suresh, "Theoretical guarantees on the best-of-n
-alignment policy", arXiv:2401.01879 (2024).
+uses best-of-n (n = 64, App. B) as its training-free alignment testbed (§5): a reward model
+trained in one language reranks samples of a policy in another. KL bound: A. Beirami, A. Agarwal,
+J. Berant, A. D'Amour, J. Eisenstein, C. Nagpal, A. T. Suresh, "Theoretical guarantees on the
+best-of-n alignment policy", arXiv:2401.01879 (2024).
 
 Method (no training):
-  1. for each prompt x, sample y_1..y_n ~ pi_base(. | x) (temperature, top-p as flags);
+  1. for each prompt x, sample y_1..y_n ~ pi_base(. | x) (temperature, top-p as flags); the n
+     candidates of several prompts share one `generate` call (at most --batch-size sequences) and
+     every draw is eq. (5), a pure function of (seed, prompt, sample, position), so the output
+     does not depend on batching, on the number of processes or on resume;
   2. score each: r(x, y_i) from a sequence-classification reward model (read at the last
      token), or from an LLM judge (the probability-weighted mean of the score digits 1..9);
+     models score padded batches sorted by length; an input longer than the scorer's context
+     is not scored (NaN, counted);
   3. return y* = y_{i*}, i* = the LOWEST index among argmax_i r(x, y_i) (deterministic ties);
-  4. optionally (--eval) judge y* against a fresh single sample y' ~ pi_base pairwise, asking
-     the judge in both orders (A = y*, then A = y') to cancel position bias; ties count 1/2.
+  4. optionally (--eval) judge y* against a fresh single sample y' ~ pi_base pairwise, in both
+     orders (A = y*, then A = y'), averaging the judge's probabilities (App. G.2).
 
 Equations:
   (1) KL(pi_bon || pi_base) <= log(n) - (n - 1) / n
@@ -23,12 +28,17 @@ Equations:
       the win rate of best-of-n against one base sample under the SAME reward with no ties
       (E[F(max of n)] = n/(n+1)); another judge (--eval-*) can be above or below it.
   (3) judge score  s = sum_k k p(k) / sum_k p(k),  k = 1..9,  p = judge's next-token probs
-  (4) per-prompt win  w = (o_AB + (1 - o_BA)) / 2,  o = 1 if the judge prefers A, 0 if B,
-      1/2 if tied; win rate = mean_x w; 95% CI: Wilson score interval over prompts (main),
-      plus the normal approximation mean +- 1.96 sd / sqrt(m) (reported as well). The "soft"
-      win rate puts the judge's P(A better) in place of o (p_A / (p_A + p_B) for an LLM judge,
-      sigma(r_A - r_B) for a reward model); it shows signal that hard decisions hide when a
-      weak judge always answers "A".
+  (4) App. G.2 ("prompt the LM judge twice with both orderings ... averaging the probabilities"):
+      P_o(A) = p_A / (p_A + p_B) in order o (sigma(r_A - r_B) for a reward model),
+      q = (P_AB(A) + 1 - P_BA(A)) / 2   (the averaged probability that best-of-n is better),
+      win w = 1 if q > 1/2, 0 if q < 1/2, 1/2 if q = 1/2; "soft" win = q.
+      Win rates = means over prompts, each with a 95% Student-t interval over the per-prompt
+      outcomes: mean +- t_{0.975, m-1} sd / sqrt(m) (outcomes are 0, 1/2, 1 or in [0, 1], not
+      Bernoulli, so a binomial interval such as Wilson's does not apply).
+  (5) y_t = argmax_v [ log softmax(z_t / T)_v  (-inf outside the top-p nucleus)  +  g_v ],
+      g_v = -log(-log u_v),  u_v = U(seed, prompt, stream, sample, t, v) a counter-based uniform:
+      Gumbel-max, an exact sample of the tempered, nucleus-renormalised distribution
+      (see `gumbel_sample`).
 
 Run (embedded SmolLM2 as policy and judge; --reward-model works with any num_labels=1
 sequence-classification folder, e.g. one written by rm_transfer.py):
@@ -41,64 +51,98 @@ sequence-classification folder, e.g. one written by rm_transfer.py):
 Re-running with --resume and the same --output skips the prompts already written.
 
 Output: one JSONL row per prompt, in prompt order: index, prompt, candidates, scores, best,
-best_index, best_score (+ reference; with --eval: single, eval_a_wins = [o_AB, o_BA], win,
-eval_p_a, win_soft; judge_reads = how judge answers were read). <output>.summary.json holds the
-KL bound, the ceiling, mean scores, the win rates with their intervals, and the arguments.
+best_index, best_score (+ reference; with --eval: single, eval_p_a = [P_AB(A), P_BA(A)] (the
+two orders), win_soft = q, win; judge_reads = how judge answers were read; judge_error = the
+last judge request error). Unscored values are null. <output>.args.json holds the arguments
+(checked on --resume); <output>.summary.json the KL bound, the ceiling, mean scores, the win
+rates with their intervals, counts of skipped items, and the arguments.
 """
-import hashlib
+import http.client
 import json
 import math
 import os
+import socket
+import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from transformers import LogitsProcessor
 
 DEFAULT_MODEL = str(
     Path(os.environ.get("LOWRES_ALIGN_CACHE", Path.home() / ".cache" / "lowres-align")) / "SmolLM2-135M-Instruct"
 )
 SCORE_LABELS = [str(k) for k in range(1, 10)]  # eq. (3): single digits are one token in most vocabularies
 PAIR_LABELS = ["A", "B"]
+STREAM_BON, STREAM_SINGLE = 0, 1  # eq. (5): candidates and the --eval single sample are separate streams
+# Flags that change the rows: --resume refuses an output written with other values.
+RESULT_FLAGS = ("model", "prompts", "prompt_field", "reference_field", "split", "n", "max_new_tokens", "temperature",
+                "top_p", "reward_model", "judge_model", "judge_url", "judge_top_logprobs", "judge_use_reference", "eval",
+                "eval_reward_model", "eval_judge_model", "eval_judge_url", "dtype", "seed")
 
 
 @dataclass
 class Args:
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "policy: HF name or folder (causal LM)"})
     # our choice: the bundled Norwegian/Spanish prompts
-    prompts: str = field(default="data/bon_prompts.jsonl", metadata={"help": "prompts: JSONL file or HF dataset name"})
+    prompts: str = field(default="data/bon_prompts.jsonl", metadata={"help": "prompts: .jsonl / .json / .csv / .parquet file or HF dataset name"})
     prompt_field: str = field(default="prompt", metadata={"help": "field holding the prompt"})
     reference_field: str = field(default="reference", metadata={"help": "optional field with a reference answer the judge may see"})
     split: str = field(default="train", metadata={"help": "split when --prompts is an HF dataset"})
     max_prompts: int = field(default=0, metadata={"help": "use only the first K prompts (0 = all)"})
     output: str = field(default="", metadata={"help": "output JSONL (default runs/bestofn-<time>.jsonl); summary goes to <output>.summary.json"})
-    # paper: best-of-n with n = 64. Under torchrun spell it --num-samples: torchrun's own parser
-    # rejects "--n" as an ambiguous abbreviation of its --nnodes/--nproc-per-node.
+    # paper App. B: best-of-n with n = 64. Under torchrun spell it --num-samples: torchrun's own
+    # parser rejects "--n" as an ambiguous abbreviation of its --nnodes/--nproc-per-node.
     n: int = field(default=64, metadata={"help": "samples per prompt (alias --num-samples)", "aliases": ["--num-samples", "--num_samples"]})
     batch_size: int = field(default=16, metadata={"help": "most sequences generated / scored in one forward"})  # our choice: fits a 24 GB GPU at 1B params
     max_new_tokens: int = field(default=128, metadata={"help": "response length cap"})  # our choice: short answers
     # our choice: sample from the base policy itself (T = 1, top-p = 1), which is what eqs. (1)-(2) assume
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (> 0)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass (0 < top_p <= 1)"})
     reward_model: str = field(default="", metadata={"help": "selection scorer: sequence-classification RM (num_labels=1)"})
     judge_model: str = field(default="", metadata={"help": "selection scorer: in-process HF causal LM judge; with --judge-url, the model name sent to the server"})
     judge_url: str = field(default="", metadata={"help": "selection scorer: OpenAI-compatible server, e.g. http://localhost:8000/v1 (chat completions with logprobs)"})
     judge_api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "env var holding the API key for --judge-url / --eval-judge-url"})
-    judge_timeout: float = field(default=60.0, metadata={"help": "seconds per judge HTTP request"})
-    judge_retries: int = field(default=3, metadata={"help": "retries per judge HTTP request (exponential backoff)"})
+    judge_timeout: float = field(default=60.0, metadata={"help": "seconds for one whole judge HTTP request (connect, send, read)"})
+    judge_retries: int = field(default=3, metadata={"help": "retries of a judge HTTP request after a timeout, a dropped connection, 5xx, 408 or 429 (exponential backoff)"})
     judge_top_logprobs: int = field(default=20, metadata={"help": "top_logprobs requested from the judge server"})  # OpenAI API maximum
+    judge_max_failed_steps: int = field(default=3, metadata={"help": "stop when every judge request of this many prompts in a row failed"})
     judge_use_reference: bool = field(default=True, metadata={"help": "show the row's reference answer to the judge"})
-    eval: bool = field(default=False, metadata={"help": "also judge best-of-n vs a fresh single sample (both orders)"})
+    eval: bool = field(default=False, metadata={"help": "also judge best-of-n vs a fresh single sample (both orders, App. G.2)"})
     eval_reward_model: str = field(default="", metadata={"help": "eval judge: RM (compare scores); default: the selection scorer"})
-    eval_judge_model: str = field(default="", metadata={"help": "eval judge: in-process HF causal LM (pairwise A/B)"})
+    eval_judge_model: str = field(default="", metadata={"help": "eval judge: in-process HF causal LM (pairwise A/B); with --eval-judge-url, the model name sent"})
     eval_judge_url: str = field(default="", metadata={"help": "eval judge: OpenAI-compatible server (pairwise A/B)"})
     dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16"})
-    seed: int = field(default=0, metadata={"help": "sampling of prompt i is seeded by (seed, i): independent of processes and resume"})
+    seed: int = field(default=0, metadata={"help": "eq. (5): every draw is keyed by (seed, prompt index, sample): independent of batching, processes and resume"})
     resume: bool = field(default=False, metadata={"help": "continue a partially written --output, skipping finished prompts"})
     report_to: str = field(default="none", metadata={"help": "none | tensorboard (<output>.tb/) | wandb: per-prompt scores and wins, step = prompt index"})
+
+    def __post_init__(self):
+        for name in ("n", "batch_size", "max_new_tokens", "judge_top_logprobs", "judge_max_failed_steps"):
+            if getattr(self, name) < 1:
+                raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_prompts", "judge_retries"):
+            if getattr(self, name) < 0:
+                raise SystemExit(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.temperature < math.inf:
+            raise SystemExit(f"--temperature must be > 0 (best-of-n samples the policy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise SystemExit(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not 0 < self.judge_timeout < math.inf:
+            raise SystemExit(f"--judge-timeout must be > 0 seconds, got {self.judge_timeout}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise SystemExit(f'--dtype must be auto, float32, bfloat16 or float16, got "{self.dtype}"')
+        if self.report_to not in ("none", "tensorboard", "wandb"):
+            raise SystemExit(f'--report-to must be none, tensorboard or wandb, got "{self.report_to}"')
+        if self.reward_model and (self.judge_model or self.judge_url):
+            raise SystemExit("pass one selection scorer: --reward-model, or --judge-model / --judge-url, not both")
+        if not self.eval and (self.eval_reward_model or self.eval_judge_model or self.eval_judge_url):
+            raise SystemExit("--eval-reward-model / --eval-judge-model / --eval-judge-url need --eval")
+        if self.eval_reward_model and (self.eval_judge_model or self.eval_judge_url):
+            raise SystemExit("pass one eval judge: --eval-reward-model, or --eval-judge-model / --eval-judge-url, not both")
 
 
 # ----------------------------------------------------------------------------- pure math
@@ -126,59 +170,192 @@ def expected_score(label_probs: torch.Tensor, values: torch.Tensor) -> torch.Ten
     return (p * values.double()).sum(-1) / p.sum(-1)
 
 
-def finite_mean(xs: list[float]) -> float:
-    """Mean over the scored entries (unreadable judgments are NaN); NaN when none is scored."""
-    xs = [x for x in xs if math.isfinite(x)]
+def finite_mean(xs: list) -> float:
+    """Mean over the scored entries (unscored: NaN or None); NaN when none is scored."""
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
     return sum(xs) / len(xs) if xs else math.nan
 
 
-def preference(p_a: float, p_b: float) -> float:
-    """One pairwise judgment: 1 if A is preferred, 0 if B, 1/2 if tied."""
-    return 1.0 if p_a > p_b else 0.0 if p_b > p_a else 0.5
+def win_both_orders(p_a_best_first: float, p_a_best_second: float) -> tuple[float, float]:
+    """Eq. (4), App. G.2: (hard win, soft win q) of best-of-n from P(A better) in the two orders.
+
+    The probabilities are averaged first, then decided: if the judge gives best-of-n 0.9 in one
+    order and 0.4 in the other, q = 0.65, a win; deciding each order first would give a tie."""
+    q = 0.5 * (p_a_best_first + (1.0 - p_a_best_second))
+    return (1.0 if q > 0.5 else 0.0 if q < 0.5 else 0.5), q
 
 
-def win_both_orders(a_wins_best_first: float, a_wins_best_second: float) -> float:
-    """Eq. (4): best-of-n's win from the judgment with best as A and the one with best as B."""
-    return 0.5 * (a_wins_best_first + (1.0 - a_wins_best_second))
+def student_t_cdf(t: float, df: int) -> float:
+    """P(T <= t), T ~ Student t with integer df >= 1: the exact finite sums of Abramowitz & Stegun
+    26.7.3 (df odd: A = 2/pi [theta + sin cos (1 + 2/3 c^2 + 2*4/(3*5) c^4 + ...)]) and 26.7.4
+    (df even: A = sin [1 + 1/2 c^2 + 1*3/(2*4) c^4 + ...]), A = P(|T| <= |t|), theta = atan(|t| / sqrt(df)),
+    c = cos(theta), (df - 1) // 2 resp. df // 2 terms."""
+    theta, odd = math.atan(abs(t) / math.sqrt(df)), df % 2
+    c2, term, total = math.cos(theta) ** 2, 1.0, 0.0
+    for j in range((df - odd) // 2):
+        total += term
+        term *= c2 * (2 * j + 1 + odd) / (2 * j + 2 + odd)
+    a = 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total) if odd else math.sin(theta) * total
+    return 0.5 + 0.5 * a if t >= 0 else 0.5 - 0.5 * a
 
 
-def win_rate_ci(wins: list[float], z: float = 1.959963984540054) -> dict:
-    """Mean per-prompt win and 95% intervals: Wilson score (main) and normal approximation."""
-    m = len(wins)
+def student_t_quantile(p: float, df: int) -> float:
+    """t with P(T <= t) = p (1/2 < p < 1), by bisection on the exact CDF (no scipy)."""
+    lo, hi = 0.0, 1.0
+    while student_t_cdf(hi, df) < p:
+        lo, hi = hi, 2 * hi
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            break
+        lo, hi = (mid, hi) if student_t_cdf(mid, df) < p else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def mean_ci95(outcomes: list[float]) -> dict:
+    """Mean of per-prompt outcomes in [0, 1] and its 95% Student-t interval (eq. 4), clipped to [0, 1]."""
+    m = len(outcomes)
     if m == 0:
-        return {"win_rate": None, "ci95_wilson": None, "ci95_normal": None, "num_prompts": 0}
-    p = sum(wins) / m
-    centre = (p + z * z / (2 * m)) / (1 + z * z / m)
-    half = z / (1 + z * z / m) * math.sqrt(p * (1 - p) / m + z * z / (4 * m * m))
-    sd = math.sqrt(sum((w - p) ** 2 for w in wins) / (m - 1)) if m > 1 else 0.0
-    normal = [max(0.0, p - z * sd / math.sqrt(m)), min(1.0, p + z * sd / math.sqrt(m))]
-    return {"win_rate": p, "ci95_wilson": [centre - half, centre + half], "ci95_normal": normal, "num_prompts": m}
+        return {"win_rate": None, "ci95": None, "sd": None, "num_prompts": 0}
+    mean = sum(outcomes) / m
+    if m == 1:
+        return {"win_rate": mean, "ci95": None, "sd": None, "num_prompts": 1}
+    sd = math.sqrt(sum((w - mean) ** 2 for w in outcomes) / (m - 1))
+    half = student_t_quantile(0.975, m - 1) * sd / math.sqrt(m)
+    return {"win_rate": mean, "ci95": [max(0.0, mean - half), min(1.0, mean + half)], "sd": sd, "num_prompts": m}
 
 
-def prompt_seed(seed: int, index: int, stream: str) -> int:
-    """A 63-bit seed for one prompt's sampling, from (seed, global prompt index, stream name)."""
-    return int.from_bytes(hashlib.sha256(f"{seed}/{index}/{stream}".encode()).digest()[:8], "little") >> 1
+# ----------------------------------------------------------------------------- counter-based sampling, eq. (5)
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for x in [0, 2^32) held in int64, without int64 overflow (c split in 16-bit halves)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijection of 32-bit words with full avalanche (multiply-xorshift, "lowbias32" constants)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x21F0AAAD)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x735A2D97)
+    return x ^ (x >> 15)
+
+
+def counter_words(keys: list[list[int]], device=None) -> torch.Tensor:
+    """Integer keys (any Python ints, e.g. [seed, prompt index, stream, sample]) -> [B, 2K] int64
+    32-bit words (low, high half of each key taken modulo 2^64)."""
+    return torch.tensor([[w for k in row for w in (k & _M32, (k >> 32) & _M32)] for row in keys],
+                        dtype=torch.int64, device=device)
+
+
+def counter_uniform(words: torch.Tensor, position: int, vocab_size: int) -> torch.Tensor:
+    """[B, W] key words, a position, V -> [B, V] float64 uniforms in (0, 1), a pure function of
+    (key words, position, vocabulary index). Two 32-bit hash lanes (different start values) chain
+    the words and the position, then mix in the vocabulary index; 20 bits of one and 32 of the
+    other give k < 2^52 and u = (2k + 1) / 2^53, exact in float64 and never 0 or 1."""
+    v = torch.arange(vocab_size, dtype=torch.int64, device=words.device)
+    lanes = []
+    for h0 in (0x243F6A88, 0x85A308D3):
+        h = torch.full(words.shape[:1], h0, dtype=torch.int64, device=words.device)
+        for j in range(words.shape[1]):
+            h = _mix32(h ^ words[:, j])
+        h = _mix32(h ^ (position & _M32))
+        lanes.append(_mix32(h[:, None] ^ v))
+    k = (lanes[0] >> 12) * 2 ** 32 + lanes[1]
+    return (2 * k + 1).double() * 2.0 ** -53
+
+
+def gumbel_sample(logits: torch.Tensor, words: torch.Tensor, position: int, temperature: float,
+                  top_p: float) -> torch.Tensor:
+    """Eq. (5): logits [B, V], key words [B, W] (`counter_words`), position t -> tokens [B] int64.
+
+    y = argmax_v (log p_v + g_v), log p = log_softmax(logits / T) set to -inf outside the top-p
+    nucleus (the smallest set of most likely tokens whose mass reaches top_p: a token stays when
+    the mass of the tokens ranked before it is < top_p, as in HF's TopPLogitsWarper), and
+    g_v = -log(-log u_v) with u = counter_uniform(words, t, V). Exactness: for i.i.d. Gumbel(0, 1)
+    g, P(argmax_v (log p_v + g_v) = y) = p_y / sum_v p_v (Gumbel-max), so tokens are drawn from
+    softmax(logits / T) renormalised on the nucleus, up to the 2^-53 grid of u and the hash's
+    pseudo-randomness. The noise of row b depends only on (words[b], t, v): the same row gives
+    the same token whatever else is in the batch, whichever process samples it, and after resume."""
+    logp = torch.log_softmax(logits.double() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_logp, order = logp.sort(dim=-1, descending=True, stable=True)
+        p = sorted_logp.exp()
+        drop_sorted = (p.cumsum(-1) - p) >= top_p  # mass ranked before the token already reaches top_p
+        logp = logp.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), -math.inf)
+    u = counter_uniform(words.to(logp.device), position, logp.shape[-1])
+    return (logp - torch.log(-torch.log(u))).argmax(dim=-1)
+
+
+class CounterSampler(LogitsProcessor):
+    """Hugging Face LogitsProcessor for eq. (5): use with `generate(do_sample=False, ...)`.
+
+    CounterSampler(words [B, W] from `counter_words`, prompt_width = input_ids.shape[1] at the start,
+    temperature, top_p). At each step the position is input_ids.shape[1] - prompt_width (the
+    number of tokens generated so far), the token is `gumbel_sample`, and the returned scores are
+    0 at that token and -inf elsewhere, so greedy decoding picks it."""
+
+    def __init__(self, words: torch.Tensor, prompt_width: int, temperature: float, top_p: float):
+        self.words, self.prompt_width, self.temperature, self.top_p = words, prompt_width, temperature, top_p
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        y = gumbel_sample(scores, self.words, input_ids.shape[1] - self.prompt_width, self.temperature, self.top_p)
+        return torch.full_like(scores, -math.inf).scatter_(1, y[:, None], 0.0)
 
 
 # ----------------------------------------------------------------------------- data and files
-def load_prompts(args: Args) -> list[dict]:
-    path = Path(args.prompts)
-    if path.suffix in (".jsonl", ".json") or path.exists():
-        if not path.exists():
-            raise SystemExit(f"--prompts {path} does not exist; pass a JSONL file or an HF dataset name")
+def read_rows(spec: str, flag: str, split: str = "train") -> list[dict]:
+    """Rows of a .jsonl file (one object per line, blank lines skipped), a .json file (an array of
+    objects, or JSON lines), a .csv / .parquet file or folder, or a hub data set (`datasets`)."""
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix in (".jsonl", ".json"):
+        data = path.read_bytes()
+        if path.suffix == ".json" and data.lstrip()[:1] == b"[":
+            try:
+                rows = json.loads(data.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise SystemExit(f"{flag} {spec} is not a valid UTF-8 JSON array ({e}); fix the file or write JSON lines") from None
+            for i, row in enumerate(rows, 1):
+                if not isinstance(row, dict):
+                    raise SystemExit(f"{flag} {spec} element {i} is a JSON {type(row).__name__}, not an object; write an array of objects")
+            return rows
         rows = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise SystemExit(f"--prompts {path} row {i} is not valid JSON ({e}); fix or delete that line")
-    else:
-        from datasets import load_dataset  # lazy: JSONL needs no `datasets`
+        for i, raw in enumerate(data.split(b"\n"), 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise SystemExit(f"{flag} {spec} line {i} is not UTF-8 ({e.reason}); re-save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{flag} {spec} line {i} is not valid JSON ({e.msg}); fix or delete that line") from None
+            if not isinstance(row, dict):
+                kind = {list: "list", str: "string"}.get(type(row), type(row).__name__)
+                raise SystemExit(f"{flag} {spec} line {i} is a JSON {kind}, not an object; write one JSON object per line")
+            rows.append(row)
+        return rows
+    from datasets import load_dataset  # lazy: local JSON needs no `datasets`
 
-        rows = list(load_dataset(args.prompts, split=args.split))
+    if path.is_file():
+        if path.suffix not in (".csv", ".parquet"):
+            raise SystemExit(f"{flag} {spec}: unknown file type {path.suffix!r}; pass a .jsonl, .json, .csv or .parquet file")
+        return list(load_dataset(path.suffix[1:], data_files=str(path), split="train"))
+    if path.is_dir():
+        return list(load_dataset(str(path), split=split))
+    try:
+        return list(load_dataset(spec, split=split))
+    except Exception as e:  # noqa: BLE001 -- any hub/offline failure becomes one line
+        raise SystemExit(f"{flag} {spec}: no such file, and the hub has no data set of that name ({type(e).__name__}); "
+                         "check the path, or unset HF_HUB_OFFLINE to download") from None
+
+
+def load_prompts(args: Args) -> list[dict]:
     out = []
-    for i, row in enumerate(rows):
+    for i, row in enumerate(read_rows(args.prompts, "--prompts", args.split), 1):
         prompt = row.get(args.prompt_field)
         if not isinstance(prompt, str) or not prompt.strip():
             raise SystemExit(f'--prompts {args.prompts} row {i} has no text field "{args.prompt_field}"; pass --prompt-field NAME')
@@ -191,25 +368,56 @@ def load_prompts(args: Args) -> list[dict]:
     return out
 
 
-def read_finished_rows(path: Path) -> list[dict]:
-    """Complete rows of a partially written output; a truncated last line is cut off the file."""
+def read_finished_rows(path: Path) -> tuple[list[dict], int]:
+    """(rows, byte length of the good part) of a partially written output. A torn LAST line (what
+    a kill, power loss or full disk leaves) is dropped; an unreadable line before the last is refused."""
     if not path.exists():
-        return []
+        return [], 0
     data = path.read_bytes()
-    rows, good_end, start = [], 0, 0
-    while True:
+    rows, good_end, start, line_no = [], 0, 0, 0
+    while start < len(data):
         end = data.find(b"\n", start)
-        if end < 0:
+        if end < 0:  # no newline after it: a torn last line, even if it parses
             break
+        line_no += 1
         try:
-            rows.append(json.loads(data[start:end]))
-        except json.JSONDecodeError:
+            row = json.loads(data[start:end])
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            if data[end + 1:].strip():
+                raise SystemExit(f"--output {path} line {line_no} is unreadable ({e}) and rows follow it; "
+                                 "it is not a torn last line: repair or remove that line, or choose another --output") from None
             break
+        rows.append(row)
         good_end = start = end + 1
-    if good_end < len(data):
-        with open(path, "r+b") as f:  # drop the half-written tail so appends start on a clean line
-            f.truncate(good_end)
-    return rows
+    return rows, good_end
+
+
+def json_safe(x):
+    """Non-finite floats -> None (JSON null), recursively: output files never hold bare NaN/Infinity."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x
+
+
+def dumps(x, **kw) -> str:
+    return json.dumps(json_safe(x), ensure_ascii=False, allow_nan=False, **kw)
+
+
+def check_resume_args(args: Args, sidecar: Path, output: Path):
+    if not sidecar.exists():
+        raise SystemExit(f"--output {output} has rows but no {sidecar.name} to check the flags against "
+                         "(written by an older bestofn.py?); choose another --output")
+    old = json.loads(sidecar.read_text())
+    for name in RESULT_FLAGS:
+        if name in old and old[name] != getattr(args, name):
+            raise SystemExit(f"--resume: --{name.replace('_', '-')} is {getattr(args, name)!r} but {output} was written "
+                             f"with {old[name]!r}; resume with the same value, or choose another --output")
 
 
 # ----------------------------------------------------------------------------- models
@@ -219,31 +427,44 @@ def torch_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load_causal_lm(name: str, dtype: torch.dtype, device: torch.device, what: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def check_model_path(name: str, flag: str):
+    """One line for a local path that holds no model, before anything loads; hub names pass."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise SystemExit(f"{flag} {name} is a folder without a model (no config.json); "
+                             "pass a folder written by save_pretrained, or a hub name")
+    elif path.exists():
+        raise SystemExit(f"{flag} {name} is a file, not a model folder; pass a folder written by save_pretrained, or a hub name")
+    elif name.startswith((".", "/", "~")) or (len(Path(name).parts) > 1 and Path(Path(name).parts[0]).exists()):
+        raise SystemExit(f"{flag} {name} does not exist; pass a folder written by save_pretrained, or a hub name")
 
+
+def load_model(name: str, kind: str, dtype: torch.dtype, device: torch.device, flag: str):
+    """(model, tokenizer) for kind "lm" (causal LM, left padding) or "rm" (num_labels=1 classifier)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    cls = AutoModelForCausalLM if kind == "lm" else AutoModelForSequenceClassification
     try:
         tok = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device).eval()
-    except OSError as e:
-        raise SystemExit(f"{what} {name!r} cannot be loaded ({e}); pass an HF name or a local folder") from None
+        model = cls.from_pretrained(name, dtype=dtype).to(device).eval()
+    except (OSError, ValueError) as e:
+        detail = (str(e).strip().splitlines() or [""])[0][:160]
+        raise SystemExit(f"{flag} {name} could not be loaded ({type(e).__name__}: {detail}); "
+                         "check the name, or unset HF_HUB_OFFLINE to download") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    tok.padding_side = "left"  # judge batches read the last position
+    tok.padding_side = "left"
+    if kind == "rm":
+        if model.config.num_labels != 1:
+            raise SystemExit(f"{flag} {name} has num_labels={model.config.num_labels}; a reward model needs num_labels=1")
+        if model.config.pad_token_id is None:  # HF refuses batches without one; unused (we pass inputs_embeds)
+            model.config.pad_token_id = tok.pad_token_id
     return model, tok
 
 
-def load_reward_model(name: str, dtype: torch.dtype, device: torch.device, what: str):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForSequenceClassification.from_pretrained(name, dtype=dtype).to(device).eval()
-    except OSError as e:
-        raise SystemExit(f"{what} {name!r} cannot be loaded ({e}); pass a sequence-classification folder") from None
-    if model.config.num_labels != 1:
-        raise SystemExit(f"{what} {name!r} has num_labels={model.config.num_labels}; a reward model needs num_labels=1")
-    return model, tok
+def context_limit(model) -> int:
+    return getattr(model.config, "max_position_embeddings", None) or 1 << 62
 
 
 def chat_text(tok, messages: list[dict], add_generation_prompt: bool) -> str:
@@ -253,56 +474,74 @@ def chat_text(tok, messages: list[dict], add_generation_prompt: bool) -> str:
     return text + "\n\n" if add_generation_prompt else text
 
 
+def encode(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=not tok.chat_template).input_ids
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token lists -> left-padded ids, attention mask, position ids (0 at each row's first real token)."""
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[r, width - len(s):] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), pos.to(device)
+
+
+# ----------------------------------------------------------------------------- ROLLOUT (swap in another engine here)
 @torch.no_grad()
-def sample_responses(model, tok, prompt: str, n: int, args: Args, seed: int) -> tuple[list[str], int]:
-    """n samples for one prompt, in chunks of --batch-size, from one seeded RNG stream."""
-    from transformers import GenerationConfig
+def sample_batch(model, prompt_ids: list[list[int]], keys: list[list[int]], max_new_tokens: int, temperature: float,
+                 top_p: float, eos_ids: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rollout: one `generate` call for B rows.
 
-    ids = tok(chat_text(tok, [{"role": "user", "content": prompt}], True), add_special_tokens=not tok.chat_template,
-              return_tensors="pt").input_ids.to(model.device)
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
-    eos.discard(None)
-    gcfg = GenerationConfig(  # a fresh config: the model's own defaults (top_k=50, penalties) would bias pi_base
-        do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0, max_new_tokens=args.max_new_tokens,
-        pad_token_id=tok.pad_token_id, eos_token_id=sorted(eos),
-    )
-    torch.manual_seed(seed)  # seeds CUDA too; the chunks below continue this one stream
-    texts, tokens = [], 0
-    for start in range(0, n, args.batch_size):
-        k = min(args.batch_size, n - start)
-        batch = ids.expand(k, -1)
-        out = model.generate(input_ids=batch, attention_mask=torch.ones_like(batch), generation_config=gcfg)
-        for row in out[:, ids.shape[1]:].tolist():
-            cut = next((j for j, t in enumerate(row) if t in eos), len(row))
-            tokens += min(cut + 1, len(row))
-            texts.append(tok.decode(row[:cut], skip_special_tokens=True))
-    return texts, tokens
+    prompt_ids: B token lists (rows may repeat a prompt); keys: B integer lists that key each row's
+    noise in eq. (5), here [seed, prompt index, stream, sample index]. Returns tokens [B, T] and
+    mask [B, T] bool, T <= max_new_tokens: mask is True on each row's response up to and including
+    its first EOS, and tokens are pad_id where mask is False."""
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    ids, att, _ = left_pad(prompt_ids, pad_id, model.device)
+    sampler = CounterSampler(counter_words(keys, model.device), ids.shape[1], temperature, top_p)
+    # generate() fills unset fields from model.generation_config (top_k=50, repetition penalties
+    # ...), which would change the distribution: it sees a fresh default config during the call.
+    saved, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        out = model.generate(input_ids=ids, attention_mask=att, logits_processor=LogitsProcessorList([sampler]),
+                             generation_config=GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                                                                pad_token_id=pad_id, eos_token_id=eos_ids))
+    finally:
+        model.generation_config = saved
+    tokens = out[:, ids.shape[1]:].cpu()
+    is_eos = torch.isin(tokens, torch.tensor(eos_ids))
+    mask = (is_eos.long().cumsum(-1) - is_eos.long()) == 0  # no EOS strictly before
+    return tokens.masked_fill(~mask, pad_id), mask
 
 
+# ----------------------------------------------------------------------------- scorers
 @torch.no_grad()
-def reward_model_scores(rm, tok, prompt: str, responses: list[str], batch_size: int) -> list[float]:
+def reward_model_scores(rm, tok, prompt, responses: list[str], batch_size: int) -> list[float]:
     """r(x, y) read at the last token of chat(x) ++ y ++ eos, whatever the pad token is.
 
-    The input is the chat-formatted prompt, the response tokens and eos: the tokens the policy
-    produced when it stopped (the same layout rm_transfer.py trains on). Sequences are batched
-    only with others of the same length (no padding at all), and fed as inputs_embeds so HF's
-    pooling takes position -1 instead of searching for the pad id, which would stop one token
-    early when pad == eos. (HF warns once that it cannot see padding in inputs_embeds: there is none.)"""
-    head = tok(chat_text(tok, [{"role": "user", "content": prompt}], True), add_special_tokens=not tok.chat_template).input_ids
+    prompt: one prompt for all responses, or a list with one per response. The input is the
+    chat-formatted prompt, the response tokens and eos: the tokens the policy produced when it
+    stopped (the layout rm_transfer.py trains on). Padded batches sorted by length, left padding,
+    fed as inputs_embeds so HF's pooling reads position -1 (each row's last real token) instead of
+    searching for the pad id, which would stop one token early when pad == eos. An input longer
+    than the RM's context is not run and scores NaN."""
+    prompts = [prompt] * len(responses) if isinstance(prompt, str) else prompt
+    heads = {p: encode(tok, chat_text(tok, [{"role": "user", "content": p}], True)) for p in set(prompts)}
     tail = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    ids = [head + tok(r, add_special_tokens=False).input_ids + tail for r in responses]
-    scores = [0.0] * len(ids)
-    by_len: dict[int, list[int]] = {}
-    for i, seq in enumerate(ids):
-        by_len.setdefault(len(seq), []).append(i)
-    for _, members in sorted(by_len.items()):
-        for start in range(0, len(members), batch_size):
-            chunk = members[start:start + batch_size]
-            x = torch.tensor([ids[i] for i in chunk], device=rm.device)
-            out = rm(inputs_embeds=rm.get_input_embeddings()(x)).logits[:, 0].float().tolist()
-            for i, s in zip(chunk, out):
-                scores[i] = s
+    ids = [heads[p] + tok(r, add_special_tokens=False).input_ids + tail for p, r in zip(prompts, responses)]
+    scores = [math.nan] * len(ids)
+    order = sorted((i for i in range(len(ids)) if len(ids[i]) <= context_limit(rm)), key=lambda i: -len(ids[i]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        x, att, pos = left_pad([ids[i] for i in chunk], tok.pad_token_id, rm.device)
+        out = rm(inputs_embeds=rm.get_input_embeddings()(x), attention_mask=att, position_ids=pos).logits[:, 0]
+        for i, s in zip(chunk, out.float().tolist()):
+            scores[i] = s
     return scores
 
 
@@ -319,16 +558,20 @@ def label_token_ids(tok, labels: list[str]) -> list[list[int]]:
 
 @torch.no_grad()
 def next_token_label_probs(lm, tok, texts: list[str], label_ids: list[list[int]], batch_size: int) -> torch.Tensor:
-    """[len(texts), K]: probability that the judge's next token is each label."""
-    rows = []
-    for start in range(0, len(texts), batch_size):
-        enc = tok(texts[start:start + batch_size], return_tensors="pt", padding=True,
-                  add_special_tokens=not tok.chat_template).to(lm.device)
-        pos = (enc.attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at 0
-        logits = lm(input_ids=enc.input_ids, attention_mask=enc.attention_mask, position_ids=pos, logits_to_keep=1).logits
-        probs = torch.softmax(logits[:, -1].float(), dim=-1)
-        rows.append(torch.stack([probs[:, ids].sum(-1) for ids in label_ids], dim=-1).cpu())
-    return torch.cat(rows)
+    """[len(texts), K]: probability that the judge's next token is each label.
+
+    Padded batches sorted by length, logits at the last position only (logits_to_keep=1: no
+    [B, L, V] tensor). A text longer than the judge's context is not run: its row is NaN."""
+    ids = [encode(tok, t) for t in texts]
+    out = torch.full((len(texts), len(label_ids)), math.nan, dtype=torch.float64)
+    order = sorted((i for i in range(len(ids)) if len(ids[i]) <= context_limit(lm)), key=lambda i: -len(ids[i]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        x, att, pos = left_pad([ids[i] for i in chunk], tok.pad_token_id, lm.device)
+        logits = lm(input_ids=x, attention_mask=att, position_ids=pos, logits_to_keep=1).logits[:, -1]
+        probs = torch.softmax(logits.float(), dim=-1)
+        out[chunk] = torch.stack([probs[:, l].sum(-1) for l in label_ids], dim=-1).double().cpu()
+    return out
 
 
 def pointwise_messages(prompt: str, response: str, reference: str | None) -> list[dict]:
@@ -347,11 +590,105 @@ def pairwise_messages(prompt: str, a: str, b: str, reference: str | None) -> lis
         f"Request:\n{prompt}\n\n{ref}Answer A:\n{a}\n\nAnswer B:\n{b}")}]
 
 
-def http_label_probs(url: str, model: str, messages: list[dict], labels: list[str], args: Args) -> tuple[list[float] | None, str]:
-    """Ask an OpenAI-compatible server for one token; return (label probs, how it was read).
+def http_post(url: str, body: bytes, headers: dict, timeout: float) -> tuple[int, bytes]:
+    """POST -> (status, body). `timeout` bounds the whole exchange: each socket operation gets the
+    time left, the body is read in chunks against the deadline (a server that trickles bytes
+    cannot stretch it), and a watchdog closes the socket at the deadline (trickled headers)."""
+    deadline = time.monotonic() + timeout
+    u = urllib.parse.urlsplit(url)
+    conn = (http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection)(u.hostname, u.port, timeout=timeout)
 
-    Reads top_logprobs ("logprobs"); if the server sends none, one-hot on the answer text
-    ("text"); if nothing is readable after the retries, (None, "failed")."""
+    def left() -> float:
+        rest = deadline - time.monotonic()
+        if rest <= 0:
+            raise TimeoutError(f"no complete reply within --judge-timeout {timeout:g} s")
+        return rest
+
+    sock = resp = None
+
+    def cut():
+        try:
+            sock and sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+    watchdog = threading.Timer(timeout, cut)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        conn.connect()
+        sock = conn.sock  # getresponse() may hand the socket to the response and clear conn.sock
+        sock.settimeout(left())
+        conn.request("POST", (u.path or "/") + (f"?{u.query}" if u.query else ""), body=body, headers=headers)
+        sock.settimeout(left())
+        resp = conn.getresponse()
+        chunks = []
+        while True:
+            sock.settimeout(left())
+            chunk = resp.read1(1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        if resp.length:  # the server closed before Content-Length bytes arrived
+            raise http.client.IncompleteRead(b"".join(chunks), resp.length)
+        return resp.status, b"".join(chunks)
+    except (OSError, http.client.HTTPException):
+        left()  # past the deadline: report the timeout, not the watchdog's cut
+        raise
+    finally:
+        watchdog.cancel()
+        if resp is not None:
+            resp.close()
+        conn.close()
+
+
+def read_judge_reply(data: bytes, labels: list[str]) -> tuple[list[float] | None, str, str | None]:
+    """(label probs, "logprobs" | "text" | "failed", error) from a chat-completions reply. Every
+    field is type-checked: a reply that cannot be read is a failure, never an exception."""
+    def bad(why):
+        return None, "failed", f"malformed reply: {why}"
+    try:
+        reply = json.loads(data)
+    except ValueError as e:
+        return bad(f"not JSON ({e})")
+    choices = reply.get("choices") if isinstance(reply, dict) else None
+    if not (isinstance(choices, list) and choices and isinstance(choices[0], dict)):
+        return bad("no choices[0] object")
+    logprobs = choices[0].get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, dict):
+        return bad(f"logprobs is a {type(logprobs).__name__}, not an object")
+    content = logprobs.get("content") if logprobs else None
+    probs = [0.0] * len(labels)
+    if content:
+        if not (isinstance(content, list) and isinstance(content[0], dict)):
+            return bad("logprobs.content is not a list of objects")
+        top = content[0].get("top_logprobs")
+        if top is not None and not isinstance(top, list):
+            return bad(f"top_logprobs is a {type(top).__name__}, not a list")
+        for entry in top or []:
+            lp = entry.get("logprob") if isinstance(entry, dict) else None
+            if not (isinstance(entry, dict) and isinstance(entry.get("token"), str)
+                    and isinstance(lp, (int, float)) and not isinstance(lp, bool)):
+                return bad(f"top_logprobs entry {str(entry)[:60]!r} is not {{token: str, logprob: number}}")
+            if not (math.isfinite(lp) and lp <= 0):
+                return bad(f"logprob {lp} is not a log-probability")
+            if entry["token"].strip() in labels:
+                probs[labels.index(entry["token"].strip())] += math.exp(lp)
+    if sum(probs) > 0:
+        return probs, "logprobs", None
+    message = choices[0].get("message")
+    text = message.get("content") if isinstance(message, dict) else None
+    if isinstance(text, str) and text.strip()[:1] in labels:
+        return [1.0 if lab == text.strip()[:1] else 0.0 for lab in labels], "text", None
+    return None, "failed", f"no label {labels[0]}..{labels[-1]} in the top log-probs or the text"
+
+
+def http_label_probs(url: str, model: str, messages: list[dict], labels: list[str], args: Args
+                     ) -> tuple[list[float] | None, str, str | None]:
+    """Ask an OpenAI-compatible server for one token: (label probs, how read, last error).
+
+    Reads top_logprobs ("logprobs"); if it sends none, one-hot on the answer text ("text");
+    otherwise (None, "failed", error). Timeouts, dropped connections, 5xx, 408 and 429 are retried
+    with backoff; other 4xx (a wrong request, URL or key) and malformed replies are not."""
     endpoint = url.rstrip("/")
     endpoint = endpoint if endpoint.endswith("/chat/completions") else endpoint + "/chat/completions"
     body = json.dumps({"model": model or "default", "messages": messages, "max_tokens": 1, "temperature": 0.0,
@@ -359,84 +696,62 @@ def http_label_probs(url: str, model: str, messages: list[dict], labels: list[st
     headers = {"Content-Type": "application/json"}
     if os.environ.get(args.judge_api_key_env):
         headers["Authorization"] = f"Bearer {os.environ[args.judge_api_key_env]}"
+    error = None
     for attempt in range(args.judge_retries + 1):
+        if attempt:
+            time.sleep(min(2.0 ** (attempt - 1), 30.0))
         try:
-            req = urllib.request.Request(endpoint, data=body, headers=headers, method="POST")
-            with urllib.request.urlopen(req, timeout=args.judge_timeout) as resp:
-                choice = json.loads(resp.read())["choices"][0]
+            status, data = http_post(endpoint, body, headers, args.judge_timeout)
+        except (OSError, http.client.HTTPException) as e:  # refused, reset, IncompleteRead, timeouts
+            error = f"{endpoint}: {type(e).__name__}: {e}"
+            continue
+        if 200 <= status < 300:
+            probs, how, error = read_judge_reply(data, labels)
+            return probs, how, error and f"{endpoint}: {error}"
+        error = f"{endpoint}: HTTP {status}: {data[:200].decode('utf-8', 'replace')!r}"
+        if 400 <= status < 500 and status not in (408, 429):
             break
-        except (urllib.error.URLError, TimeoutError, OSError, KeyError, IndexError, json.JSONDecodeError):
-            if attempt == args.judge_retries:
-                return None, "failed"
-            time.sleep(min(2.0 ** attempt, 30.0))
-    probs = [0.0] * len(labels)
-    content = (choice.get("logprobs") or {}).get("content") or []
-    for entry in (content[0].get("top_logprobs") or []) if content else []:
-        if entry.get("token", "").strip() in labels:
-            probs[labels.index(entry["token"].strip())] += math.exp(entry["logprob"])
-    if sum(probs) > 0:
-        return probs, "logprobs"
-    text = ((choice.get("message") or {}).get("content") or "").strip()
-    if text[:1] in labels:
-        return [1.0 if lab == text[:1] else 0.0 for lab in labels], "text"
-    return None, "failed"
+    return None, "failed", error
 
 
-def make_pointwise_scorer(args: Args, rm=None, judge=None):
-    """Returns score(prompt, reference, responses) -> (scores, counts of how judgments were read)."""
+def make_scorer(args: Args, pairwise: bool, rm=None, judge=None, url: str = "", url_model: str = ""):
+    """Returns score(items) -> (values, NaN where unscored; how each was read; each item's HTTP
+    error or None); score.http says whether it asks a server. Pointwise items (prompt, reference,
+    response) -> eq. (3) score (an RM: its reward). Pairwise items (prompt, reference, a, b) ->
+    P(A better): p_A / (p_A + p_B) for an LLM judge, sigma(r_A - r_B) for an RM (Bradley-Terry)."""
+    labels = PAIR_LABELS if pairwise else SCORE_LABELS
     values = torch.tensor([float(v) for v in SCORE_LABELS])
-    if rm is not None:
-        model, tok = rm
-        return lambda prompt, ref, ys: (reward_model_scores(model, tok, prompt, ys, args.batch_size), {})
     ref_of = (lambda r: r) if args.judge_use_reference else (lambda r: None)
-    if judge is not None:
-        model, tok = judge
-        ids = label_token_ids(tok, SCORE_LABELS)
 
-        def score(prompt, ref, ys):
-            texts = [chat_text(tok, pointwise_messages(prompt, y, ref_of(ref)), True) for y in ys]
-            return expected_score(next_token_label_probs(model, tok, texts, ids, args.batch_size), values).tolist(), {}
-        return score
+    def messages(item):
+        p, r, *ys = item
+        return pairwise_messages(p, *ys, ref_of(r)) if pairwise else pointwise_messages(p, ys[0], ref_of(r))
 
-    def score_http(prompt, ref, ys):
-        scores, counts = [], {}
-        for y in ys:
-            probs, how = http_label_probs(args.judge_url, args.judge_model, pointwise_messages(prompt, y, ref_of(ref)), SCORE_LABELS, args)
-            counts[how] = counts.get(how, 0) + 1
-            # unreadable judgment: NaN, counted in judge_reads; select_best never picks it
-            scores.append(expected_score(torch.tensor(probs), values).item() if probs else math.nan)
-        return scores, counts
-    return score_http
+    def from_probs(probs):  # [N, K] label probs -> [N]
+        return probs[:, 0] / probs.sum(-1) if pairwise else expected_score(probs, values)
 
-
-def make_pairwise_judge(args: Args, rm=None, judge=None, url: str = "", url_model: str = ""):
-    """Returns judge(prompt, reference, a, b) -> (1 if A better / 0 if B / 0.5 tie, P(A better), how read).
-
-    P(A better) is the soft judgment: p_A / (p_A + p_B) for an LLM judge, sigma(r_A - r_B)
-    (Bradley-Terry) for a reward model."""
     if rm is not None:
-        model, tok = rm
+        def score(items):
+            s = reward_model_scores(rm[0], rm[1], [it[0] for it in items for _ in it[2:]], [y for it in items for y in it[2:]],
+                                    args.batch_size)
+            if pairwise:  # sigma(r_A - r_B) without overflow
+                s = [0.5 + 0.5 * math.tanh((ra - rb) / 2) for ra, rb in zip(s[::2], s[1::2])]
+            return s, ["reward" if math.isfinite(x) else "too_long" for x in s], [None] * len(s)
+    elif judge is not None:
+        ids = label_token_ids(judge[1], labels)
 
-        def by_reward(prompt, ref, a, b):
-            s = reward_model_scores(model, tok, prompt, [a, b], args.batch_size)
-            return preference(s[0], s[1]), 1.0 / (1.0 + math.exp(s[1] - s[0])), "reward"
-        return by_reward
-    ref_of = (lambda r: r) if args.judge_use_reference else (lambda r: None)
-    if judge is not None:
-        model, tok = judge
-        ids = label_token_ids(tok, PAIR_LABELS)
-
-        def by_lm(prompt, ref, a, b):
-            p = next_token_label_probs(model, tok, [chat_text(tok, pairwise_messages(prompt, a, b, ref_of(ref)), True)], ids, 1)[0].tolist()
-            return preference(p[0], p[1]), p[0] / (p[0] + p[1]), "logprobs"
-        return by_lm
-
-    def by_http(prompt, ref, a, b):
-        probs, how = http_label_probs(url, url_model, pairwise_messages(prompt, a, b, ref_of(ref)), PAIR_LABELS, args)
-        if not probs:
-            return 0.5, 0.5, how  # counted fallback: unreadable -> tie
-        return preference(probs[0], probs[1]), probs[0] / (probs[0] + probs[1]), how
-    return by_http
+        def score(items):
+            probs = next_token_label_probs(judge[0], judge[1], [chat_text(judge[1], messages(it), True) for it in items],
+                                           ids, args.batch_size)
+            return (from_probs(probs).tolist(), ["too_long" if math.isnan(x) else "logprobs" for x in probs[:, 0].tolist()],
+                    [None] * len(items))
+    else:
+        def score(items):
+            got = [http_label_probs(url, url_model, messages(it), labels, args) for it in items]
+            return ([from_probs(torch.tensor([p], dtype=torch.float64)).item() if p else math.nan for p, _, _ in got],
+                    [how for _, how, _ in got], [err for _, _, err in got])
+    score.http = rm is None and judge is None
+    return score
 
 
 # ----------------------------------------------------------------------------- main
@@ -456,25 +771,24 @@ def make_reporter(kind: str, output: Path, args: Args):
                 writer.add_scalar(k, v, step)
             writer.flush()
         return log_tb
-    if kind == "wandb":
-        try:
-            import wandb
-        except ImportError:
-            raise SystemExit("--report-to wandb needs `pip install wandb`; or pass --report-to none") from None
-        run = wandb.init(project="lowres-align", name=output.stem, config=asdict(args), resume="allow")
-        return lambda metrics, step: run.log(metrics, step=step)
-    raise SystemExit(f'--report-to must be none, tensorboard or wandb, got "{kind}"')
+    try:
+        import wandb
+    except ImportError:
+        raise SystemExit("--report-to wandb needs `pip install wandb`; or pass --report-to none") from None
+    run = wandb.init(project="lowres-align", name=output.stem, config=asdict(args), resume="allow")
+    return lambda metrics, step: run.log(metrics, step=step)
 
 
 def summarize(rows: list[dict], args: Args, extra: dict) -> dict:
-    best = [r["scores"][r["best_index"]] for r in rows if math.isfinite(r["scores"][r["best_index"]])]
-    mean_all = [finite_mean(r["scores"]) for r in rows if any(map(math.isfinite, r["scores"]))]
+    best = [r["best_score"] for r in rows if r.get("best_score") is not None]
+    mean_all = [finite_mean(r["scores"]) for r in rows if any(s is not None for s in r["scores"])]
     out = {
         "n": args.n, "num_prompts": len(rows),
         "kl_upper_bound": best_of_n_kl_bound(args.n),
         "win_rate_ceiling": win_rate_ceiling(args.n),
         "best_score_mean": sum(best) / len(best) if best else None,
         "candidate_score_mean": sum(mean_all) / len(mean_all) if mean_all else None,
+        "unscored_candidates": sum(s is None for r in rows for s in r["scores"]),
         "judge_reads": {},
         **extra,
     }
@@ -482,28 +796,43 @@ def summarize(rows: list[dict], args: Args, extra: dict) -> dict:
         for k, v in r.get("judge_reads", {}).items():
             out["judge_reads"][k] = out["judge_reads"].get(k, 0) + v
     if args.eval:
-        judged = [r for r in rows if "win" in r]
-        out["eval"] = {**win_rate_ci([r["win"] for r in judged]),
+        judged = [r for r in rows if r.get("win") is not None]
+        out["eval"] = {**mean_ci95([r["win"] for r in judged]),
+                       "unjudged_prompts": len(rows) - len(judged),
                        "identical_pairs": sum(r["single"] == r["best"] for r in judged),
-                       "soft": win_rate_ci([r["win_soft"] for r in judged])}
+                       "soft": mean_ci95([r["win_soft"] for r in judged])}
     return out
+
+
+def fmt_ci(ci) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "n/a (one prompt)"
 
 
 def main(argv: list[str] | None = None):
     from transformers import HfArgumentParser
 
-    (args,) = HfArgumentParser(Args).parse_args_into_dataclasses(args=argv)
-    if sum(bool(x) for x in (args.reward_model, args.judge_model or args.judge_url)) != 1:
-        raise SystemExit("pass exactly one selection scorer: --reward-model PATH, or --judge-model NAME / --judge-url URL")
-    if args.temperature <= 0 or args.n < 1 or args.batch_size < 1:
-        raise SystemExit("--temperature must be > 0 and --n, --batch-size >= 1 (best-of-n samples from the policy)")
-    if args.report_to not in ("none", "tensorboard", "wandb"):
-        raise SystemExit(f'--report-to must be none, tensorboard or wandb, got "{args.report_to}"')
+    (args,) = HfArgumentParser(Args).parse_args_into_dataclasses(args=argv)  # Args.__post_init__ validates
+    if not (args.reward_model or args.judge_model or args.judge_url):
+        raise SystemExit("pass a selection scorer: --reward-model PATH, or --judge-model NAME / --judge-url URL")
+    for name, flag in ((args.model, "--model"), (args.reward_model, "--reward-model"),
+                       (not args.judge_url and args.judge_model, "--judge-model"),
+                       (args.eval_reward_model, "--eval-reward-model"),
+                       (not args.eval_judge_url and args.eval_judge_model, "--eval-judge-model")):
+        if name:
+            check_model_path(name, flag)
 
     if "RANK" in os.environ:
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")  # CPU tensors (metrics) too
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
+
+    def from_rank0(obj):
+        if world > 1:
+            box = [obj]
+            dist.broadcast_object_list(box, src=0)
+            obj = box[0]
+        return obj
+
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
@@ -511,153 +840,217 @@ def main(argv: list[str] | None = None):
     dtype = torch_dtype(args.dtype, device)
 
     output = Path(args.output or f"runs/bestofn-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+    sidecar = Path(f"{output}.args.json")
     if world > 1 and not args.output:
         raise SystemExit("under torchrun pass --output FILE so every rank writes to the same place")
     prompts = load_prompts(args)
-    done: list[dict] = []
+
+    # Rank 0 checks the output file; every rank gets the verdict (an error or the finished indexes).
+    verdict = None
     if rank == 0:
-        if output.exists() and not args.resume:
-            raise SystemExit(f"--output {output} exists; pass --resume to continue it, or choose another --output")
-        done = read_finished_rows(output)
-        for r in done:
-            i = r.get("index")
-            if not isinstance(i, int) or i >= len(prompts) or prompts[i]["prompt"] != r.get("prompt"):
-                raise SystemExit(f"--output {output} row for index {i} does not match --prompts {args.prompts}; "
-                                 "resume with the same prompts file, or choose another --output")
-            if len(r.get("candidates", [])) != args.n or ("win" in r) != args.eval:
-                raise SystemExit(f"--output {output} row for index {i} was written with other --n/--eval settings; "
-                                 "resume with the same flags, or choose another --output")
-    if world > 1:
-        box = [sorted(r["index"] for r in done)]
-        dist.broadcast_object_list(box, src=0)
-        done_idx = set(box[0])
-    else:
-        done_idx = {r["index"] for r in done}
-    pending = [i for i in range(len(prompts)) if i not in done_idx]
+        try:
+            if output.exists() and not args.resume:
+                raise SystemExit(f"--output {output} exists; pass --resume to continue it, or choose another --output")
+            done, good_end = read_finished_rows(output)
+            if done:
+                check_resume_args(args, sidecar, output)
+            for r in done:
+                i = r.get("index")
+                if not isinstance(i, int) or not 0 <= i < len(prompts) or prompts[i]["prompt"] != r.get("prompt"):
+                    raise SystemExit(f"--output {output} row for index {i} does not match --prompts {args.prompts}; "
+                                     "resume with the same prompts file, or choose another --output")
+            if output.exists() and good_end < output.stat().st_size:
+                with open(output, "r+b") as f:  # drop the torn last line so appends start on a clean line
+                    f.truncate(good_end)
+            if not done:
+                output.parent.mkdir(parents=True, exist_ok=True)
+                sidecar.write_text(dumps(asdict(args), indent=2) + "\n")
+            verdict = sorted(r["index"] for r in done)
+        except SystemExit as e:
+            verdict = str(e.code)
+    verdict = from_rank0(verdict)
+    if isinstance(verdict, str):
+        raise SystemExit(verdict)
+    done_idx = set(verdict)
 
     # Load models once; the same name in two roles shares one copy.
     cache: dict = {}
 
-    def lm(name, what):
-        if ("lm", name) not in cache:
-            cache[("lm", name)] = load_causal_lm(name, dtype, device, what)
-        return cache[("lm", name)]
+    def model(name, kind, flag):
+        if (kind, name) not in cache:
+            cache[(kind, name)] = load_model(name, kind, dtype, device, flag)
+        return cache[(kind, name)]
 
-    def rmodel(name, what):
-        if ("rm", name) not in cache:
-            cache[("rm", name)] = load_reward_model(name, dtype, device, what)
-        return cache[("rm", name)]
-
-    policy, policy_tok = lm(args.model, "--model")
-    max_pos = getattr(policy.config, "max_position_embeddings", None)
+    policy, policy_tok = model(args.model, "lm", "--model")
+    max_pos = context_limit(policy)
+    eos = policy.generation_config.eos_token_id
+    eos_ids = sorted(({*eos} if isinstance(eos, list) else {eos}) | {policy_tok.eos_token_id} - {None})
     if args.reward_model:
-        score = make_pointwise_scorer(args, rm=rmodel(args.reward_model, "--reward-model"))
+        scorer = ("rm", args.reward_model, "--reward-model", f"reward model {args.reward_model}")
     elif args.judge_url:
-        score = make_pointwise_scorer(args)
+        scorer = ("url", args.judge_url, args.judge_model, f"LLM judge at {args.judge_url}")
     else:
-        score = make_pointwise_scorer(args, judge=lm(args.judge_model, "--judge-model"))
+        scorer = ("lm", args.judge_model, "--judge-model", f"LLM judge {args.judge_model}")
+
+    def make(kind, name, flag_or_model, _, pairwise):
+        if kind == "url":
+            return make_scorer(args, pairwise, url=name, url_model=flag_or_model)
+        return make_scorer(args, pairwise, **{"rm" if kind == "rm" else "judge": model(name, kind, flag_or_model)})
+    score = make(*scorer, pairwise=False)
     eval_desc = None
-    if args.eval:
+    if args.eval:  # the eval judge; without one, the selection scorer judges (optimistic: it also picked the best)
         if args.eval_reward_model:
-            pair, eval_desc = make_pairwise_judge(args, rm=rmodel(args.eval_reward_model, "--eval-reward-model")), f"reward model {args.eval_reward_model}"
+            evaluator = ("rm", args.eval_reward_model, "--eval-reward-model", f"reward model {args.eval_reward_model}")
         elif args.eval_judge_url:
-            pair, eval_desc = make_pairwise_judge(args, url=args.eval_judge_url, url_model=args.eval_judge_model), f"LLM judge at {args.eval_judge_url}"
+            evaluator = ("url", args.eval_judge_url, args.eval_judge_model, f"LLM judge at {args.eval_judge_url}")
         elif args.eval_judge_model:
-            pair, eval_desc = make_pairwise_judge(args, judge=lm(args.eval_judge_model, "--eval-judge-model")), f"LLM judge {args.eval_judge_model}"
-        elif args.reward_model:
-            pair, eval_desc = make_pairwise_judge(args, rm=rmodel(args.reward_model, "--reward-model")), f"reward model {args.reward_model} (the selection scorer: optimistic)"
-        elif args.judge_url:
-            pair, eval_desc = make_pairwise_judge(args, url=args.judge_url, url_model=args.judge_model), f"LLM judge at {args.judge_url} (the selection scorer: optimistic)"
+            evaluator = ("lm", args.eval_judge_model, "--eval-judge-model", f"LLM judge {args.eval_judge_model}")
         else:
-            pair, eval_desc = make_pairwise_judge(args, judge=lm(args.judge_model, "--judge-model")), f"LLM judge {args.judge_model} (the selection scorer: optimistic)"
+            evaluator = (*scorer[:3], f"{scorer[3]} (the selection scorer: optimistic)")
+        pair, eval_desc = make(*evaluator, pairwise=True), evaluator[3]
 
-    def process(i: int) -> dict:
-        p = prompts[i]
-        n_prompt = len(policy_tok(chat_text(policy_tok, [{"role": "user", "content": p["prompt"]}], True)).input_ids)
-        if max_pos and n_prompt + args.max_new_tokens > max_pos:
-            return {"index": i, "skipped": "prompt too long"}
-        candidates, tokens = sample_responses(policy, policy_tok, p["prompt"], args.n, args, prompt_seed(args.seed, i, "bon"))
-        scores, reads = score(p["prompt"], p["reference"], candidates)
-        b = int(select_best(torch.tensor(scores)))
-        row = {"index": i, "prompt": p["prompt"], "candidates": candidates, "scores": scores, "best": candidates[b],
-               "best_index": b, "best_score": scores[b]}
-        if p["reference"]:
-            row["reference"] = p["reference"]
+    # ------------------------------------------------------------------------- ALGO LOGIC: one chunk of prompts
+    # A chunk = the prompts whose n (+1) samples fill one generate call, or, when one prompt needs
+    # several calls, enough prompts to fill every call (n = 64, --eval, --batch-size 16: 16 prompts
+    # in 65 full calls, not 5 calls per prompt of which the last samples one sequence).
+    per_prompt = args.n + int(args.eval)
+    chunk_size = (max(1, args.batch_size // per_prompt) if per_prompt <= args.batch_size
+                  else args.batch_size // math.gcd(per_prompt, args.batch_size))
+
+    def process_chunk(indexes: list[int]) -> tuple[list[dict], int]:
+        """Sample, score, select and (--eval) judge the prompts of one chunk -> (rows, tokens)."""
+        ids = {i: encode(policy_tok, chat_text(policy_tok, [{"role": "user", "content": prompts[i]["prompt"]}], True)) for i in indexes}
+        fit = [i for i in indexes if len(ids[i]) + args.max_new_tokens <= max_pos]
+        jobs = [(i, STREAM_BON, j) for i in fit for j in range(args.n)] + [(i, STREAM_SINGLE, 0) for i in fit if args.eval]
+        texts, tokens = {}, 0
+        for start in range(0, len(jobs), args.batch_size):
+            batch = jobs[start:start + args.batch_size]
+            out, mask = sample_batch(policy, [ids[i] for i, _, _ in batch], [[args.seed, *job] for job in batch],
+                                     args.max_new_tokens, args.temperature, args.top_p, eos_ids, policy_tok.pad_token_id)
+            tokens += int(mask.sum())
+            for job, row, m in zip(batch, out.tolist(), mask.tolist()):
+                texts[job] = policy_tok.decode([t for t, keep in zip(row, m) if keep and t not in eos_ids], skip_special_tokens=True)
+        items = [(prompts[i]["prompt"], prompts[i]["reference"], texts[(i, STREAM_BON, j)]) for i in fit for j in range(args.n)]
+        all_scores, all_hows, all_errs = score(items)
+        rows = [{"index": i, "skipped": "prompt too long"} for i in indexes if i not in fit]
+        for k, i in enumerate(fit):
+            part = slice(k * args.n, (k + 1) * args.n)
+            cands, scores = [x[2] for x in items[part]], all_scores[part]
+            b = int(select_best(torch.tensor(scores, dtype=torch.float64)))
+            row = {"index": i, "prompt": prompts[i]["prompt"], "candidates": cands, "scores": scores, "best": cands[b],
+                   "best_index": b, "best_score": scores[b]}
+            if prompts[i]["reference"]:
+                row["reference"] = prompts[i]["reference"]
+            if args.eval:
+                row["single"] = texts[(i, STREAM_SINGLE, 0)]
+            # private fields travel to rank 0 and are removed before writing
+            rows.append({**row, "_hows": all_hows[part], "_errs": all_errs[part], "_asked": args.n if score.http else 0})
         if args.eval:
-            (single,), t1 = sample_responses(policy, policy_tok, p["prompt"], 1, args, prompt_seed(args.seed, i, "single"))
-            tokens += t1
-            if single == row["best"]:
-                orders, soft = [0.5, 0.5], [0.5, 0.5]  # the same text: a tie, no judge call
-            else:
-                o1, s1, h1 = pair(p["prompt"], p["reference"], row["best"], single)
-                o2, s2, h2 = pair(p["prompt"], p["reference"], single, row["best"])
-                orders, soft = [o1, o2], [s1, s2]
-                for h in (h1, h2):
-                    reads[f"eval_{h}"] = reads.get(f"eval_{h}", 0) + 1
-            row.update(single=single, eval_a_wins=orders, win=win_both_orders(*orders),
-                       eval_p_a=soft, win_soft=win_both_orders(*soft))
-        if reads:
-            row["judge_reads"] = reads
-        row["_tokens"] = tokens
-        return row
+            to_judge = [r for r in rows if "single" in r and r["single"] != r["best"]]
+            pa, hows, errs = pair([(r["prompt"], prompts[r["index"]]["reference"], *ab) for r in to_judge
+                                   for ab in ((r["best"], r["single"]), (r["single"], r["best"]))])
+            for k, r in enumerate(to_judge):
+                r["eval_p_a"] = pa[2 * k:2 * k + 2]
+                r["_hows"] = r["_hows"] + [f"eval_{h}" for h in hows[2 * k:2 * k + 2]]
+                r["_errs"] = r["_errs"] + errs[2 * k:2 * k + 2]
+                r["_asked"] += 2 if pair.http else 0
+            for r in rows:
+                if "single" in r:  # identical texts: a tie without asking
+                    p = r.setdefault("eval_p_a", [0.5, 0.5])
+                    win, soft = win_both_orders(*p) if all(map(math.isfinite, p)) else (math.nan, math.nan)
+                    r.update(win_soft=soft, win=win)
+        for r in rows:
+            hows, errs = r.pop("_hows", []), [e for e in r.pop("_errs", []) if e]
+            if hows:
+                r["judge_reads"] = {h: hows.count(h) for h in sorted(set(hows))}
+            if errs:
+                r["judge_error"] = errs[-1]
+            asked = r.pop("_asked", 0)  # HTTP requests; "failed" is only ever an HTTP outcome
+            r["_all_failed"] = asked > 0 and hows.count("failed") + hows.count("eval_failed") == asked
+        return sorted(rows, key=lambda r: r["index"]), tokens
 
-    bar = None
+    # ------------------------------------------------------------------------- PLUMBING: chunks over processes, in-order writes
+    # Chunks are fixed by prompt index, so a prompt is always sampled and scored in the same
+    # batch: the file is byte-identical with 1 or N processes and after resume (a partly finished
+    # chunk is recomputed whole and only its missing rows are written).
+    n_chunks = (len(prompts) + chunk_size - 1) // chunk_size
+    chunks = [list(range(c * chunk_size, min((c + 1) * chunk_size, len(prompts)))) for c in range(n_chunks)]
+    chunks = [c for c in chunks if any(i not in done_idx for i in c)]
+    bar, fout, report = None, None, None
     if rank == 0:
         from tqdm import tqdm
 
-        output.parent.mkdir(parents=True, exist_ok=True)
-        bar = tqdm(total=len(pending), desc="best-of-n", dynamic_ncols=True)
+        bar = tqdm(total=len(prompts) - len(done_idx), desc="best-of-n", dynamic_ncols=True)
         report = make_reporter(args.report_to, output, args)
-    skipped, tokens, t0 = 0, 0, time.time()
-    fout = open(output, "a", encoding="utf-8") if rank == 0 else None
-    for r0 in range(0, len(pending), world):
-        # Round r0: rank k takes pending[r0 + k] (a rank-strided slice); rank 0 writes in index order.
-        mine = process(pending[r0 + rank]) if r0 + rank < len(pending) else None
+        fout = open(output, "a", encoding="utf-8")
+    skipped, tokens, t0, held = 0, 0, time.time(), []
+    for r0 in range(0, len(chunks), world):
+        mine = process_chunk(chunks[r0 + rank]) if r0 + rank < len(chunks) else ([], 0)
         got = [None] * world if rank == 0 else None
         if world > 1:
             dist.gather_object(mine, got, dst=0)
         else:
             got = [mine]
+        stop = None
         if rank == 0:
-            for row in got:
-                if row is None:
+            for row in sorted((row for rows, _ in got for row in rows), key=lambda r: r["index"]):
+                if row["index"] in done_idx:
                     continue
+                bar.update(1)
                 if "skipped" in row:
                     skipped += 1
-                else:
-                    tokens += row.pop("_tokens")
-                    fout.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    metrics = {"best_score": row["best_score"], "candidate_score_mean": finite_mean(row["scores"])}
-                    if "win" in row:
-                        metrics.update(win=row["win"], win_soft=row["win_soft"])
+                    continue
+                held.append(row)  # rows whose every judge request failed wait: a stop leaves them to --resume
+                if row.pop("_all_failed"):
+                    if len(held) >= args.judge_max_failed_steps:
+                        stop = (f"every judge request failed for {len(held)} prompts in a row (indexes "
+                                f"{held[0]['index']}..{held[-1]['index']}); last error: {row.get('judge_error')}; "
+                                f"fix the judge (URL, --judge-model, ${args.judge_api_key_env}) and rerun with --resume")
+                        break
+                    continue
+                for r in held:
+                    fout.write(dumps(r) + "\n")
+                    metrics = {"best_score": r["best_score"], "candidate_score_mean": finite_mean(r["scores"]),
+                               "win": r.get("win"), "win_soft": r.get("win_soft")}
+                    metrics = {k: v for k, v in metrics.items() if v is not None and math.isfinite(v)}
                     bar.set_postfix({k: round(v, 3) for k, v in metrics.items()})
-                    report(metrics, row["index"])
+                    report(metrics, r["index"])
+                held = []
             fout.flush()
-            bar.update(sum(r is not None for r in got))
+            tokens += sum(t for _, t in got)
+        stop = from_rank0(stop)
+        if stop:
+            if rank == 0:
+                fout.close()
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            raise SystemExit(stop)
 
     if rank == 0:
+        for r in held:  # a failing tail shorter than --judge-max-failed-steps is kept (counted)
+            fout.write(dumps(r) + "\n")
         fout.close()
         bar.close()
-        rows = read_finished_rows(output)
+        rows, _ = read_finished_rows(output)
         elapsed = time.time() - t0
         summary = summarize(rows, args, {
             "skipped_too_long": skipped, "eval_judge": eval_desc,
             "tokens_per_s": tokens / elapsed if elapsed > 0 else None, "processes": world, "args": asdict(args),
         })
-        Path(f"{output}.summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-        print(f"wrote {len(rows)} rows to {output} ({skipped} prompts skipped: too long)")
+        Path(f"{output}.summary.json").write_text(dumps(summary, indent=2) + "\n")
+        print(f"wrote {len(rows)} rows to {output}")
+        if skipped:
+            print(f"{skipped} prompts skipped: prompt + --max-new-tokens {args.max_new_tokens} exceeds the policy's "
+                  f"{max_pos} positions; lower --max-new-tokens")
         print(f"KL(best-of-{args.n} || base) <= log(n) - (n-1)/n = {summary['kl_upper_bound']:.4f} nats "
               f"(an upper bound, Beirami et al. 2024); win-rate ceiling vs base n/(n+1) = {summary['win_rate_ceiling']:.4f}")
         if summary["best_score_mean"] is not None:
             print(f"mean score: best {summary['best_score_mean']:.4f}, all candidates {summary['candidate_score_mean']:.4f}")
         if args.eval and summary["eval"]["win_rate"] is not None:
-            e = summary["eval"]
-            print(f"win rate best-of-{args.n} vs one sample ({eval_desc}, both orders, ties 1/2): {e['win_rate']:.3f} "
-                  f"95% CI Wilson [{e['ci95_wilson'][0]:.3f}, {e['ci95_wilson'][1]:.3f}], "
-                  f"normal [{e['ci95_normal'][0]:.3f}, {e['ci95_normal'][1]:.3f}] over {e['num_prompts']} prompts")
-            s = e["soft"]
-            print(f"soft win rate (judge probabilities, both orders): {s['win_rate']:.3f} "
-                  f"95% CI normal [{s['ci95_normal'][0]:.3f}, {s['ci95_normal'][1]:.3f}]")
+            e, s = summary["eval"], summary["eval"]["soft"]
+            print(f"win rate best-of-{args.n} vs one sample ({eval_desc}; App. G.2: probabilities averaged over both orders): "
+                  f"{e['win_rate']:.3f}, 95% t-CI {fmt_ci(e['ci95'])}; soft {s['win_rate']:.3f}, 95% t-CI {fmt_ci(s['ci95'])} "
+                  f"over {e['num_prompts']} prompts")
         if summary["judge_reads"]:
             print(f"judge answers read via: {summary['judge_reads']}")
     if dist.is_initialized():
