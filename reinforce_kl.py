@@ -275,25 +275,18 @@ def read_rows(path: str, flag: str) -> List[dict]:
         except UnicodeDecodeError as e:
             line = data[:e.start].count(b"\n") + 1
             raise SystemExit(f"{flag} {path} line {line} is not UTF-8 ({e.reason}); re-save the file as UTF-8")
-        if local.endswith(".json") and text.lstrip().startswith("["):
+        array = local.endswith(".json") and text.lstrip().startswith("[")
+        lines = [(1, text)] if array else [(i, l) for i, l in enumerate(text.splitlines(), 1) if l.strip()]
+        rows = []
+        for i, line in lines:
             try:
-                rows, where = json.loads(text), "row"
+                rows += json.loads(line) if array else [json.loads(line)]
             except json.JSONDecodeError as e:
-                raise SystemExit(f"{flag} {path} line {e.lineno} is not valid JSON ({e.msg}); fix the file")
-        else:
-            rows, where = [], "line"
-            for i, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise SystemExit(f"{flag} {path} line {i} is not valid JSON ({e.msg}); fix or remove that line")
-                    if not isinstance(rows[-1], dict):
-                        raise SystemExit(f"{flag} {path} line {i} is a JSON {type(rows[-1]).__name__}, not an object; "
-                                         f"write one JSON object per line")
-        bad = next((i for i, r in enumerate(rows, 1) if not isinstance(r, dict)), None)
-        if bad:
-            raise SystemExit(f"{flag} {path} {where} {bad} is not a JSON object; write one object per row")
+                raise SystemExit(f"{flag} {path} line {i + e.lineno - 1} is not valid JSON ({e.msg}); fix or remove it")
+        for i, row in enumerate(rows, 1):
+            if not isinstance(row, dict):
+                raise SystemExit(f"{flag} {path} {'row' if array else 'line'} {i if array else lines[i - 1][0]} is a "
+                                 f"JSON {type(row).__name__}, not an object; write one JSON object per row")
     else:
         import datasets  # lazily: JSONL needs no `datasets`
 
@@ -330,21 +323,14 @@ def sft_example(tokenizer, messages: List[dict]):
         if m["role"] != "assistant":
             continue
         start = len(encode(tokenizer, render_chat(tokenizer, messages[:k], True)))
-        end = len(encode(tokenizer, render_chat(tokenizer, messages[:k + 1], False)))
-        for j in range(start, min(end, len(ids))):
-            mask[j] = True
+        end = min(len(encode(tokenizer, render_chat(tokenizer, messages[:k + 1], False))), len(ids))
+        mask[start:end] = [True] * max(end - start, 0)
     return ids, mask
 
 
 def step_prompt_indices(n: int, seed: int, step: int, per_step: int) -> List[int]:
     """Global prompt indices of `step` (1-based): a fresh seeded permutation every epoch."""
-    perms, out = {}, []
-    for k in range((step - 1) * per_step, step * per_step):
-        epoch, pos = divmod(k, n)
-        if epoch not in perms:
-            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
-        out.append(int(perms[epoch][pos]))
-    return out
+    return [int(np.random.default_rng([seed, k // n]).permutation(n)[k % n]) for k in range((step - 1) * per_step, step * per_step)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -860,26 +846,20 @@ def latest_checkpoint(out: Path) -> Optional[Path]:
     return max(done, key=lambda p: int(p.name[11:])) if done else None
 
 
-class Reporter:
-    def __init__(self, kind: str, out: Path, args: Args):
-        self.kind, self.writer = kind, None
-        try:
-            if kind == "tensorboard":
-                from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(str(out / "tb"))
-            elif kind == "wandb":
-                import wandb
-                self.writer = wandb.init(project="lowres-align", name=out.name, config=asdict(args), resume="allow")
-        except ImportError:
-            raise SystemExit(f"--report-to {kind} needs `pip install {kind}`; or pass --report-to none")
-
-    def log(self, metrics: dict):
-        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-        if self.kind == "tensorboard":
-            for k, v in numbers.items():
-                self.writer.add_scalar(k, v, metrics["step"])
-        elif self.kind == "wandb":
-            self.writer.log(numbers, step=metrics["step"])
+def make_reporter(kind: str, out: Path, args: Args) -> Callable[[dict], None]:
+    """The metrics dict of each step (its finite numbers) to tensorboard or wandb."""
+    try:
+        if kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            tb = SummaryWriter(str(out / "tb"))
+            return lambda m: [tb.add_scalar(k, v, m["step"]) for k, v in m.items() if isinstance(v, (int, float))]
+        if kind == "wandb":
+            import wandb
+            run = wandb.init(project="lowres-align", name=out.name, config=asdict(args), resume="allow")
+            return lambda m: run.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=m["step"])
+    except ImportError:
+        raise SystemExit(f"--report-to {kind} needs `pip install {kind}`; or pass --report-to none")
+    return lambda m: None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -984,7 +964,7 @@ def train(args: Args, reward_fn: Optional[RewardFn] = None):
     if ckpt is not None:
         state.update(load_checkpoint(ckpt, policy, optimizer, rank))
     start = state.get("step", 0)
-    reporter = Reporter(args.report_to, out, args) if rank == 0 else None
+    report = make_reporter(args.report_to, out, args) if rank == 0 else None
     gen_eos = policy.generation_config.eos_token_id
     eos_ids = sorted({tok.eos_token_id, *([gen_eos] if isinstance(gen_eos, int) else gen_eos or [])} - {None})
     pad_id = tok.pad_token_id
@@ -1074,7 +1054,7 @@ def train(args: Args, reward_fn: Optional[RewardFn] = None):
                 append_jsonl(out / "samples.jsonl", [{"step": step, "prompt": gr["p"]["text"], "reference": gr["p"]["reference"],
                                                       "responses": gr["texts"], "rewards": rewards[k].tolist()}
                                                      for k, gr in enumerate(groups[: args.samples_logged])])
-            reporter.log(metrics)
+            report(finite_or_none(metrics))
             bar.set_postfix({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if k != "step"})
         if state["failed_judge_steps"] >= args.judge_max_failed_steps:
             raise SystemExit(f"the judge scored none of the {n_seq} responses for {state['failed_judge_steps']} steps in a "

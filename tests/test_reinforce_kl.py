@@ -633,7 +633,7 @@ def test_bad_flags_get_one_line_before_anything_loads(flags, message, tmp_path):
     ("latin1.jsonl", '{"prompt": "Hei"}\n{"prompt": "Hva koster det? 5 kr"}\n'.encode() + b'{"prompt": "s\xf8t"}\n',
      r"line 3 is not UTF-8 .*; re-save the file as UTF-8"),
     ("list.jsonl", b'{"prompt": "Hei"}\n["Hola"]\n', "line 2 is a JSON list, not an object"),
-    ("array.json", b'[{"prompt": "Hei"}, "Hola"]', "row 2 is not a JSON object"),
+    ("array.json", b'[{"prompt": "Hei"}, "Hola"]', "row 2 is a JSON str, not an object"),
     ("nofile", None, r"no such file, and no data set of that name could be loaded .*; check the path"),
 ])
 def test_bad_data_files_name_file_line_and_fix(name, content, message, tiny_lm_dir, tmp_path):
