@@ -643,7 +643,7 @@ def shard(model, args: Args, device, frozen: bool):
     bf16 = device.type == "cuda" and args.bf16
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 and not frozen \
         else MixedPrecisionPolicy()
-    offload = CPUOffloadPolicy() if frozen and args.ref_offload else OffloadPolicy()
+    offload = CPUOffloadPolicy() if frozen and args.ref_offload and device.type == "cuda" else OffloadPolicy()  # CPU: already there
     layers = [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or [])]
     if not layers:
         raise SystemExit(f"--fsdp: {type(model).__name__} names no decoder layer class (_no_split_modules); run without --fsdp")
