@@ -837,7 +837,9 @@ def save_hf(path: Path, model, tok, dtype: torch.dtype, rank: int, config_extra:
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         hf, cut = (model.model, len("model.")) if isinstance(model, TokenScorer) else (model, 0)
-        hf.save_pretrained(path, state_dict={k[cut:]: v.to(dtype) for k, v in full.items()})
+        first = {}  # tied weights (embeddings = LM head) once: FSDP's gathered copies no longer share storage
+        tied = {n for n, p in hf.named_parameters(remove_duplicate=False) if first.setdefault(id(p), n) != n}
+        hf.save_pretrained(path, state_dict={k[cut:]: v.to(dtype) for k, v in full.items() if k[cut:] not in tied})
         config = copy.deepcopy(hf.config)
         config.dtype = dtype  # save_pretrained wrote the training dtype; config.json must say what the files hold
         config.update(config_extra or {})
@@ -1331,6 +1333,8 @@ def rl(a: Args, rank: int, world: int, device, ddp: bool):
             del x, ref_x
             old_values = value(ids, mask)[:, -R - 1:-1]  # V(s_t) is read where token t is predicted
             score = read_last(rm(ids, mask), mask)
+        for m in (policy, ref, rm, value) if a.fsdp else ():  # FSDP2 keeps a root gathered after forward: free it
+            m.reshard()
         rf = r_mask.float()
         # ---- everyone gets the global rollout, so minibatches do not depend on the world size
         g = {k: gather_rows(v, rank, world, pv, side) for k, v, pv, side in [
