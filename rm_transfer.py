@@ -30,24 +30,22 @@ Equations (numbering ours). r(x, y) = the RM head read at the last non-padding t
   (7) L_KL = beta s sum_t KL_t(theta)   (full only, differentiable; the policy's loss is (5) + (7))
   (5)-(7) are summed over the response tokens of a minibatch and divided by its token count.
 
-Why (7). PPO maximises J = E_y[r] - beta KL(pi || pi_SFT) (§2); the sequence KL is E_y[sum_t KL_t(s_t)],
-and KL_t depends on theta through the state s_t and directly. So
+Why (7). PPO maximises J = E_y[r] - beta KL(pi || pi_SFT) (§2), the sequence KL is E_y[sum_t KL_t(s_t)], and
+KL_t depends on theta through the state s_t (a) and directly (b):
   grad J = E[sum_t grad log pi(y_t|s_t) (r - beta sum_{t'>t} KL_t')] - beta E[sum_t grad_theta KL_t(s_t)]
-           (a: the states later tokens visit)                       (b: the direct part, s_t held fixed)
-full: KL_t in the reward (3) makes (5) give (a) only (its own t' = t term has zero mean), and (7) gives (b)
-  only. Without (7) the penalty does not regularise a one-token response at all.
-k1: (5) alone gives all of grad J (the extra E[grad log pi(y)] is 0), so k1 adds no (7).
-Whitening scales (5) by s, so (7) carries the same s and beta keeps its meaning (tests/test_rm_transfer.py
-enumerates a 3-token chain: E[-grad((5) + (7))] = grad J at rho = 1, gamma = lambda = 1, no whitening).
+full: KL_t in the reward (3) makes (5) give (a) only, (7) gives (b) only; without (7) the penalty does not
+regularise a one-token response at all. k1: (5) alone gives all of grad J, so no (7). Whitening scales (5)
+by s, so (7) carries the same s (README derives it; a test enumerates a 3-token chain and checks
+E[-grad((5) + (7))] = grad J at rho = 1, gamma = lambda = 1, no whitening).
 
-Scale (issue 12): DDP by default; `--fsdp` shards the trained models (train-rm: the RM; rl: policy and value
-model), their optimizers and the frozen ones (reference, RM) with FSDP2; `--gradient-checkpointing`,
-`--ref-offload`. Rollouts (issue 13): all of a rank's prompts of an iteration in one batched `generate`
-(static cache + compiled decoding on CUDA), sampled by Gumbel-max with noise keyed by (seed, global sample
-index): exact, and the same on any number of processes. Log-probs and the full KL come from the training
-forward's final hidden states and the LM head, float32 logits in chunks (issue 15; --no-fused-linear: logits).
-Checkpoints: checkpoint-<step>/ is a Hugging Face folder in the model's dtype (rl: the policy, and value/),
-trainer/ (torch.distributed.checkpoint: weights and optimizers), rng_state_<rank>.pth, trainer_state.json.
+Scale (issues 12, 13, 15): DDP by default; --fsdp shards the trained models (train-rm: the RM; rl: policy
+and value model), their optimizers and the frozen ones (reference, RM) with FSDP2; --gradient-checkpointing,
+--ref-offload. rl samples all of a rank's prompts of an iteration in one `generate` (static cache + compiled
+decoding on CUDA) by Gumbel-max with noise keyed by (seed, global sample index): exact, and the same on any
+number of processes. Log-probs and the full KL come from the training forward's final hidden states and
+the LM head, float32 logits in chunks (--no-fused-linear: from logits). checkpoint-<step>/ is a Hugging
+Face folder in the model's dtype (rl: the policy, and value/), trainer/ (torch.distributed.checkpoint:
+weights and optimizers), rng_state_<rank>.pth and trainer_state.json (step, LR schedulers).
 
 Run (CPU or GPU; `torchrun --nproc_per_node=N` works for every stage, plain `python` is 1 process):
   python rm_transfer.py train-rm --model $MODEL_DIR --train-data data/prefs_en_train.jsonl \
