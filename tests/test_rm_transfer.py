@@ -913,3 +913,20 @@ def test_fused_and_materialised_rl_runs_agree(tmp_path, tiny_lm_dir):
     for m1, m2 in zip(a, b):
         for k in ("reward_mean", "kl", "entropy", "loss", "value_loss", "clipfrac"):
             assert m1[k] == pytest.approx(m2[k], rel=1e-4, abs=1e-6), k
+
+
+def test_gradient_checkpointing_changes_memory_not_results(tmp_path, tiny_lm_dir):
+    """train-rm keeps App. B dropout on: non-reentrant checkpointing replays the same dropout masks. rl
+    trains policy and value model in train mode only for checkpointing (dropout is off)."""
+    data, rm = tiny_rm_from_lm(tmp_path, tiny_lm_dir)
+    for name, flags in (("rm", lambda o, *x: rm_flags(tmp_path, tiny_lm_dir, o, 2, *x)),
+                        ("rl", lambda o, *x: rl_flags(tmp_path, tiny_lm_dir, rm, data, o, 2, *x))):
+        rt.main(flags(tmp_path / f"{name}-plain"))
+        rt.main(flags(tmp_path / f"{name}-gc", "--gradient-checkpointing"))
+        drop = lambda ms: [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in ms]  # noqa: E731
+        a, b = drop(metrics(tmp_path / f"{name}-plain")), drop(metrics(tmp_path / f"{name}-gc"))
+        assert a[1]["loss"] is not None and len(a) == len(b) == 2
+        for m1, m2 in zip(a, b):
+            assert m1.keys() == m2.keys()
+            for k in m1:
+                assert m1[k] == pytest.approx(m2[k], rel=1e-5, abs=1e-7), (name, k)
