@@ -1168,17 +1168,15 @@ def train_rm(a: Args, rank: int, world: int, device, ddp: bool):
             save_checkpoint(out, step, {"model": (scorer, opt)}, {"": (scorer, dtype)}, tok,
                             {"scheduler": sched.state_dict()}, a, rank, world)
     reporter.close()
-    if best[1] is not None:  # final/ = the step with the lowest validation loss (App. B)
-        if rank == 0 and (out / f"best-{best[1]}").is_dir():
-            shutil.rmtree(out / "final", ignore_errors=True)
-            os.rename(out / f"best-{best[1]}", out / "final")
-        if rank == 0:
-            print(f"train-rm: final/ = step {best[1]}, the lowest validation loss ({best[0]:.4f} on {evals[sel][0]})")
-    else:
+    if best[1] is None:  # no validation set of the training kind: final/ = the last step
         with writing(out, "final", rank, world) as tmp:
             save_hf(tmp, scorer, tok, dtype, rank, {"rm_transfer": {**info, "step": total, "selected_on": None}})
-        if rank == 0:
-            print(f"train-rm: final/ = the last step {total} (no --eval-data set of the {kind} kind to select on)")
+    elif rank == 0 and (out / f"best-{best[1]}").is_dir():  # App. B: final/ = the lowest validation loss
+        shutil.rmtree(out / "final", ignore_errors=True)  # (a kill here leaves best-<k>/, which --resume reads)
+        os.rename(out / f"best-{best[1]}", out / "final")
+    if rank == 0:
+        print(f"train-rm: final/ = step {best[1] or total}, " + (f"the lowest validation loss ({best[0]:.4f} on "
+              f"{evals[sel][0]})" if best[1] else f"the last one (no --eval-data set of the {kind} kind to select on)"))
     if world > 1:
         dist.barrier()
 
@@ -1288,7 +1286,8 @@ def rl(a: Args, rank: int, world: int, device, ddp: bool):
     for m in (policy, value):  # dropout off in every model of rl (docstring); eval/train only toggles checkpointing
         disable_dropout(m)
         if a.gradient_checkpointing:
-            getattr(m, "model", m).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            (m.model if isinstance(m, TokenScorer) else m).gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
     ref.eval().requires_grad_(False), rm.eval().requires_grad_(False)
     if a.fsdp:
         for m, frozen in ((policy, False), (value, False), (ref, True), (rm, True)):
@@ -1307,10 +1306,10 @@ def rl(a: Args, rank: int, world: int, device, ddp: bool):
     eos_ids = sorted({tok.eos_token_id, *([gen_eos] if isinstance(gen_eos, int) else gen_eos or [])} - {None})
     pad_id = tok.pad_token_id
     pad_to = max(len(e) for _, e in enc) if device.type == "cuda" and a.compile_rollout else 0  # one static-cache shape
-    transform = {"softcap": getattr(policy.config, "final_logit_softcapping", None),  # Gemma 2
-                 "logit_scale": getattr(policy.config, "logit_scale", None)}  # Cohere
-    heads = lambda x, ref_x: dict(weight=lm_head(policy, x), ref_weight=None if ref_x is None else lm_head(ref, ref_x),  # noqa: E731
-                                  **transform) if a.fused_linear else None
+    heads = lambda x, ref_x: dict(  # noqa: E731 - the LM heads for the fused kernel; softcap: Gemma 2, logit_scale: Cohere
+        weight=lm_head(policy, x), ref_weight=None if ref_x is None else lm_head(ref, ref_x),
+        softcap=getattr(policy.config, "final_logit_softcapping", None),
+        logit_scale=getattr(policy.config, "logit_scale", None)) if a.fused_linear else None
     for step in range(state["step"] + 1, total + 1):
         t0 = time.time()
         # ---- ALGO: 1. rollout: this rank's prompts in ONE generate call. Sample k of the prompt stream is
