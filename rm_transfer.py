@@ -137,7 +137,7 @@ class Args:
     top_p: float = field(default=1.0, metadata={"help": "rl: nucleus sampling; log-probs stay those of the full tempered softmax"})
     bf16: bool = field(default=True, metadata={"help": "bfloat16 compute on CUDA (master weights stay float32); ignored on CPU"})
     fsdp: bool = field(default=False, metadata={"help": "train-rm, rl: shard trained and frozen models and the optimizers with FSDP2 (needs torchrun)"})
-    ref_offload: bool = field(default=False, metadata={"help": "rl with --fsdp: keep the frozen reference's and RM's shards in CPU memory"})
+    ref_offload: bool = field(default=False, metadata={"help": "rl with --fsdp on GPUs: keep the frozen reference's and RM's shards in CPU memory"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward pass (less memory)"})
     compile_rollout: bool = field(default=True, metadata={"help": "rl, CUDA without --fsdp: static KV cache + compiled decoding"})
     fused_linear: bool = field(default=True, metadata={"help": "rl: log-probs and KL from hidden states, float32 logits in chunks (kernels/)"})
@@ -590,7 +590,7 @@ def shard(model, a: Args, device, frozen: bool):
     bf16 = device.type == "cuda" and a.bf16
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 and not frozen \
         else MixedPrecisionPolicy()
-    offload = CPUOffloadPolicy() if frozen and a.ref_offload else OffloadPolicy()
+    offload = CPUOffloadPolicy() if frozen and a.ref_offload and device.type == "cuda" else OffloadPolicy()  # CPU: no-op
     names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or [])}
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:

@@ -813,7 +813,8 @@ def test_checkpoints_are_hub_folders_in_the_models_dtype_and_hold_the_trained_we
 def test_fsdp_two_processes_match_one_process_hold_half_the_state_and_resume_exactly(tmp_path, tiny_lm_dir, cpu_only):
     """train-rm and rl under 2-process FSDP2 against 1 plain process (weights and metrics after two optimizer
     steps); rank 0 holds about half of the trained parameters and optimizer state; rl killed after step 2
-    was logged (checkpoint-1 left, a torn metrics line) and resumed under FSDP2 equals the uninterrupted run.
+    was logged (checkpoint-1 left, a torn metrics line) and resumed under FSDP2, with gradient checkpointing
+    switched on, equals the uninterrupted run.
     The resume path (save_checkpoint/load_checkpoint over {name: (model, optimizer)}) is the same code in
     train-rm, whose resume (and best-<k>/) test_train_rm_resume_gives_the_same_metrics_best_step_and_weights checks."""
     data, rm = tiny_rm_from_lm(tmp_path, tiny_lm_dir)
@@ -844,9 +845,10 @@ def test_fsdp_two_processes_match_one_process_hold_half_the_state_and_resume_exa
     shutil.rmtree(cut / "checkpoint-2")
     with open(cut / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "rew')
-    run_torchrun("rm_transfer.py", rlf(cut, "--fsdp", "--resume"))
+    run_torchrun("rm_transfer.py", rlf(cut, "--fsdp", "--resume", "--gradient-checkpointing"))  # a flag that may change
     drop = lambda ms: [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in ms]  # noqa: E731
     assert drop(metrics(cut)) == drop(metrics(tmp_path / "rl2"))
+    assert json.loads((cut / "args.json").read_text())["_resumed"][0]["changed"]["gradient_checkpointing"] == [False, True]
     for f in ("checkpoint-2", "checkpoint-2/value"):
         w2, w3 = load_file(tmp_path / "rl2" / f / "model.safetensors"), load_file(cut / f / "model.safetensors")
         assert all(torch.equal(w2[k], w3[k]) for k in w2), f
