@@ -812,19 +812,24 @@ def test_checkpoints_are_hub_folders_in_the_models_dtype_and_hold_the_trained_we
 # ---------------------------------------------------------------- FSDP2 (issue 12)
 def test_fsdp_two_processes_match_one_process_hold_half_the_state_and_resume_exactly(tmp_path, tiny_lm_dir, cpu_only):
     """train-rm and rl under 2-process FSDP2 against 1 plain process (weights and metrics after two optimizer
-    steps); rank 0 holds about half of the trained parameters and optimizer state; rl killed after step 2
+    steps; train-rm evaluates every step, its scoring padded to the same number of forwards per rank, and
+    writes best-<k>/ from the shards); rank 0 holds about half of the trained parameters and optimizer state; rl killed after step 2
     was logged (checkpoint-1 left, a torn metrics line) and resumed under FSDP2, with gradient checkpointing
     switched on, equals the uninterrupted run.
     The resume path (save_checkpoint/load_checkpoint over {name: (model, optimizer)}) is the same code in
     train-rm, whose resume (and best-<k>/) test_train_rm_resume_gives_the_same_metrics_best_step_and_weights checks."""
     data, rm = tiny_rm_from_lm(tmp_path, tiny_lm_dir)
-    rmf = lambda out: rm_flags(tmp_path, tiny_lm_dir, out, 2, "--dropout", "0", "--warmup-steps", "1")  # noqa: E731
+    point = tmp_path / "point7.jsonl"  # 7 sequences over 2 ranks in batches of 3: 2 forwards on rank 0, 1 on rank 1
+    point.write_text("".join(json.dumps({"prompt": r["prompt"], "response": r["chosen" if i % 2 else "rejected"],
+                                         "label": i % 2}) + "\n" for i, r in enumerate(map(json.loads, open(data))) if i < 7))
+    rmf = lambda out: rm_flags(tmp_path, tiny_lm_dir, out, 2, "--dropout", "0", "--warmup-steps", "1", "--eval-data",  # noqa: E731
+                               letter_pref_data(tmp_path, 8, 8, "val"), point, "--eval-every", "1", "--eval-batch-size", "3")
     rlf = lambda out, *x: rl_flags(tmp_path, tiny_lm_dir, rm, data, out, 2, "--save-every", "1", *x)  # noqa: E731
     rt.main(rmf(tmp_path / "rm1"))
     rt.main(rlf(tmp_path / "rl1"))
     run_torchrun("rm_transfer.py", rmf(tmp_path / "rm2") + ["--fsdp"])
     run_torchrun("rm_transfer.py", rlf(tmp_path / "rl2", "--fsdp"))
-    keys = {"rm": ("loss", "train_acc", "grad_norm"),
+    keys = {"rm": ("loss", "train_acc", "grad_norm", "eval_loss/val", "eval_acc/point7 pointwise", "best_step"),
             "rl": ("reward_mean", "reward_std", "kl", "entropy", "response_len", "loss", "value_loss", "clipfrac")}
     for stage, folders in (("rm", ["final"]), ("rl", ["checkpoint-2", "checkpoint-2/value"])):
         m1, m2 = metrics(tmp_path / f"{stage}1"), metrics(tmp_path / f"{stage}2")
