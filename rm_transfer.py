@@ -21,7 +21,7 @@ Equations (numbering ours). r(x, y) = the RM head read at the last non-padding t
   (1) L_BT  = -log sigma(r(x, y_w) - r(x, y_l))                          pairwise (Bradley-Terry)
   (2) L_BCE = -[l log sigma(r(x, y)) + (1 - l) log(1 - sigma(r(x, y)))]   pointwise, l in {0, 1}
   (3) R_t   = -beta KL_t + [t = T] r(x, y),  KL_t = sum_w pi(w|s_t) log(pi(w|s_t) / pi_SFT(w|s_t))
-            (--kl-estimator full, via kernels.fused_logprob_kl) or log pi(y_t|s_t) - log pi_SFT(y_t|s_t) (k1);
+            (--kl-estimator full, via kernels) or log pi(y_t|s_t) - log pi_SFT(y_t|s_t) (k1);
             with --missing-eos-penalty p, r(x, y) - p for a response cut at --max-new-tokens without eos (TRL)
   (4) delta_t = R_t + gamma V(s_{t+1}) - V(s_t),  A_t = sum_k (gamma lambda)^k delta_{t+k},  G_t = A_t + V(s_t)
   (5) L_pi = sum_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps)),  rho_t = pi(y_t|s_t) / pi_old(y_t|s_t)
@@ -30,21 +30,22 @@ Equations (numbering ours). r(x, y) = the RM head read at the last non-padding t
   (7) L_KL = beta s sum_t KL_t(theta)   (full only, differentiable; the policy's loss is (5) + (7))
   (5)-(7) are summed over the response tokens of a minibatch and divided by its token count.
 
-Why (7). PPO maximises J = E_y[r(x, y)] - beta KL(pi(.|x) || pi_SFT(.|x)) (§2), and the sequence KL is
-E_y[sum_t KL_t(s_t)] (chain rule of the KL), where KL_t depends on theta twice: through the state s_t
-that the earlier tokens reach, and directly, at a fixed state. Differentiating,
-  grad J = E[sum_t grad log pi(y_t|s_t) (r - beta sum_{t'>t} KL_t')]   (a: the states later tokens visit)
-         - beta E[sum_t grad_theta KL_t(s_t)]                          (b: the direct part, s_t held fixed)
-full: KL_t in the reward (3) makes (5) give (a), and only (a): its own term t' = t adds nothing in
-  expectation, as KL_t is fixed given s_t (E[grad log pi(y_t|s_t) | s_t] = 0). (7) gives (b), and only
-  (b): its gradient is taken at the sampled states. So each part is counted once. Without (7) the
-  penalty does not regularise at all on a one-token response.
-k1: (5) alone gives all of grad J, since grad E[log pi(y)/pi_SFT(y)] = E[grad log pi(y) log(pi/pi_SFT)(y)]
-  + E[grad log pi(y)], and the last term is 0; so k1 adds no (7).
-At the first minibatch (rho = 1) with gamma = lambda = 1 and no whitening, E[-grad((5) + (7))] = grad J
-exactly (any V(s_t) is a baseline; lambda < 1 trades bias for variance through V). Whitening scales (5)
-by s, so (7) is scaled by the same s and the whole gradient is s grad J, beta keeping its meaning
-(tests/test_rm_transfer.py enumerates a 3-token chain to check both estimators).
+Why (7). PPO maximises J = E_y[r] - beta KL(pi || pi_SFT) (§2), the sequence KL is E_y[sum_t KL_t(s_t)], and
+KL_t depends on theta through the state s_t (a) and directly (b):
+  grad J = E[sum_t grad log pi(y_t|s_t) (r - beta sum_{t'>t} KL_t')] - beta E[sum_t grad_theta KL_t(s_t)]
+full: KL_t in the reward (3) makes (5) give (a) only, (7) gives (b) only; without (7) the penalty does not
+regularise a one-token response at all. k1: (5) alone gives all of grad J, so no (7). Whitening scales (5)
+by s, so (7) carries the same s (README derives it; a test enumerates a 3-token chain and checks
+E[-grad((5) + (7))] = grad J at rho = 1, gamma = lambda = 1, no whitening).
+
+Scale (issues 12, 13, 15): DDP by default; --fsdp shards the trained models (train-rm: the RM; rl: policy
+and value model), their optimizers and the frozen ones (reference, RM) with FSDP2; --gradient-checkpointing,
+--ref-offload. rl samples all of a rank's prompts of an iteration in one `generate` (static cache + compiled
+decoding on CUDA) by Gumbel-max with noise keyed by (seed, global sample index): exact, and the same on any
+number of processes. Log-probs and the full KL come from the training forward's final hidden states and
+the LM head, float32 logits in chunks (--no-fused-linear: from logits). checkpoint-<step>/ is a Hugging
+Face folder in the model's dtype (rl: the policy, and value/), trainer/ (torch.distributed.checkpoint:
+weights and optimizers), rng_state_<rank>.pth and trainer_state.json (step, LR schedulers).
 
 Run (CPU or GPU; `torchrun --nproc_per_node=N` works for every stage, plain `python` is 1 process):
   python rm_transfer.py train-rm --model $MODEL_DIR --train-data data/prefs_en_train.jsonl \
@@ -56,6 +57,9 @@ Run (CPU or GPU; `torchrun --nproc_per_node=N` works for every stage, plain `pyt
   torchrun --nproc_per_node=2 rm_transfer.py rl --model $MODEL_DIR --reward-model runs/rm-en/final \
       --prompts data/prefs_nb_train.jsonl --steps 20 --output-dir runs/rl-nb
 """
+import contextlib
+import copy
+import errno
 import functools
 import importlib.util
 import json
@@ -67,16 +71,22 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          GenerationConfig, HfArgumentParser, LogitsProcessor, LogitsProcessorList)
 
-from kernels import fused_logprob, fused_logprob_kl
+from kernels import fused_linear_logprob, fused_linear_logprob_kl, fused_logprob, fused_logprob_kl
 
 STAGES = ("train-rm", "eval-rm", "rl")
 EMBEDDED_MODEL = str(Path(os.environ.get("LOWRES_ALIGN_CACHE", Path.home() / ".cache" / "lowres-align"))
@@ -93,6 +103,7 @@ class Args:
     prompts: str = field(default="data/prefs_nb_train.jsonl", metadata={"help": "rl: target-language prompts (field --prompt-field; duplicates removed)"})
     dataset_split: str = field(default="train", metadata={"help": "split used when a data argument is a hub dataset name"})
     output_dir: str = field(default="", metadata={"help": "default runs/rm_transfer-<stage>-<YYYYmmdd-HHMMSS>"})
+    overwrite: bool = field(default=False, metadata={"help": "delete a previous run in --output-dir first"})
     prompt_field: str = field(default="prompt", metadata={"help": "field holding the prompt"})
     chosen_field: str = field(default="chosen", metadata={"help": "pairwise: preferred response"})
     rejected_field: str = field(default="rejected", metadata={"help": "pairwise: dispreferred response"})
@@ -110,7 +121,7 @@ class Args:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})  # common PPO/RM setting
     eval_every: int = field(default=0, metadata={"help": "train-rm: evaluate --eval-data every N steps (0 = every epoch) and at the end; the lowest validation loss on the first --eval-data set of the training kind selects final/"})  # App. B: checkpoint selection on validation loss
-    rollout_batch_size: int = field(default=16, metadata={"help": "rl: prompts per PPO iteration (global)"})  # our choice: CPU-sized
+    rollout_batch_size: int = field(default=16, metadata={"help": "rl: prompts per PPO iteration (global), sampled in one generate call per rank"})  # our choice: CPU-sized
     minibatch_size: int = field(default=8, metadata={"help": "rl: sequences per PPO minibatch (global)"})  # our choice
     ppo_epochs: int = field(default=4, metadata={"help": "rl: passes over each rollout"})  # InstructGPT-style PPO
     clip_eps: float = field(default=0.2, metadata={"help": "rl: policy ratio clip"})  # Schulman et al. 2017
@@ -124,10 +135,17 @@ class Args:
     max_new_tokens: int = field(default=32, metadata={"help": "rl: response length cap"})  # our choice: CPU-sized
     temperature: float = field(default=1.0, metadata={"help": "rl: sampling temperature (log-probs and KL use the same T)"})
     top_p: float = field(default=1.0, metadata={"help": "rl: nucleus sampling; log-probs stay those of the full tempered softmax"})
+    bf16: bool = field(default=True, metadata={"help": "bfloat16 compute on CUDA (master weights stay float32); ignored on CPU"})
+    fsdp: bool = field(default=False, metadata={"help": "train-rm, rl: shard trained and frozen models and the optimizers with FSDP2 (needs torchrun)"})
+    ref_offload: bool = field(default=False, metadata={"help": "rl with --fsdp on GPUs: keep the frozen reference's and RM's shards in CPU memory"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward pass (less memory)"})
+    compile_rollout: bool = field(default=True, metadata={"help": "rl, CUDA without --fsdp: static KV cache + compiled decoding"})
+    fused_linear: bool = field(default=True, metadata={"help": "rl: log-probs and KL from hidden states, float32 logits in chunks (kernels/)"})
     seed: int = field(default=0, metadata={"help": "seed for data order, init and sampling"})
-    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint-<step>/ in --output-dir"})
-    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
-    sample_every: int = field(default=5, metadata={"help": "rl: write samples.jsonl every N iterations"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --output-dir from its newest checkpoint"})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = only at the end; always at the end)"})
+    save_total_limit: Optional[int] = field(default=None, metadata={"help": "keep only the newest N checkpoints"})
+    sample_every: int = field(default=5, metadata={"help": "rl: write samples.jsonl every N iterations and at the end (0 = never)"})
     report_to: str = field(default="none", metadata={"help": "none | tensorboard | wandb", "choices": ("none", "tensorboard", "wandb")})
 
     def __post_init__(self):
@@ -139,13 +157,25 @@ class Args:
                   "save_every", "sample_every", "beta", "weight_decay")]
         rules += [("top_p", "in (0, 1]", lambda v: 0 < v <= 1), ("gamma", "in [0, 1]", lambda v: 0 <= v <= 1),
                   ("lam", "in [0, 1]", lambda v: 0 <= v <= 1), ("dropout", "in [0, 1)", lambda v: 0 <= v < 1),
-                  ("missing_eos_penalty", "> 0 (or unset)", lambda v: v is None or v > 0)]
+                  ("missing_eos_penalty", "> 0 (or unset)", lambda v: v is None or v > 0),
+                  ("save_total_limit", ">= 1 (or unset)", lambda v: v is None or v >= 1)]
         rules += [(n, f"one of {', '.join(c)}", lambda v, c=c: v in c) for n, c in (("stage", STAGES),
                   ("loss", ("auto", "pairwise", "pointwise")), ("kl_estimator", ("full", "k1")),
                   ("report_to", ("none", "tensorboard", "wandb")))]
         for name, want, ok in rules:
             if not ok(getattr(self, name)):
                 raise SystemExit(f"--{name.replace('_', '-')} must be {want}, got {getattr(self, name)!r}")
+        if self.resume and self.overwrite:
+            raise SystemExit("--resume continues the run in --output-dir and --overwrite deletes it; pass one of them")
+        if self.stage == "eval-rm" and (self.resume or self.fsdp):
+            raise SystemExit("eval-rm trains nothing: no --resume (it rewrites its own accuracy files) and no --fsdp "
+                             "(each process holds one RM at a time); drop the flag")
+
+
+# Flags a resumed run may change: they do not change what is computed (issue 10, item 7).
+RESUME_MAY_CHANGE = {"resume", "overwrite", "output_dir", "steps", "epochs", "save_every", "save_total_limit",
+                     "sample_every", "report_to", "eval_batch_size", "fsdp", "ref_offload", "gradient_checkpointing",
+                     "compile_rollout", "fused_linear"}
 
 
 # ---------------------------------------------------------------- math (tests import these)
@@ -265,20 +295,39 @@ def ppo_value_loss(values, old_values, returns, mask, clip: float) -> torch.Tens
     return (per_tok * mask).sum()
 
 
-def penalise_missing_eos(score: torch.Tensor, r_ids: torch.Tensor, r_mask: torch.Tensor, eos_id: int,
+def has_eos(r_ids: torch.Tensor, r_mask: torch.Tensor, eos_ids) -> torch.Tensor:
+    """[B, R], [B, R], int or list of ids -> [B] bool: an eos among the response's (unmasked) tokens."""
+    return (torch.isin(r_ids, torch.as_tensor(eos_ids, device=r_ids.device)) & r_mask.bool()).any(1)
+
+
+def penalise_missing_eos(score: torch.Tensor, r_ids: torch.Tensor, r_mask: torch.Tensor, eos_ids,
                          penalty: float | None) -> torch.Tensor:
     """TRL's missing-EOS rule: score - penalty for every response without eos among its tokens (cut off by
     --max-new-tokens); unchanged when penalty is None. [B], [B, R], [B, R] -> [B]"""
     if penalty is None:
         return score
-    has_eos = ((r_ids == eos_id) & r_mask.bool()).any(1)
-    return score - penalty * (~has_eos).to(score.dtype)
+    return score - penalty * (~has_eos(r_ids, r_mask, eos_ids)).to(score.dtype)
 
 
 def kl_rewards(kl: torch.Tensor, score: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
     """Eq. (3): -beta KL_t on every response token, plus the RM score on the last one. [B, T], [B], [B, T] -> [B, T]"""
     r = -beta * kl * mask
     return r.scatter_add(1, last_token_index(mask)[:, None], score[:, None].to(r.dtype))
+
+
+def token_logprob_kl(x: torch.Tensor, ref_x: torch.Tensor | None, tokens: torch.Tensor, temperature: float,
+                     heads: dict | None = None):
+    """-> (logp, kl, entropy, ref_logp) of the response tokens, each [B, R] float32; logp and kl
+    differentiable. x, ref_x: logits [B, R, V], or final hidden states [B, R, D] when `heads` gives the LM
+    heads (weight, ref_weight, softcap, logit_scale): then the kernel computes float32 logits chunk by chunk,
+    never [B, R, V] (issue 15). ref_x None (k1 in a PPO minibatch): (logp, None, None, None)."""
+    if ref_x is None:
+        return (fused_logprob(x, tokens, temperature=temperature) if heads is None else fused_linear_logprob(
+            x, heads["weight"], tokens, temperature, softcap=heads["softcap"], logit_scale=heads["logit_scale"])), None, None, None
+    o = fused_logprob_kl(x, ref_x, tokens, temperature=temperature) if heads is None else fused_linear_logprob_kl(
+        x, heads["weight"], ref_x, heads["ref_weight"], tokens, temperature, softcap=heads["softcap"],
+        logit_scale=heads["logit_scale"])
+    return o.logp, o.kl, o.entropy, o.ref_logp
 
 
 # ---------------------------------------------------------------- loading
@@ -449,6 +498,12 @@ def load_tokenizer(path: str, flag: str):
     return tok
 
 
+def saved_dtype(path: str) -> torch.dtype:
+    """The dtype a model was published in (checkpoints are written in it, not in fp32 copies)."""
+    d = getattr(AutoConfig.from_pretrained(os.path.expanduser(path)), "dtype", None)
+    return getattr(torch, d) if isinstance(d, str) else d or torch.float32
+
+
 def set_dropout(config, p: float) -> list[str]:
     """Sets every dropout probability the architecture's config has (names with "dropout" or ending in
     "pdrop": Llama/Qwen2/SmolLM2 attention_dropout only, GPT-2 resid/embd/attn_pdrop, T5 dropout_rate, ...)."""
@@ -458,12 +513,22 @@ def set_dropout(config, p: float) -> list[str]:
     return names
 
 
-def load_scorer(path: str, tok, device, flag: str = "--reward-model", dropout: float | None = None):
-    """AutoModelForSequenceClassification(num_labels=1); pad_token_id set when the config lacks it; dropout
-    (train-rm, App. B) set on the config's dropout fields."""
+def disable_dropout(model):
+    """Dropout off everywhere (rl), so a train-mode forward (needed by gradient checkpointing) is the same
+    function of the weights as the rollout's: rho = 1 at the first minibatch, and the value clip means something."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+
+
+def load_scorer(path: str, tok, device, flag: str = "--reward-model", dropout: float | None = None, dtype=torch.float32):
+    """AutoModelForSequenceClassification(num_labels=1) in a TokenScorer; pad_token_id set when the config
+    lacks it; dropout (train-rm, App. B) set on the config's dropout fields."""
     config = from_pretrained(AutoConfig, path, flag, num_labels=1)
     fields = set_dropout(config, dropout) if dropout is not None else []
-    m = from_pretrained(AutoModelForSequenceClassification, path, flag, config=config, dtype=torch.float32)
+    m = from_pretrained(AutoModelForSequenceClassification, path, flag, config=config, dtype=dtype)
     if m.config.pad_token_id is None:
         m.config.pad_token_id = tok.pad_token_id
     if not hasattr(m, "score"):
@@ -474,7 +539,9 @@ def load_scorer(path: str, tok, device, flag: str = "--reward-model", dropout: f
 
 
 class TokenScorer(torch.nn.Module):
-    """The scalar head applied at every position: r(x, y) = read_last(out), V(s_t) = out[:, t]."""
+    """The scalar head applied at every position: r(x, y) = read_last(out), V(s_t) = out[:, t]. Under FSDP
+    this wrapper is the root module (its forward is the one called, so its hooks gather the embeddings,
+    final norm and head); the HF model inside is what checkpoints save."""
 
     def __init__(self, model):
         super().__init__()
@@ -486,106 +553,413 @@ class TokenScorer(torch.nn.Module):
         return self.model.score(h).squeeze(-1).float()
 
 
+def autocast(device, a: Args):
+    """bf16 autocast on CUDA (master weights stay float32); nothing on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and a.bf16 else contextlib.nullcontext()
+
+
 @torch.no_grad()
-def score_sequences(scorer, seqs: list[list[int]], pad_id: int, device, batch: int) -> torch.Tensor:
-    out = []
-    for i in range(0, len(seqs), batch):
-        ids, mask = pad(seqs[i:i + batch], pad_id, "right")
-        out.append(read_last(scorer(ids.to(device), mask.to(device)), mask.to(device)).cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+def score_sequences(scorer, seqs: list[list[int]], pad_id: int, device, a: Args, lockstep: bool = False) -> torch.Tensor:
+    """r(x, y) of each sequence [N] float32, in input order, from right-padded batches of similar length
+    (sorted; --eval-batch-size sequences each). lockstep (FSDP): every rank runs the same number of
+    forwards (each all-gathers the layers), padded with dummy batches."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    batches = [order[b:b + a.eval_batch_size] for b in range(0, len(order), a.eval_batch_size)]
+    if lockstep:
+        n = torch.tensor([len(batches)], device=device)
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+        batches += [[]] * (int(n) - len(batches))
+    out = torch.zeros(len(seqs))
+    for b in batches:
+        ids, mask = pad([seqs[i] for i in b] or [[pad_id]], pad_id, "right")
+        ids, mask = ids.to(device), mask.to(device)
+        with autocast(device, a):
+            r = read_last(scorer(ids, mask), mask).float().cpu()
+        if b:
+            out[b] = r
+    return out
 
 
-# ---------------------------------------------------------------- utilities shared by the stages
-def finite(x):
-    """Non-finite floats -> None, recursively: a number that does not exist is logged as null."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: finite(v) for k, v in x.items()}
-    return [finite(v) for v in x] if isinstance(x, (list, tuple)) else x
+def shard(model, a: Args, device, frozen: bool):
+    """FSDP2 (issue 12): fully_shard each decoder layer (the `_no_split_modules` classes), then the root (a
+    TokenScorer for the RM and value model). On GPUs: bf16 compute, fp32 gradient reduction (trained models
+    keep fp32 master weights); on CPU fp32 throughout, so CPU tests compare exactly. A frozen model is loaded
+    in its compute dtype; --ref-offload keeps its shards in CPU memory between forwards."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    bf16 = device.type == "cuda" and a.bf16
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 and not frozen \
+        else MixedPrecisionPolicy()
+    offload = CPUOffloadPolicy() if frozen and a.ref_offload and device.type == "cuda" else OffloadPolicy()  # CPU: no-op
+    names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or [])}
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise SystemExit(f"--fsdp: {type(model).__name__} names no decoder layer class (_no_split_modules); run without --fsdp")
+    for layer in layers:
+        fully_shard(layer, mp_policy=mp, offload_policy=offload, reshard_after_forward=True)
+    fully_shard(model, mp_policy=mp, offload_policy=offload)
+    return model
+
+
+@contextlib.contextmanager
+def gathered(model, fsdp: bool):
+    """Sampling under FSDP2 (issue 12.3): all-gather every layer ONCE and keep it gathered for the
+    whole `generate` (a per-token all-gather of every layer would cost ~100x the decode time).
+    Needs the full model's parameters in the compute dtype (2 bytes per parameter in bf16) plus
+    the KV cache on each GPU, for the length of the rollout."""
+    from torch.distributed.fsdp import FSDPModule
+
+    mods = [m for m in model.modules() if isinstance(m, FSDPModule)] if fsdp else []
+    for m in mods:
+        if m is not model:  # the root never reshards after forward (FSDP2's default for it)
+            m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.reshard()
+            if m is not model:
+                m.set_reshard_after_forward(True, recurse=False)
+
+
+def local_bytes(tensors) -> int:
+    """Bytes this rank holds (the local shard of a DTensor)."""
+    return sum((t.to_local() if hasattr(t, "to_local") else t).nbytes for t in tensors if torch.is_tensor(t))
+
+
+# ---------------------------------------------------------------- rollout: one batched generation (swap this block for an inference server)
+def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """[B, V] -> [B, V] probabilities of softmax(logits / T), optionally nucleus-truncated."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest set reaching top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def _u64(c: int) -> int:  # a 64-bit constant as the int64 with the same bits
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+GOLDEN, MIX1, MIX2 = _u64(0x9E3779B97F4A7C15), _u64(0xBF58476D1CE4E5B9), _u64(0x94D049BB133111EB)
+
+
+def _shr(x: torch.Tensor, k: int) -> torch.Tensor:  # logical shift right of int64 bits
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finaliser (Steele et al. 2014) on int64 tensors: arithmetic wraps mod 2^64."""
+    x = (x ^ _shr(x, 30)) * MIX1
+    x = (x ^ _shr(x, 27)) * MIX2
+    return x ^ _shr(x, 31)
+
+
+def keyed_gumbel(keys: torch.Tensor, position: int, vocab: int) -> torch.Tensor:
+    """[N, K] int64 keys -> [N, V] float64 standard Gumbel noise, a pure function of (key, position,
+    word): the i-th word of a row reads SplitMix64's stream at state h + i * golden, whose 53 high
+    bits make a uniform u in (0, 1); g = -log(-log u)."""
+    h = torch.zeros(keys.shape[0], dtype=torch.int64, device=keys.device)
+    for j in range(keys.shape[1]):
+        h = _mix64(h + GOLDEN ^ keys[:, j])
+    h = _mix64(h + GOLDEN ^ position)
+    words = torch.arange(1, vocab + 1, dtype=torch.int64, device=keys.device) * GOLDEN
+    u = (_shr(_mix64(h[:, None] + words), 11).double() + 0.5) * 2.0 ** -53
+    return -torch.log(-torch.log(u))
+
+
+class KeyedSampler(LogitsProcessor):
+    """Gumbel-max: argmax_w (log p(w) + g_w) with g iid standard Gumbel is an exact sample from p
+    = softmax(logits / T), top-p renormalised. Run under greedy decoding, so `generate` takes that
+    argmax. The noise depends only on each row's key and the position, not on the batch."""
+
+    def __init__(self, keys: torch.Tensor, prompt_len: int, temperature: float, top_p: float):
+        self.keys, self.prompt_len, self.temperature, self.top_p = keys, prompt_len, temperature, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logp = sampling_probs(scores, self.temperature, self.top_p).log()
+        return logp.double() + keyed_gumbel(self.keys, input_ids.shape[1] - self.prompt_len, scores.shape[-1])
+
+
+@torch.no_grad()
+def rollout(model, prompts: List[List[int]], keys: List[Tuple[int, ...]], args: Args, eos_ids: List[int],
+            pad_id: int, pad_to: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """All samples of this rank in ONE `generate` call (issue 13). prompts: token ids per row (a
+    prompt repeated G times gives G rows); keys: one tuple of ints per row (seed, step, prompt,
+    sample) that fixes its sampling noise. Returns tokens [N, R] (pad after the first EOS) and mask
+    [N, R] (True up to and including the first EOS). pad_to: left-pad prompts to this length so
+    that a static cache keeps one shape across steps (compiled once)."""
+    device = next(model.parameters()).device
+    P = max(pad_to, max(len(p) for p in prompts))
+    ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts], device=device)
+    attn = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=device)
+    static = device.type == "cuda" and args.compile_rollout and not args.fsdp
+    gen = GenerationConfig(do_sample=False, max_new_tokens=args.max_new_tokens, eos_token_id=eos_ids,
+                           pad_token_id=pad_id, cache_implementation="static" if static else None)
+    sampler = KeyedSampler(torch.tensor(keys, dtype=torch.int64, device=device), P, args.temperature, args.top_p)
+    saved, model.generation_config = model.generation_config, GenerationConfig()  # no hub defaults (penalties, top-k)
+    try:
+        out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen,
+                             logits_processor=LogitsProcessorList([sampler]))
+    finally:
+        model.generation_config = saved
+    tokens = out[:, P:]
+    is_eos = torch.isin(tokens, torch.tensor(eos_ids, device=device))
+    mask = (torch.cumsum(is_eos.long(), 1) - is_eos.long()) == 0
+    return torch.where(mask, tokens, pad_id), mask
+
+
+def response_states(model, ids: torch.Tensor, mask: torch.Tensor, R: int, fused: bool) -> torch.Tensor:
+    """What predicts each of the last R tokens (position t-1 predicts t): [B, P+R] -> final hidden states
+    [B, R, D] (after the last norm) when `fused`, else logits [B, R, V]. Goes through the model's own
+    forward, so DDP's and FSDP's hooks run."""
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False,
+                output_hidden_states=fused, logits_to_keep=1 if fused else R + 1)
+    return out.hidden_states[-1][:, -R - 1:-1] if fused else out.logits[:, :-1]
+
+
+def lm_head(model, like: torch.Tensor) -> torch.Tensor:
+    """The LM-head weight [V, D] (gathered if FSDP holds it sharded), on the hidden states' device and in
+    their dtype: what autocast or FSDP's bf16 compute gives the head; the kernel still makes float32 logits."""
+    w = model.get_output_embeddings().weight
+    return (w.full_tensor() if hasattr(w, "full_tensor") else w).to(like.device, like.dtype)
+
+
+# ---------------------------------------------------------------- output folder, checkpoints, logs
+def prepare_output_dir(a: Args, rank: int, world: int) -> Tuple[Path, Optional[Path]]:
+    """A folder that holds a run is never mixed with another (issue 10): without --resume it is refused,
+    --overwrite deletes it, --resume checks that no flag which changes results differs and cuts the logs
+    back to the newest checkpoint (step 0 when there is none yet). eval-rm writes whole files and never
+    appends, so it replaces an earlier eval-rm in the same folder (but refuses any other run)."""
+    name = [a.output_dir or f"runs/rm_transfer-{a.stage}-{time.strftime('%Y%m%d-%H%M%S')}"]
+    if world > 1:
+        dist.broadcast_object_list(name, src=0)  # ranks may disagree on the clock
+    out = Path(name[0])
+    is_run = (out / "args.json").exists()
+    if out.is_dir() and any(out.iterdir()) and not is_run:
+        raise SystemExit(f"--output-dir {out} is not empty and holds no run (no args.json); pass a new or empty folder")
+    try:
+        saved = json.loads((out / "args.json").read_text()) if is_run else {}
+    except ValueError:
+        if a.resume:
+            raise SystemExit(f"{out}/args.json is corrupt, so --resume cannot check the flags; fix it or pass --overwrite")
+        saved = {}
+    overwrite = a.overwrite or (a.stage == "eval-rm" and saved.get("stage") == "eval-rm")
+    if is_run and not (a.resume or overwrite):
+        raise SystemExit(f"--output-dir {out} holds a previous run; pass --resume to continue it or --overwrite to replace it")
+    ckpt, changed = None, {}
+    if a.resume and is_run:
+        for k, v in asdict(a).items():
+            if k in saved and saved[k] != v and k not in ("resume", "overwrite"):
+                if k not in RESUME_MAY_CHANGE:
+                    raise SystemExit(f"--resume: --{k.replace('_', '-')} is {v!r} but the run in {out} used {saved[k]!r} "
+                                     f"(args.json); pass the same value, or --overwrite to start over")
+                changed[k] = [saved[k], v]
+        ckpt = latest_checkpoint(out)
+    if world > 1:
+        dist.barrier()  # every rank has read the folder before rank 0 changes it
+    if rank == 0:
+        if overwrite and is_run:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        for tmp in out.glob(".tmp-*"):  # what a kill during a save left behind
+            shutil.rmtree(tmp, ignore_errors=True)
+        if a.resume and is_run:
+            step = int(ckpt.name.split("-")[1]) if ckpt else 0
+            for log in ("metrics.jsonl", "samples.jsonl"):
+                trim_jsonl(out / log, step)
+            saved.setdefault("_resumed", []).append({"step": step, "changed": changed})
+            atomic_write(out / "args.json", json.dumps(saved, indent=2))
+            print(f"resuming {out} from " + (f"{ckpt.name}" if ckpt else "step 0 (no checkpoint yet)")
+                  + (f"; changed flags: {changed}" if changed else ""))
+        else:
+            atomic_write(out / "args.json", json.dumps(asdict(a), indent=2))
+    if world > 1:
+        dist.barrier()
+    return out, ckpt
+
+
+def atomic_write(path: Path, text: str):
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def trim_jsonl(path: Path, last_step: int):
+    """Keep the rows of steps <= last_step. A torn last line (a kill or a full disk mid-write) is
+    dropped; a corrupt line elsewhere stops the run rather than silently losing what follows."""
+    if not path.exists():
+        return
+    lines = path.read_bytes().split(b"\n")
+    keep = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if any(rest.strip() for rest in lines[i:]):
+                raise SystemExit(f"{path} line {i} is corrupt; fix or delete that line, then --resume again")
+            break
+        if row.get("step", 0) <= last_step:
+            keep.append(line.decode("utf-8") + "\n")
+    atomic_write(path, "".join(keep))
+
+
+def finite_or_none(x):
+    """JSON has no NaN: a value that does not exist is null (issue 10, item 9)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, (list, tuple)):
+        return [finite_or_none(v) for v in x]
+    return {k: finite_or_none(v) for k, v in x.items()} if isinstance(x, dict) else x
 
 
 def dumps(x, **kw) -> str:
     """Strict JSON: null, never bare NaN/Infinity."""
-    return json.dumps(finite(x), allow_nan=False, ensure_ascii=False, **kw)
+    return json.dumps(finite_or_none(x), allow_nan=False, ensure_ascii=False, **kw)
 
 
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "numpy": np.random.get_state(), "python": random.getstate()}
+def append_jsonl(path: Path, rows: List[dict]):
+    with open(path, "a", encoding="utf-8") as f:
+        f.writelines(dumps(r) + "\n" for r in rows)
 
 
-def set_rng_state(s: dict):
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
+def save_hf(path: Path, model, tok, dtype: torch.dtype, rank: int, config_extra: dict | None = None):
+    """Consolidated Hugging Face folder in `dtype` (all ranks take part; rank 0 writes). A TokenScorer
+    saves the AutoModelForSequenceClassification inside it."""
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        hf, cut = (model.model, len("model.")) if isinstance(model, TokenScorer) else (model, 0)
+        first = {}  # tied weights (embeddings = LM head) once: FSDP's gathered copies no longer share storage
+        tied = {n for n, p in hf.named_parameters(remove_duplicate=False) if first.setdefault(id(p), n) != n}
+        hf.save_pretrained(path, state_dict={k[cut:]: v.to(dtype) for k, v in full.items() if k[cut:] not in tied})
+        config = copy.deepcopy(hf.config)
+        config.dtype = dtype  # save_pretrained wrote the training dtype; config.json must say what the files hold
+        config.update(config_extra or {})
+        config.save_pretrained(path)
+        tok.save_pretrained(path)
 
 
-def save_atomic(path: Path, models: dict, tok, state: dict | None):
-    """models: {subfolder: HF model} ('' = the folder itself); written to path.tmp then renamed."""
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    for p in (tmp, old):
-        if p.exists():
-            shutil.rmtree(p)
-    for sub, m in models.items():
-        m.save_pretrained(tmp / sub)
-    tok.save_pretrained(tmp)
-    if state is not None:
-        torch.save(state, tmp / "trainer_state.pt")
-    if path.exists():  # a folder of the same name from an earlier run: replaced, never half-written
-        os.rename(path, old)
-    os.rename(tmp, path)
-    if old.exists():
-        shutil.rmtree(old)
+@contextlib.contextmanager
+def writing(out: Path, name: str, rank: int, world: int):
+    """Yields the folder .tmp-<name>/ to write into, renamed to <name>/ when every rank is done, so it is
+    never half-written; a full disk removes the temporary folder and says so in one line."""
+    final, tmp = out / name, out / f".tmp-{name}"
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        if world > 1:
+            dist.barrier()
+        yield tmp
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or "unexpected pos" in str(e):
+            prev = latest_checkpoint(out)
+            raise SystemExit(f"no space left in {out} while writing {name}; free space and run again with "
+                             f"--resume ({prev.name + ' is intact' if prev else 'no earlier checkpoint'})")
+        raise
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    if world > 1:
+        dist.barrier()
 
 
-def newest_checkpoint(out: Path) -> Path | None:
-    cks = [p for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and (p / "trainer_state.pt").exists()]
-    return max(cks, key=lambda p: int(p.name.split("-")[-1])) if cks else None
+def trainer_state_dict(trained: dict) -> dict:
+    """{name: (model, optimizer)} -> the state dict torch.distributed.checkpoint saves (sharded under FSDP)."""
+    sd = {}
+    for name, (model, opt) in trained.items():
+        sd[name], sd[f"{name}_optimizer"] = get_model_state_dict(model), get_optimizer_state_dict(model, opt)
+    return sd
 
 
-class Logger:
-    """One dict per step to metrics.jsonl, the progress bar and tensorboard/wandb."""
+def save_checkpoint(out: Path, step: int, trained: dict, folders: dict, tok, state: dict, a: Args, rank: int, world: int):
+    """checkpoint-<step>/: a Hugging Face folder per trained model (folders: {subfolder: (model, dtype)},
+    "" = the checkpoint folder itself) in its own dtype (from_pretrained, vLLM); trainer/
+    (torch.distributed.checkpoint: fp32 weights and optimizer of each of `trained`); rng_state_<rank>.pth for
+    every rank; trainer_state.json (step, LR schedulers). --save-total-limit prunes the oldest."""
+    with writing(out, f"checkpoint-{step}", rank, world) as tmp:
+        for sub, (model, dtype) in folders.items():
+            save_hf(tmp / sub, model, tok, dtype, rank)
+        dcp.save(trainer_state_dict(trained), checkpoint_id=str(tmp / "trainer"))
+        torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+                   tmp / f"rng_state_{rank}.pth")
+        if rank == 0:
+            atomic_write(tmp / "trainer_state.json", json.dumps({"step": step, "world_size": world, **state}))
+    if rank == 0 and a.save_total_limit:
+        done = sorted((p for p in out.glob("checkpoint-*") if p.name[11:].isdigit()), key=lambda p: int(p.name[11:]))
+        for old in done[:-a.save_total_limit]:
+            shutil.rmtree(old)
+    if world > 1:
+        dist.barrier()
 
-    def __init__(self, a: Args, out: Path, rank: int, total: int, start: int):
-        self.rank, self.out, self.tb, self.wb = rank, out, None, None
+
+def load_checkpoint(ckpt: Path, trained: dict, rank: int) -> dict:
+    """Weights and optimizers from trainer/ (resharded to this run's layout), this rank's RNG."""
+    sd = trainer_state_dict(trained)
+    dcp.load(sd, checkpoint_id=str(ckpt / "trainer"))
+    for name, (model, opt) in trained.items():
+        set_model_state_dict(model, sd[name])
+        set_optimizer_state_dict(model, opt, sd[f"{name}_optimizer"])
+    rng_file = ckpt / f"rng_state_{rank}.pth"
+    if not rng_file.exists():  # more processes than the run that wrote it
+        print(f"rank {rank}: {ckpt} has no RNG state of this rank; using rank 0's")
+        rng_file = ckpt / "rng_state_0.pth"
+    rng = torch.load(rng_file, weights_only=False)
+    torch.set_rng_state(rng["torch"]), np.random.set_state(rng["numpy"]), random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return json.loads((ckpt / "trainer_state.json").read_text())
+
+
+def latest_checkpoint(out: Path) -> Optional[Path]:
+    done = [p for p in out.glob("checkpoint-*") if (p / "trainer_state.json").exists() and p.name[11:].isdigit()]
+    return max(done, key=lambda p: int(p.name[11:])) if done else None
+
+
+class Reporter:
+    """One dict per step: metrics.jsonl (rank 0), the progress bar, tensorboard/wandb."""
+
+    def __init__(self, a: Args, out: Path, rank: int, start: int, total: int):
+        self.out, self.rank, self.kind, self.writer = out, rank, a.report_to, None
         self.bar = tqdm(total=total, initial=start, disable=rank != 0, dynamic_ncols=True)
-        if rank == 0 and start and (out / "metrics.jsonl").exists():  # drop steps logged after the checkpoint
-            rows = [r for r in (out / "metrics.jsonl").read_text().splitlines() if json.loads(r)["step"] <= start]
-            (out / "metrics.jsonl").write_text("".join(r + "\n" for r in rows))
-        if rank == 0 and a.report_to == "tensorboard":
+        if rank == 0 and self.kind == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(out))
-        if rank == 0 and a.report_to == "wandb":
+            self.writer = SummaryWriter(str(out / "tb"))
+        elif rank == 0 and self.kind == "wandb":
             import wandb
-            self.wb = wandb.init(project="lowres-align", name=out.name, config=asdict(a))
+            self.writer = wandb.init(project="lowres-align", name=out.name, config=asdict(a), resume="allow")
 
-    def log(self, m: dict):
-        """A value that does not exist (None, NaN, inf) is written as null and left out of the bar and tensorboard."""
+    def log(self, metrics: dict):
+        self.bar.update(1)
         if self.rank != 0:
             return
-        m = finite(m)
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(dumps(m) + "\n")
-        self.bar.update(1)
-        self.bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in m.items() if k != "step" and v is not None})
-        if self.tb is not None:
-            for k, v in m.items():
-                if v is not None:
-                    self.tb.add_scalar(k, v, m["step"])
-        if self.wb is not None:
-            self.wb.log(m, step=m["step"])
+        append_jsonl(self.out / "metrics.jsonl", [metrics])
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        self.bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in numbers.items() if k != "step"})
+        if self.kind == "tensorboard":
+            for k, v in numbers.items():
+                self.writer.add_scalar(k, v, metrics["step"])
+        elif self.kind == "wandb":
+            self.writer.log(numbers, step=metrics["step"])
 
     def close(self):
         self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
-        if self.wb is not None:
-            self.wb.finish()
+        if self.writer is not None:
+            self.writer.close() if self.kind == "tensorboard" else self.writer.finish()
 
 
+# ---------------------------------------------------------------- utilities shared by the stages
 def all_sum(x: float, device) -> float:
     if not dist.is_initialized():
         return x
@@ -619,6 +993,18 @@ def warmup_constant(opt, warmup: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)))
 
 
+def grad_step(params, opt, max_norm: float) -> Tuple[float, int]:
+    """Clip, then step unless the gradient is not finite (every rank agrees: gradients are reduced).
+    -> (grad norm, 1 if the step was skipped). Under FSDP the norm is a DTensor: full_tensor()."""
+    gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
+    ok = bool(torch.isfinite(gnorm))
+    if ok:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return gnorm.item(), int(not ok)
+
+
 # ---------------------------------------------------------------- stages
 def encode_items(kind, items, tok, max_length):
     """Tokenize; pairs/examples longer than max_length are dropped. -> (kept encodings, their indices, n_skipped)"""
@@ -650,7 +1036,7 @@ def evaluate(scorer, tok, kind: str, items: list, device, a: Args, rank: int = 0
     enc, kept, n_long = encode_items(kind, items, tok, a.max_length)
     seqs = [e[0] for e in enc] + ([e[1] for e in enc] if kind == "pairwise" else [])
     s = torch.zeros(len(seqs), dtype=torch.float64, device=device)
-    s[rank::world] = score_sequences(scorer, seqs[rank::world], tok.pad_token_id, device, a.eval_batch_size).double().to(device)
+    s[rank::world] = score_sequences(scorer, seqs[rank::world], tok.pad_token_id, device, a, a.fsdp).double().to(device)
     if world > 1:
         dist.all_reduce(s)
     s, n = s.cpu(), len(enc)
@@ -666,7 +1052,18 @@ def evaluate(scorer, tok, kind: str, items: list, device, a: Args, rank: int = 0
     return res
 
 
-def train_rm(a: Args, out: Path, rank: int, world: int, device):
+def best_so_far(out: Path) -> Tuple[float, Optional[int]]:
+    """(lowest validation loss, its step) as recorded in best-<step>/ or final/ (their config.json), so a
+    resumed run goes on from the model it has on disk; (inf, None) when there is none."""
+    found = [(math.inf, None)]
+    for p in [*out.glob("best-*"), out / "final"]:
+        info = json.loads((p / "config.json").read_text()).get("rm_transfer", {}) if (p / "config.json").exists() else {}
+        if info.get("eval_loss") is not None:
+            found.append((info["eval_loss"], info["step"]))
+    return min(found, key=lambda b: b[0])
+
+
+def train_rm(a: Args, rank: int, world: int, device, ddp: bool):
     if not a.train_data:
         raise SystemExit("train-rm needs --train-data FILE [FILE ...] (pairwise or pointwise preferences)")
     check_model_path(a.model, "--model")
@@ -696,34 +1093,38 @@ def train_rm(a: Args, out: Path, rank: int, world: int, device):
     if rank == 0 and (skipped_long or sum(skipped.values())):
         print(f"train-rm: skipped {skipped['empty']} rows with an empty response, {skipped['identical']} with "
               f"chosen == rejected, {skipped_long} longer than --max-length {a.max_length}")
+    out, ckpt = prepare_output_dir(a, rank, world)
 
+    # ---- PLUMBING: model (fp32 master weights; loaded on CPU under FSDP, which moves each shard), optimizer
     torch.manual_seed(a.seed)
-    scorer = load_scorer(a.model, tok, device, "--model", dropout=a.dropout)
+    scorer = load_scorer(a.model, tok, torch.device("cpu") if a.fsdp else device, "--model", dropout=a.dropout)
+    dtype = saved_dtype(a.model)
     if rank == 0:
         print(f"train-rm: dropout {a.dropout} on {', '.join(scorer.dropout_fields) or 'no field (the backbone has none)'}")
-    scorer.train()
-    model = DDP(scorer, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else scorer
+    if a.gradient_checkpointing:
+        scorer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if a.fsdp:
+        shard(scorer, a, device, frozen=False)
+    model = DDP(scorer, device_ids=[device.index] if device.type == "cuda" else None) if ddp and not a.fsdp else scorer
     opt = torch.optim.AdamW(scorer.parameters(), lr=a.lr, weight_decay=a.weight_decay)
     sched = warmup_constant(opt, a.warmup_steps)
-    start, best = 0, (math.inf, None)  # (lowest validation loss, its step)
-    if a.resume and (ck := newest_checkpoint(out)) is not None:
-        scorer.model.load_state_dict(AutoModelForSequenceClassification.from_pretrained(ck, num_labels=1).state_dict())
-        st = torch.load(ck / "trainer_state.pt", weights_only=False)
-        opt.load_state_dict(st["optimizer"]), sched.load_state_dict(st["scheduler"]), set_rng_state(st["rng"])
-        start, best = st["step"], tuple(st.get("best", best))
+    state = load_checkpoint(ckpt, {"model": (scorer, opt)}, rank) if ckpt else {"step": 0}
+    if ckpt:
+        sched.load_state_dict(state["scheduler"])
+    best = best_so_far(out)  # (lowest validation loss, its step)
     info = {"kind": kind, "train_data": a.train_data, "langs": langs}
-    logger = Logger(a, out, rank, total, start)
-    for step in range(start, total):
+    reporter = Reporter(a, out, rank, state["step"], total)
+    scorer.train()
+    for step in range(state["step"] + 1, total + 1):
         t0 = time.time()
-        epoch, pos = divmod(step, steps_per_epoch)
+        # ---- ALGO: one batch of pairs (eq. 1) or labelled responses (eq. 2), global mean --------------
+        epoch, pos = divmod(step - 1, steps_per_epoch)
         batch = data_order(a.seed, epoch, len(enc))[pos * a.batch_size:(pos + 1) * a.batch_size]
         mine = [enc[i] for i in batch[rank::world]]
-        if kind == "pairwise":
-            ids, mask = pad([e[0] for e in mine] + [e[1] for e in mine], tok.pad_token_id, "right")
-        else:
-            ids, mask = pad([e[0] for e in mine], tok.pad_token_id, "right")
-        ids, mask = ids.to(device), mask.to(device)
-        r = read_last(model(ids, mask), mask)
+        seqs = [e[0] for e in mine] + ([e[1] for e in mine] if kind == "pairwise" else [])
+        ids, mask = (t.to(device) for t in pad(seqs, tok.pad_token_id, "right"))
+        with autocast(device, a):
+            r = read_last(model(ids, mask), mask)
         if kind == "pairwise":
             n = len(mine)
             losses = bradley_terry_loss(r[:n], r[n:])
@@ -732,23 +1133,18 @@ def train_rm(a: Args, out: Path, rank: int, world: int, device):
             lab = torch.tensor([e[1] for e in mine], device=device)
             losses = pointwise_bce_loss(r, lab)
             correct = ((r > 0).long() == lab).float().sum().item()
-        # global mean over the batch; DDP averages gradients over ranks, hence * world
-        (losses.sum() / len(batch) * world).backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(scorer.parameters(), a.max_grad_norm)
-        skipped_nonfinite = 0
-        if torch.isfinite(gnorm):
-            opt.step()
-        else:
-            skipped_nonfinite = 1
-        opt.zero_grad(set_to_none=True)
+        (losses.sum() / len(batch) * world).backward()  # DDP and FSDP average gradients over ranks: * world
+        # ---- PLUMBING: step, evaluation and best/ (App. B), metrics, checkpoint -----------------------
         lr = sched.get_last_lr()[0]
+        gnorm, skipped_nonfinite = grad_step(scorer.parameters(), opt, a.max_grad_norm)
         sched.step()
-        m = {"step": step + 1, "epoch": epoch, "loss": all_sum(losses.sum().item(), device) / len(batch),
-             "train_acc": all_sum(correct, device) / len(batch), "lr": lr,
-             "grad_norm": gnorm.item(), "skipped_nonfinite": skipped_nonfinite, "skipped_long": skipped_long,
-             "skipped_empty": skipped["empty"], "skipped_identical": skipped["identical"],
+        m = {"step": step, "epoch": epoch, "loss": all_sum(losses.sum().item(), device) / len(batch),
+             "train_acc": all_sum(correct, device) / len(batch), "lr": lr, "grad_norm": gnorm,
+             "skipped_nonfinite": skipped_nonfinite, "skipped_long": skipped_long, "skipped_empty": skipped["empty"],
+             "skipped_identical": skipped["identical"], "param_bytes": local_bytes(scorer.parameters()),
+             "optimizer_bytes": local_bytes(v for s in opt.state.values() for v in s.values()),
              "tokens_per_s": all_sum(mask.sum().item(), device) / (time.time() - t0)}
-        if evals and ((step + 1) % eval_every == 0 or step + 1 == total):
+        if evals and (step % eval_every == 0 or step == total):
             scorer.eval()
             for i, (name, k, its, _) in enumerate(evals):
                 res = evaluate(scorer, tok, k, its, device, a, rank, world)
@@ -757,34 +1153,35 @@ def train_rm(a: Args, out: Path, rank: int, world: int, device):
                     m[f"eval_loss/{name}"] = res["loss"]
                 if k == "pointwise":
                     m[f"eval_rank_acc/{name}"] = res["rank_acc"]
-                if i == sel and res["loss"] is not None and res["loss"] < best[0]:
-                    best = (res["loss"], step + 1)
-                    if rank == 0:
-                        scorer.model.config.update({"rm_transfer": {**info, "step": step + 1, "selected_on": name, "eval_loss": best[0]}})
-                        save_atomic(out / "best", {"": scorer.model}, tok, None)
+                if i == sel and res["loss"] is not None and res["loss"] < best[0]:  # same on every rank (all-reduced)
+                    best = (res["loss"], step)
+                    with writing(out, f"best-{step}", rank, world) as tmp:
+                        save_hf(tmp, scorer, tok, dtype, rank, {"rm_transfer": {**info, "step": step, "selected_on": name,
+                                                                                "eval_loss": best[0]}})
+                    for old in out.glob("best-*") if rank == 0 else []:
+                        if old.name != f"best-{step}":
+                            shutil.rmtree(old)
             scorer.train()
         m["best_step"] = best[1]
-        logger.log(m)
-        if rank == 0 and a.save_every and (step + 1) % a.save_every == 0 and step + 1 < total:
-            save_atomic(out / f"checkpoint-{step + 1}", {"": scorer.model}, tok,
-                        {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state(),
-                         "step": step + 1, "best": best})
-        if world > 1:
-            dist.barrier()
-    if rank == 0:  # final/ = the step with the lowest validation loss (App. B), else the last step
-        if best[1] is not None and (out / "best").is_dir():
-            if (out / "final").exists():
-                shutil.rmtree(out / "final")
-            os.rename(out / "best", out / "final")
-            print(f"train-rm: final/ = step {best[1]}, the lowest validation loss ({best[0]:.4f} on {evals[sel][0]})")
-        else:
-            scorer.model.config.update({"rm_transfer": {**info, "step": total, "selected_on": None}})
-            save_atomic(out / "final", {"": scorer.model}, tok, None)
-            print(f"train-rm: final/ = the last step {total} (no --eval-data set of the {kind} kind to select on)")
-    logger.close()
+        reporter.log(m)
+        if (a.save_every and step % a.save_every == 0) or step == total:
+            save_checkpoint(out, step, {"model": (scorer, opt)}, {"": (scorer, dtype)}, tok,
+                            {"scheduler": sched.state_dict()}, a, rank, world)
+    reporter.close()
+    if best[1] is None:  # no validation set of the training kind: final/ = the last step
+        with writing(out, "final", rank, world) as tmp:
+            save_hf(tmp, scorer, tok, dtype, rank, {"rm_transfer": {**info, "step": total, "selected_on": None}})
+    elif rank == 0 and (out / f"best-{best[1]}").is_dir():  # App. B: final/ = the lowest validation loss
+        shutil.rmtree(out / "final", ignore_errors=True)  # (a kill here leaves best-<k>/, which --resume reads)
+        os.rename(out / f"best-{best[1]}", out / "final")
+    if rank == 0:
+        print(f"train-rm: final/ = step {best[1] or total}, " + (f"the lowest validation loss ({best[0]:.4f} on "
+              f"{evals[sel][0]})" if best[1] else f"the last one (no --eval-data set of the {kind} kind to select on)"))
+    if world > 1:
+        dist.barrier()
 
 
-def eval_rm(a: Args, out: Path, rank: int, world: int, device):
+def eval_rm(a: Args, rank: int, world: int, device, ddp: bool):
     if not a.reward_model or not a.eval_data:
         raise SystemExit("eval-rm needs --reward-model DIR [DIR ...] and --eval-data FILE [FILE ...]")
     if a.train_data and len(a.train_data) != len(a.eval_data):
@@ -798,6 +1195,7 @@ def eval_rm(a: Args, out: Path, rank: int, world: int, device):
         if k != kind:
             raise SystemExit(f"--train-data {tpath} is {k} but its --eval-data set {name} is {kind}; pass the same kind")
         trains.append(its)
+    out, _ = prepare_output_dir(a, rank, world)
     cols = [c for name, kind, _, _ in sets for c in ([name, f"{name} (ranking)"] if kind == "pointwise" else [name])]
     table, skipped_long = {}, {}
     for rm_path in a.reward_model:
@@ -837,51 +1235,14 @@ def eval_rm(a: Args, out: Path, rank: int, world: int, device):
         if any(v for row in skipped_long.values() for v in row.values()):
             md += f"Skipped as longer than --max-length {a.max_length}: {json.dumps(skipped_long)}\n"
         print(md)
-        (out / "accuracy.md").write_text(md)
-        (out / "accuracy.json").write_text(dumps({"columns": cols, "rows": {k: {c: row.get(c) for c in cols} for k, row in table.items()},
+        atomic_write(out / "accuracy.md", md)
+        atomic_write(out / "accuracy.json", dumps({"columns": cols, "rows": {k: {c: row.get(c) for c in cols} for k, row in table.items()},
                                                   "rules": rules, "skipped_long": skipped_long,
                                                   "skipped_rows": {n: sk for n, _, _, sk in sets}}, indent=1))
     return table
 
 
-@torch.no_grad()
-def sample(policy, p_ids, p_mask, gens, a: Args, eos_id: int, pad_id: int):
-    """Tempered (and nucleus) sampling with one generator per prompt, so a prompt's response does not
-    depend on which rank or batch it is in. [B, P] -> response ids [B, R], mask [B, R] (1 up to and
-    including the first eos)."""
-    B = p_ids.shape[0]
-    pos = position_ids_from_mask(p_mask)
-    attn = p_mask.clone()
-    out = policy(input_ids=p_ids, attention_mask=attn, position_ids=pos, use_cache=True)
-    next_pos, done, toks = pos[:, -1:] + 1, torch.zeros(B, dtype=torch.bool, device=p_ids.device), []
-    for _ in range(a.max_new_tokens):
-        probs = torch.softmax(out.logits[:, -1].float() / a.temperature, -1)
-        if a.top_p < 1.0:
-            sp, si = probs.sort(-1, descending=True)
-            drop = sp.cumsum(-1) - sp > a.top_p
-            probs = probs.scatter(-1, si, sp.masked_fill(drop, 0.0))
-        tok = torch.stack([torch.multinomial(probs[i].cpu(), 1, generator=gens[i]) for i in range(B)]).to(p_ids.device)
-        tok = torch.where(done[:, None], torch.full_like(tok, pad_id), tok)
-        toks.append(tok)
-        done = done | (tok[:, 0] == eos_id)
-        if done.all():
-            break
-        attn = torch.cat([attn, torch.ones_like(tok)], 1)
-        out = policy(input_ids=tok, attention_mask=attn, position_ids=next_pos, past_key_values=out.past_key_values, use_cache=True)
-        next_pos = next_pos + 1
-    r_ids = torch.cat(toks, 1)
-    is_eos = (r_ids == eos_id).long()
-    after_eos = (is_eos.cumsum(1) - is_eos) > 0
-    return r_ids, (~after_eos).long()
-
-
-def response_logits(model, ids, mask, R: int) -> torch.Tensor:
-    """Logits that predict the last R tokens: position t-1 predicts token t. [B, P+R] -> [B, R, V]"""
-    return model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                 use_cache=False, logits_to_keep=R + 1).logits[:, :-1]
-
-
-def rl(a: Args, out: Path, rank: int, world: int, device):
+def rl(a: Args, rank: int, world: int, device, ddp: bool):
     if len(a.reward_model) != 1:
         raise SystemExit("rl needs exactly one --reward-model DIR (the source-language RM)")
     if a.rollout_batch_size % world or a.minibatch_size % world or a.rollout_batch_size % a.minibatch_size:
@@ -896,8 +1257,7 @@ def rl(a: Args, out: Path, rank: int, world: int, device):
     prompts = list(dict.fromkeys(text_of(r[a.prompt_field], f'--prompts {a.prompts} {where}: "{a.prompt_field}"')
                                  for where, r in rows))
     tok = load_tokenizer(a.model, "--model")
-    rm_tok = load_tokenizer(a.reward_model[0], "--reward-model")
-    if rm_tok.get_vocab() != tok.get_vocab():
+    if load_tokenizer(a.reward_model[0], "--reward-model").get_vocab() != tok.get_vocab():
         raise SystemExit("the reward model's tokenizer differs from the policy's; the value model scores policy "
                          "tokens, so train the RM from the policy's backbone (train-rm --model POLICY)")
     enc = [(p, prompt_ids(tok, p)) for p in prompts]
@@ -911,133 +1271,140 @@ def rl(a: Args, out: Path, rank: int, world: int, device):
         print(f"rl: skipped {skipped_long} of {len(enc)} prompts longer than --max-length minus --max-new-tokens ({room} tokens)")
     enc = [(p, e) for p, e in enc if len(e) <= room]
     total = a.steps or math.ceil(len(enc) / a.rollout_batch_size)
+    out, ckpt = prepare_output_dir(a, rank, world)
 
+    # ---- PLUMBING: models. Trained: policy and value model (fp32 master weights); frozen: the SFT reference
+    # and the RM (bf16 on GPUs under FSDP). Under FSDP all load on CPU and fully_shard moves each shard.
     torch.manual_seed(a.seed)
-    policy = from_pretrained(AutoModelForCausalLM, a.model, "--model", dtype=torch.float32).to(device)
-    ref = from_pretrained(AutoModelForCausalLM, a.model, "--model", dtype=torch.float32).to(device).requires_grad_(False)
-    rm = load_scorer(a.reward_model[0], tok, device, "--reward-model").requires_grad_(False)
-    value = load_scorer(a.reward_model[0], tok, device, "--reward-model")
-    # dropout stays off in every model of `rl` (eval mode, never train()): rollout and PPO forwards must be
-    # the same function of the weights, or rho != 1 at the first minibatch and the value clip is noise
-    policy.eval(), ref.eval(), rm.eval(), value.eval()
-    start = 0
-    ck = newest_checkpoint(out) if a.resume else None
-    if ck is not None:
-        policy.load_state_dict(AutoModelForCausalLM.from_pretrained(ck).state_dict())
-        value.model.load_state_dict(AutoModelForSequenceClassification.from_pretrained(ck / "value", num_labels=1).state_dict())
-    ddp = (lambda m: DDP(m, device_ids=[device.index] if device.type == "cuda" else None)) if world > 1 else (lambda m: m)
-    policy_d, value_d = ddp(policy), ddp(value)
+    load_device = torch.device("cpu") if a.fsdp else device
+    frozen_dtype = torch.bfloat16 if a.fsdp and device.type == "cuda" and a.bf16 else torch.float32
+    policy = from_pretrained(AutoModelForCausalLM, a.model, "--model", dtype=torch.float32).to(load_device)
+    ref = from_pretrained(AutoModelForCausalLM, a.model, "--model", dtype=frozen_dtype).to(load_device)
+    rm = load_scorer(a.reward_model[0], tok, load_device, dtype=frozen_dtype)
+    value = load_scorer(a.reward_model[0], tok, load_device)
+    dtypes = {"": (policy, saved_dtype(a.model)), "value": (value, saved_dtype(a.reward_model[0]))}
+    for m in (policy, value):  # dropout off in every model of rl (docstring); eval/train only toggles checkpointing
+        disable_dropout(m)
+        if a.gradient_checkpointing:
+            (m.model if isinstance(m, TokenScorer) else m).gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+    ref.eval().requires_grad_(False), rm.eval().requires_grad_(False)
+    if a.fsdp:
+        for m, frozen in ((policy, False), (value, False), (ref, True), (rm, True)):
+            shard(m, a, device, frozen)
+    wrap = lambda m: DDP(m, device_ids=[device.index] if device.type == "cuda" else None) if ddp and not a.fsdp else m  # noqa: E731
+    policy_d, value_d = wrap(policy), wrap(value)
     opt_pi = torch.optim.AdamW(policy.parameters(), lr=a.lr, weight_decay=a.weight_decay)
     opt_v = torch.optim.AdamW(value.parameters(), lr=a.lr, weight_decay=a.weight_decay)
     sch_pi, sch_v = warmup_constant(opt_pi, a.warmup_steps), warmup_constant(opt_v, a.warmup_steps)
-    if ck is not None:
-        st = torch.load(ck / "trainer_state.pt", weights_only=False)
-        for o, k in ((opt_pi, "opt_pi"), (opt_v, "opt_v"), (sch_pi, "sch_pi"), (sch_v, "sch_v")):
-            o.load_state_dict(st[k])
-        set_rng_state(st["rng"])
-        start = st["step"]
-    logger = Logger(a, out, rank, total, start)
-    pad_id, eos_id = tok.pad_token_id, tok.eos_token_id
-    for step in range(start, total):
+    trained = {"policy": (policy, opt_pi), "value": (value, opt_v)}
+    state = load_checkpoint(ckpt, trained, rank) if ckpt else {"step": 0}
+    if ckpt:
+        sch_pi.load_state_dict(state["sch_pi"]), sch_v.load_state_dict(state["sch_v"])
+    reporter = Reporter(a, out, rank, state["step"], total)
+    gen_eos = policy.generation_config.eos_token_id
+    eos_ids = sorted({tok.eos_token_id, *([gen_eos] if isinstance(gen_eos, int) else gen_eos or [])} - {None})
+    pad_id = tok.pad_token_id
+    pad_to = max(len(e) for _, e in enc) if device.type == "cuda" and a.compile_rollout else 0  # one static-cache shape
+    heads = lambda x, ref_x: dict(  # noqa: E731 - the LM heads for the fused kernel; softcap: Gemma 2, logit_scale: Cohere
+        weight=lm_head(policy, x), ref_weight=None if ref_x is None else lm_head(ref, ref_x),
+        softcap=getattr(policy.config, "final_logit_softcapping", None),
+        logit_scale=getattr(policy.config, "logit_scale", None)) if a.fused_linear else None
+    for step in range(state["step"] + 1, total + 1):
         t0 = time.time()
-        # ---- rollout: this rank's prompts, sampled with per-prompt generators
-        # sample k of the prompt stream = prompt order(epoch)[pos], (epoch, pos) = divmod(k, #prompts)
-        ks = list(range(step * a.rollout_batch_size, (step + 1) * a.rollout_batch_size))[rank::world]
-        gidx = [data_order(a.seed, k // len(enc), len(enc))[k % len(enc)] for k in ks]
-        p_ids, p_mask = pad([enc[i][1] for i in gidx], pad_id, "left")
-        p_ids, p_mask = p_ids.to(device), p_mask.to(device)
-        gens = [torch.Generator().manual_seed(a.seed * 1_000_003 + k) for k in ks]
-        r_ids, r_mask = sample(policy, p_ids, p_mask, gens, a, eos_id, pad_id)
-        R = r_ids.shape[1]
+        # ---- ALGO: 1. rollout: this rank's prompts in ONE generate call. Sample k of the prompt stream is
+        # prompt order(epoch)[pos], (epoch, pos) = divmod(k, #prompts); its noise is keyed by (seed, k)
+        ks = list(range((step - 1) * a.rollout_batch_size, step * a.rollout_batch_size))[rank::world]
+        p_list = [enc[data_order(a.seed, k // len(enc), len(enc))[k % len(enc)]][1] for k in ks]
+        policy.eval(), value.eval()
+        with gathered(policy, a.fsdp), autocast(device, a):
+            r_ids, r_mask = rollout(policy, p_list, [(a.seed, k) for k in ks], a, eos_ids, pad_id, pad_to)
+        p_ids, p_mask = (t.to(device) for t in pad(p_list, pad_id, "left", pad_to))
+        r_mask, R = r_mask.long(), r_ids.shape[1]
         ids, mask = torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1)
-        with torch.no_grad():
-            lg, ref_lg = response_logits(policy, ids, mask, R), response_logits(ref, ids, mask, R)
-            o = fused_logprob_kl(lg, ref_lg, r_ids, temperature=a.temperature)
-            old_logp = o.logp
-            kl = o.kl if a.kl_estimator == "full" else o.logp - fused_logprob(ref_lg, r_ids, temperature=a.temperature)
-            del lg, ref_lg
+        # ---- ALGO: 2. log-probs, KL (3), values and RM scores of the rollout, from the training forwards
+        with torch.no_grad(), autocast(device, a):
+            x, ref_x = response_states(policy, ids, mask, R, a.fused_linear), response_states(ref, ids, mask, R, a.fused_linear)
+            old_logp, kl_full, entropy, ref_logp = token_logprob_kl(x, ref_x, r_ids, a.temperature, heads(x, ref_x))
+            kl = kl_full if a.kl_estimator == "full" else old_logp - ref_logp
+            del x, ref_x
             old_values = value(ids, mask)[:, -R - 1:-1]  # V(s_t) is read where token t is predicted
             score = read_last(rm(ids, mask), mask)
+        for m in (policy, ref, rm, value) if a.fsdp else ():  # FSDP2 keeps a root gathered after forward: free it
+            m.reshard()
         rf = r_mask.float()
         # ---- everyone gets the global rollout, so minibatches do not depend on the world size
         g = {k: gather_rows(v, rank, world, pv, side) for k, v, pv, side in [
             ("p_ids", p_ids, pad_id, "left"), ("p_mask", p_mask, 0, "left"), ("r_ids", r_ids, pad_id, "right"),
             ("r_mask", rf, 0.0, "right"), ("old_logp", old_logp, 0.0, "right"), ("kl", kl * rf, 0.0, "right"),
-            ("old_values", old_values * rf, 0.0, "right"), ("entropy", o.entropy * rf, 0.0, "right")]}
-        g["score"] = gather_rows(score[:, None], rank, world, 0.0)[:, 0]
+            ("old_values", old_values * rf, 0.0, "right"), ("entropy", entropy * rf, 0.0, "right")]}
+        g["score"] = gather_rows(score[:, None].float(), rank, world, 0.0)[:, 0]
         m_ = g["r_mask"]
-        score_pen = penalise_missing_eos(g["score"], g["r_ids"], m_, eos_id, a.missing_eos_penalty)
+        score_pen = penalise_missing_eos(g["score"], g["r_ids"], m_, eos_ids, a.missing_eos_penalty)
+        # ---- ALGO: 3. KL-shaped rewards (3), GAE (4), whitened advantages
         rewards = kl_rewards(g["kl"], score_pen, m_, a.beta)
         adv, returns = gae(rewards, g["old_values"], m_, a.gamma, a.lam)
         adv, adv_scale = masked_whiten(adv, m_)
         ids_all, mask_all = torch.cat([g["p_ids"], g["r_ids"]], 1), torch.cat([g["p_mask"], m_.long()], 1)
         Rg, B = m_.shape[1], m_.shape[0]
-        # ---- PPO epochs over minibatches; the value model trains alone during warm-up
-        update_policy = step >= a.value_warmup_steps
+        # ---- ALGO: 4. PPO epochs over minibatches, (5) + (7) and (6); the value model trains alone during
+        # warm-up. Every rank takes minibatch_size / world rows of each minibatch: the same number of
+        # forwards and backwards on every rank (FSDP all-gathers in each), one optimizer step per backward.
+        update_policy = step > a.value_warmup_steps
+        policy.train(a.gradient_checkpointing), value.train(a.gradient_checkpointing)
         stats = {"loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0, "n_tok": 0.0, "skipped_nonfinite": 0}
         for ep in range(a.ppo_epochs):
-            perm = torch.randperm(B, generator=torch.Generator().manual_seed(a.seed * 100003 + step * 101 + ep)).tolist()
+            perm = torch.randperm(B, generator=torch.Generator().manual_seed(a.seed * 100003 + (step - 1) * 101 + ep)).tolist()
             for mb0 in range(0, B, a.minibatch_size):
                 mb = perm[mb0:mb0 + a.minibatch_size]
                 mine = torch.tensor(mb[rank::world], device=device)
                 n_tok = m_[mb].sum().item()  # global token count of this minibatch
-                x, xm, mk = ids_all[mine], mask_all[mine], m_[mine]
-                for model_d, opt, params, is_pi in ((policy_d, opt_pi, policy.parameters(), True),
-                                                    (value_d, opt_v, value.parameters(), False)):
-                    if is_pi and not update_policy:
-                        continue
-                    if is_pi:
-                        lg, kl_theta = response_logits(model_d, x, xm, Rg), None
-                        if a.kl_estimator == "full":  # the direct part of the KL's gradient, Eq. (7)
-                            with torch.no_grad():
-                                ref_lg = response_logits(ref, x, xm, Rg)
-                            o_mb = fused_logprob_kl(lg, ref_lg, g["r_ids"][mine], temperature=a.temperature)
-                            logp, kl_theta = o_mb.logp, o_mb.kl
-                        else:
-                            logp = fused_logprob(lg, g["r_ids"][mine], temperature=a.temperature)
-                        loss_sum, clipped = ppo_policy_loss(logp, g["old_logp"][mine], adv[mine], mk, a.clip_eps,
-                                                            kl_theta, a.beta * adv_scale)
-                        stats["clipfrac"] += all_sum(clipped.item(), device)
-                    else:
-                        v = model_d(x, xm)[:, -Rg - 1:-1]
-                        loss_sum = ppo_value_loss(v, g["old_values"][mine], returns[mine], mk, a.value_clip)
-                    (loss_sum / n_tok * world).backward()
-                    gnorm = torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm)
-                    if torch.isfinite(gnorm):
-                        opt.step()
-                    else:
-                        stats["skipped_nonfinite"] += 1
-                    opt.zero_grad(set_to_none=True)
-                    stats["loss" if is_pi else "value_loss"] += all_sum(loss_sum.item(), device)
+                xs, xm, mk = ids_all[mine], mask_all[mine], m_[mine]
+                if update_policy:
+                    with autocast(device, a):
+                        x = response_states(policy_d, xs, xm, Rg, a.fused_linear)
+                        with torch.no_grad():  # the direct part of the KL's gradient, eq. (7), needs the reference
+                            ref_x = response_states(ref, xs, xm, Rg, a.fused_linear) if a.kl_estimator == "full" else None
+                        logp, kl_theta, _, _ = token_logprob_kl(x, ref_x, g["r_ids"][mine], a.temperature, heads(x, ref_x))
+                    loss_sum, clipped = ppo_policy_loss(logp, g["old_logp"][mine], adv[mine], mk, a.clip_eps, kl_theta,
+                                                        a.beta * adv_scale)
+                    (loss_sum / n_tok * world).backward()  # DDP and FSDP average over ranks: * world
+                    stats["skipped_nonfinite"] += grad_step(policy.parameters(), opt_pi, a.max_grad_norm)[1]
+                    stats["clipfrac"] += all_sum(clipped.item(), device)
+                    stats["loss"] += all_sum(loss_sum.item(), device)
+                with autocast(device, a):
+                    v = value_d(xs, xm)[:, -Rg - 1:-1]
+                loss_sum = ppo_value_loss(v, g["old_values"][mine], returns[mine], mk, a.value_clip)
+                (loss_sum / n_tok * world).backward()
+                stats["skipped_nonfinite"] += grad_step(value.parameters(), opt_v, a.max_grad_norm)[1]
+                stats["value_loss"] += all_sum(loss_sum.item(), device)
                 stats["n_tok"] += n_tok
+        # ---- PLUMBING: schedulers, metrics, samples, checkpoint
         lr = sch_pi.get_last_lr()[0] if update_policy else None  # null: no policy step (value warm-up)
         if update_policy:  # the policy's warm-up starts when it starts moving
             sch_pi.step()
         sch_v.step()
         seq_kl = g["kl"].sum(1)
-        m = {"step": step + 1, "reward_mean": g["score"].mean().item(), "reward_std": g["score"].std(unbiased=False).item(),
-             "kl": seq_kl.mean().item(), "reward_total": (score_pen - a.beta * seq_kl).mean().item(),
-             "no_eos_frac": (~((g["r_ids"] == eos_id) & m_.bool()).any(1)).float().mean().item(),
-             "entropy": (g["entropy"].sum() / m_.sum()).item(), "response_len": m_.sum(1).mean().item(),
-             "loss": stats["loss"] / stats["n_tok"] if update_policy else None, "value_loss": stats["value_loss"] / stats["n_tok"],
-             "clipfrac": stats["clipfrac"] / stats["n_tok"] if update_policy else None, "policy_updated": int(update_policy),
-             "skipped_nonfinite": stats["skipped_nonfinite"], "skipped_long": skipped_long, "lr": lr,
-             "tokens_per_s": m_.sum().item() / (time.time() - t0)}
-        logger.log(m)
-        if rank == 0 and a.sample_every and (step % a.sample_every == 0 or step + 1 == total):
-            with open(out / "samples.jsonl", "a") as f:
-                for i in range(min(3, B)):
-                    f.write(dumps({"step": step + 1, "prompt": tok.decode(g["p_ids"][i][g["p_mask"][i].bool()]),
-                                   "response": tok.decode(g["r_ids"][i][m_[i].bool()], skip_special_tokens=True),
-                                   "rm_score": g["score"][i].item(), "kl": seq_kl[i].item()}) + "\n")
-        last = step + 1 == total
-        if rank == 0 and (last or (a.save_every and (step + 1) % a.save_every == 0)):
-            save_atomic(out / f"checkpoint-{step + 1}", {"": policy, "value": value.model}, tok,
-                        {"opt_pi": opt_pi.state_dict(), "opt_v": opt_v.state_dict(), "sch_pi": sch_pi.state_dict(),
-                         "sch_v": sch_v.state_dict(), "rng": rng_state(), "step": step + 1})
-        if world > 1:
-            dist.barrier()
-    logger.close()
+        reporter.log({
+            "step": step, "reward_mean": g["score"].mean().item(), "reward_std": g["score"].std(unbiased=False).item(),
+            "kl": seq_kl.mean().item(), "reward_total": (score_pen - a.beta * seq_kl).mean().item(),
+            "no_eos_frac": (~has_eos(g["r_ids"], m_, eos_ids)).float().mean().item(),
+            "entropy": (g["entropy"].sum() / m_.sum()).item(), "response_len": m_.sum(1).mean().item(),
+            "loss": stats["loss"] / stats["n_tok"] if update_policy else None, "value_loss": stats["value_loss"] / stats["n_tok"],
+            "clipfrac": stats["clipfrac"] / stats["n_tok"] if update_policy else None, "policy_updated": int(update_policy),
+            "skipped_nonfinite": stats["skipped_nonfinite"], "skipped_long": skipped_long, "lr": lr,
+            "param_bytes": local_bytes([*policy.parameters(), *value.parameters()]),
+            "optimizer_bytes": local_bytes(v for o in (opt_pi, opt_v) for s in o.state.values() for v in s.values()),
+            "tokens_per_s": m_.sum().item() / (time.time() - t0)})
+        if rank == 0 and a.sample_every and (step % a.sample_every == 0 or step == total):
+            append_jsonl(out / "samples.jsonl", [
+                {"step": step, "prompt": tok.decode(g["p_ids"][i][g["p_mask"][i].bool()]),
+                 "response": tok.decode(g["r_ids"][i][m_[i].bool()], skip_special_tokens=True),
+                 "rm_score": g["score"][i].item(), "kl": seq_kl[i].item()} for i in range(min(3, B))])
+        if (a.save_every and step % a.save_every == 0) or step == total:
+            save_checkpoint(out, step, trained, dtypes, tok, {"sch_pi": sch_pi.state_dict(), "sch_v": sch_v.state_dict()},
+                            a, rank, world)
+    reporter.close()
 
 
 def main(argv: list[str] | None = None):
@@ -1047,26 +1414,18 @@ def main(argv: list[str] | None = None):
     (a,) = HfArgumentParser(Args).parse_args_into_dataclasses(argv)
     if a.report_to != "none" and importlib.util.find_spec(a.report_to) is None:
         raise SystemExit(f"--report-to {a.report_to} needs the {a.report_to} package: pip install {a.report_to}")
-    if "RANK" in os.environ:
+    ddp = "RANK" in os.environ
+    if a.fsdp and not ddp:
+        raise SystemExit("--fsdp needs torchrun (any --nproc_per_node, 1 included)")
+    if ddp:
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")  # CPU tensors (metrics) too
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    name = [a.output_dir or f"runs/rm_transfer-{a.stage}-{time.strftime('%Y%m%d-%H%M%S')}"]
-    if world > 1:
-        dist.broadcast_object_list(name)  # every rank uses rank 0's timestamp
-    out = Path(name[0])
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if not a.resume and (out / "metrics.jsonl").exists():
-            (out / "metrics.jsonl").unlink()
-        (out / "args.json").write_text(json.dumps(asdict(a), indent=1))
-    if world > 1:
-        dist.barrier()
     random.seed(a.seed), np.random.seed(a.seed), torch.manual_seed(a.seed)
-    result = {"train-rm": train_rm, "eval-rm": eval_rm, "rl": rl}[a.stage](a, out, rank, world, device)
-    if dist.is_initialized():
+    result = {"train-rm": train_rm, "eval-rm": eval_rm, "rl": rl}[a.stage](a, rank, world, device, ddp)
+    if ddp:
         dist.destroy_process_group()
     return result
 

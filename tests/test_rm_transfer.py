@@ -449,21 +449,39 @@ def test_rl_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path, tiny
                 assert a[k] == pytest.approx(b[k], abs=1e-6), (a["step"], k)
 
 
-def test_train_rm_resume_gives_the_same_metrics_and_weights(tmp_path, tiny_lm_dir):
-    data = letter_pref_data(tmp_path, 24, 6, "d")
-    common = ["train-rm", "--model", str(tiny_lm_dir), "--train-data", str(data), "--batch-size", "8", "--lr", "1e-3",
-              "--warmup-steps", "3", "--save-every", "2"]
+def flipped_pref_data(tmp, n, seed, name):
+    """letter_pref_data with chosen and rejected swapped: an RM trained on it gets worse on letter_pref_data."""
+    path = tmp / f"{name}-flipped.jsonl"
+    path.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": r["rejected"], "rejected": r["chosen"]}) + "\n"
+                            for r in map(json.loads, open(letter_pref_data(tmp, n, seed, name)))))
+    return path
+
+
+def test_train_rm_resume_gives_the_same_metrics_best_step_and_weights(tmp_path, tiny_lm_dir):
+    """A run killed after step 3 wrote its log line and the best model so far (best-<k>/), before checkpoint-3:
+    --resume goes on from checkpoint-2 with that best model, and ends as the uninterrupted run (metrics,
+    best step, final/). The validation loss rises as the RM learns, so the best step comes early."""
+    common = ["train-rm", "--model", str(tiny_lm_dir), "--train-data", str(flipped_pref_data(tmp_path, 24, 6, "d")),
+              "--eval-data", str(letter_pref_data(tmp_path, 16, 8, "val")), "--eval-every", "1", "--batch-size", "8",
+              "--lr", "3e-3", "--warmup-steps", "1", "--save-every", "2"]
     rt.main(common + ["--steps", "5", "--output-dir", str(tmp_path / "full")])
-    rt.main(common + ["--steps", "3", "--output-dir", str(tmp_path / "part")])  # saves checkpoint-2, logs step 3
-    rt.main(common + ["--steps", "5", "--resume", "--output-dir", str(tmp_path / "part")])
-    full, part = metrics(tmp_path / "full"), metrics(tmp_path / "part")
-    assert [x["step"] for x in part] == [1, 2, 3, 4, 5]
-    for a, b in zip(full, part):
+    rt.main(common + ["--steps", "3", "--output-dir", str(tmp_path / "part")])
+    part = tmp_path / "part"
+    shutil.rmtree(part / "checkpoint-3")
+    best = json.loads((part / "final" / "config.json").read_text())["rm_transfer"]["step"]
+    (part / "final").rename(part / f"best-{best}")  # final/ is renamed from best-<k>/ only at the very end
+    with open(part / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')
+    rt.main(common + ["--steps", "5", "--resume", "--output-dir", str(part)])
+    full, resumed = metrics(tmp_path / "full"), metrics(part)
+    assert [x["step"] for x in resumed] == [1, 2, 3, 4, 5] and full[-1]["best_step"] == best <= 3
+    for a, b in zip(full, resumed):
         for k in a:
             if k != "tokens_per_s":
                 assert a[k] == pytest.approx(b[k], abs=1e-6), (a["step"], k)
-    w1, w2 = load_file(tmp_path / "full/final/model.safetensors"), load_file(tmp_path / "part/final/model.safetensors")
+    w1, w2 = load_file(tmp_path / "full/final/model.safetensors"), load_file(part / "final/model.safetensors")
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert not list(part.glob("best-*")) and sorted(p.name for p in part.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-5"]
 
 
 def test_row_without_field_gets_one_line_error_naming_file_row_and_fix(tmp_path):
@@ -490,10 +508,7 @@ def test_dropout_flag_sets_every_dropout_field_of_the_config():
 def test_final_rm_is_the_step_with_the_lowest_validation_loss(tmp_path, tiny_lm_dir):
     """Training prefers letters n-z, validation a-m: the validation loss rises as the RM learns, so the
     lowest one comes early and final/ must hold that step's weights, not the last step's."""
-    train = letter_pref_data(tmp_path, 32, 7, "train")
-    flipped = tmp_path / "flipped.jsonl"
-    flipped.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": r["rejected"], "rejected": r["chosen"]}) + "\n"
-                               for r in map(json.loads, open(train))))
+    flipped = flipped_pref_data(tmp_path, 32, 7, "train")
     val = letter_pref_data(tmp_path, 16, 8, "val")
     rt.main(["train-rm", "--model", str(tiny_lm_dir), "--train-data", str(flipped), "--eval-data", str(val),
              "--steps", "5", "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "1", "--eval-every", "1",
@@ -508,7 +523,7 @@ def test_final_rm_is_the_step_with_the_lowest_validation_loss(tmp_path, tiny_lm_
     assert all(torch.equal(w_final[k], w_best[k]) for k in w_best)
     cfg = json.loads((tmp_path / "rm" / "final" / "config.json").read_text())
     assert cfg["rm_transfer"]["step"] == best and cfg["attention_dropout"] == 0.1  # App. B dropout by default
-    assert not (tmp_path / "rm" / "best").exists()
+    assert not list((tmp_path / "rm").glob("best-*"))  # renamed to final/
 
 
 # ---------------------------------------------------------------- bad input (issue 10)
@@ -531,6 +546,11 @@ BAD_ARGS = [
     (["train-rm", "--dropout", "1"], "--dropout must be in"),
     (["rl", "--missing-eos-penalty", "-1"], "--missing-eos-penalty must be > 0"),
     (["rl", "--gamma", "1.5"], "--gamma must be in"),
+    (["train-rm", "--resume", "--overwrite"], "pass one of them"),
+    (["rl", "--save-total-limit", "0"], "--save-total-limit must be >= 1"),
+    (["eval-rm", "--resume"], "eval-rm trains nothing"),
+    (["eval-rm", "--fsdp"], "eval-rm trains nothing"),
+    (["rl", "--fsdp"], "--fsdp needs torchrun"),
 ]
 
 
@@ -653,3 +673,267 @@ def test_every_prompt_too_long_names_the_limits_to_change(tmp_path, tiny_lm_dir)
 
 def test_logged_json_holds_null_never_nan():
     assert rt.dumps({"a": float("nan"), "b": [1.5, float("inf")], "c": None, "d": 2}) == '{"a": null, "b": [1.5, null], "c": null, "d": 2}'
+
+
+# ---------------------------------------------------------------- runs are never lost or mixed (issue 10)
+def rm_flags(tmp_path, lm, out, steps, *extra):
+    return ["train-rm", "--model", str(lm), "--train-data", str(letter_pref_data(tmp_path, 16, 2, "d")),
+            "--steps", str(steps), "--batch-size", "8", "--lr", "1e-3", "--output-dir", str(out), *map(str, extra)]
+
+
+def test_a_folder_with_a_previous_run_is_refused_and_overwrite_replaces_it(tmp_path, tiny_lm_dir, tiny_rm_dir):
+    out = tmp_path / "run"
+    rt.main(rm_flags(tmp_path, tiny_lm_dir, out, 1))
+    with pytest.raises(SystemExit, match="holds a previous run; pass --resume to continue it or --overwrite to replace it"):
+        rt.main(rm_flags(tmp_path, tiny_lm_dir, out, 1))
+    (out / "stale.txt").write_text("from the old run")
+    rt.main(rm_flags(tmp_path, tiny_lm_dir, out, 1, "--overwrite"))
+    assert not (out / "stale.txt").exists() and [m["step"] for m in metrics(out)] == [1]
+    other = tmp_path / "notarun"
+    other.mkdir()
+    (other / "thesis.tex").write_text("keep me")
+    with pytest.raises(SystemExit, match="is not empty and holds no run"):
+        rt.main(rm_flags(tmp_path, tiny_lm_dir, other, 1, "--overwrite"))
+    assert (other / "thesis.tex").exists()
+    # eval-rm writes whole files: it replaces its own earlier output, but never a training run's folder
+    ev = ["eval-rm", "--reward-model", str(tiny_rm_dir), "--eval-data", str(letter_pref_data(tmp_path, 8, 3, "v"))]
+    with pytest.raises(SystemExit, match="holds a previous run"):
+        rt.main(ev + ["--output-dir", str(out)])
+    rt.main(ev + ["--output-dir", str(tmp_path / "ev")])
+    (tmp_path / "ev" / "accuracy.md").write_text("old")
+    rt.main(ev + ["--output-dir", str(tmp_path / "ev")])
+    assert (tmp_path / "ev" / "accuracy.md").read_text().startswith("| RM")
+
+
+def test_resume_without_a_checkpoint_starts_clean_and_never_duplicates_steps(tmp_path, tiny_lm_dir):
+    out = tmp_path / "run"
+    rt.main(rm_flags(tmp_path, tiny_lm_dir, out, 2))
+    for p in out.glob("checkpoint-*"):  # a run killed before its first checkpoint
+        shutil.rmtree(p)
+    rt.main(rm_flags(tmp_path, tiny_lm_dir, out, 2, "--resume"))
+    assert [m["step"] for m in metrics(out)] == [1, 2]
+    assert json.loads((out / "args.json").read_text())["_resumed"] == [{"step": 0, "changed": {}}]
+
+
+def test_resume_refuses_a_flag_that_changes_results_and_records_one_that_does_not(tmp_path, tiny_lm_dir):
+    out = tmp_path / "run"
+    rt.main(rm_flags(tmp_path, tiny_lm_dir, out, 1))
+    with pytest.raises(SystemExit, match=r"--resume: --lr is 0.1 but the run in .* used 0.001 \(args.json\)"):
+        rt.main(rm_flags(tmp_path, tiny_lm_dir, out, 2, "--resume", "--lr", "0.1"))
+    rt.main(rm_flags(tmp_path, tiny_lm_dir, out, 2, "--resume", "--save-every", "7"))
+    saved = json.loads((out / "args.json").read_text())
+    assert saved["steps"] == 1 and saved["_resumed"] == [{"step": 1, "changed": {"steps": [1, 2], "save_every": [0, 7]}}]
+    assert [m["step"] for m in metrics(out)] == [1, 2]
+
+
+def rl_flags(tmp_path, lm, rm, data, out, steps, *extra):
+    return ["rl", "--model", str(lm), "--reward-model", str(rm), "--prompts", str(data), "--output-dir", str(out),
+            "--steps", str(steps), "--rollout-batch-size", "4", "--minibatch-size", "2", "--ppo-epochs", "2",
+            "--max-new-tokens", "5", "--lr", "1e-3", "--value-warmup-steps", "0", "--warmup-steps", "1", *map(str, extra)]
+
+
+def test_rl_resume_drops_a_torn_last_log_line_and_refuses_a_corrupt_middle_one(tmp_path, tiny_lm_dir):
+    data, rm = tiny_rm_from_lm(tmp_path, tiny_lm_dir)
+    out = tmp_path / "run"
+    rt.main(rl_flags(tmp_path, tiny_lm_dir, rm, data, out, 1, "--sample-every", "1"))
+    for name in ("metrics.jsonl", "samples.jsonl"):  # what a kill or a full disk leaves: half a line
+        with open(out / name, "a") as f:
+            f.write('{"step": 2, "reward_me')
+    rt.main(rl_flags(tmp_path, tiny_lm_dir, rm, data, out, 2, "--sample-every", "1", "--resume"))
+    assert [m["step"] for m in metrics(out)] == [1, 2]
+    assert [json.loads(x)["step"] for x in (out / "samples.jsonl").read_text().splitlines()] == [1, 1, 1, 2, 2, 2]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text(lines[0][:-5] + "\n" + lines[1] + "\n")
+    with pytest.raises(SystemExit, match="metrics.jsonl line 1 is corrupt; fix or delete that line"):
+        rt.main(rl_flags(tmp_path, tiny_lm_dir, rm, data, out, 3, "--sample-every", "1", "--resume"))
+
+
+def test_a_full_disk_while_saving_leaves_no_temporary_folder_and_earlier_checkpoints_intact(tmp_path, tiny_lm_dir, monkeypatch):
+    out = tmp_path / "run"
+    rt.main(rm_flags(tmp_path, tiny_lm_dir, out, 1))
+    real_save = rt.torch.save
+
+    def full_disk(obj, f, *a, **k):
+        if "rng_state" in str(f):
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4480 vs 4374")
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(rt.torch, "save", full_disk)
+    with pytest.raises(SystemExit, match=r"no space left in .* while writing checkpoint-2; .*checkpoint-1 is intact"):
+        rt.main(rm_flags(tmp_path, tiny_lm_dir, out, 2, "--resume"))
+    assert not list(out.glob(".tmp-*")) and (out / "checkpoint-1" / "trainer_state.json").exists()
+
+
+def test_save_total_limit_keeps_the_newest_checkpoints(tmp_path, tiny_lm_dir):
+    out = tmp_path / "run"
+    rt.main(rm_flags(tmp_path, tiny_lm_dir, out, 3, "--save-every", "1", "--save-total-limit", "2"))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_checkpoints_are_hub_folders_in_the_models_dtype_and_hold_the_trained_weights(tiny_tokenizer, tmp_path):
+    """train-rm and rl from a bf16 backbone: final/, checkpoint-1/ (the RM; rl: the policy) and rl's
+    checkpoint-1/value/ load with from_pretrained in bf16 and hold the trained fp32 master weights (trainer/)
+    rounded to bf16."""
+    import torch.distributed.checkpoint as dcp
+    from conftest import make_tiny_llama
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification as SeqCls
+    lm = tmp_path / "bf16"
+    make_tiny_llama(len(tiny_tokenizer), dtype=torch.bfloat16).to(torch.bfloat16).save_pretrained(lm)
+    tiny_tokenizer.save_pretrained(lm)
+    rt.main(rm_flags(tmp_path, lm, tmp_path / "rm", 1))
+    data = letter_pref_data(tmp_path, 16, 2, "d")
+    rt.main(rl_flags(tmp_path, lm, tmp_path / "rm" / "final", data, tmp_path / "rl", 1))
+
+    def check(folder, cls, master, name):
+        saved = cls.from_pretrained(folder)
+        assert all(p.dtype == torch.bfloat16 for p in saved.parameters()), folder
+        start = {k: v.clone() for k, v in master.state_dict().items()}
+        sd = {k: v.clone() for k, v in master.state_dict().items()}
+        dcp.load({name: sd}, checkpoint_id=str(folder.parent / "trainer" if folder.name == "value" else folder / "trainer"))
+        cut = len("model.") if isinstance(master, rt.TokenScorer) else 0
+        for k, v in saved.state_dict().items():
+            assert torch.equal(v, sd[("model." if cut else "") + k].to(torch.bfloat16)), (folder, k)
+        assert any(not torch.equal(start[k], sd[k]) for k in sd), folder  # the weights did train
+        return saved, sd
+
+    rm_master = rt.TokenScorer(SeqCls.from_pretrained(lm, num_labels=1, dtype=torch.float32))
+    check(tmp_path / "rm" / "checkpoint-1", SeqCls, rm_master, "model")
+    assert torch.equal(load_file(tmp_path / "rm/final/model.safetensors")["score.weight"],
+                       load_file(tmp_path / "rm/checkpoint-1/model.safetensors")["score.weight"])
+    policy, sd = check(tmp_path / "rl" / "checkpoint-1", AutoModelForCausalLM,
+                       AutoModelForCausalLM.from_pretrained(lm, dtype=torch.float32), "policy")
+    check(tmp_path / "rl" / "checkpoint-1" / "value", SeqCls,
+          rt.TokenScorer(SeqCls.from_pretrained(tmp_path / "rm" / "final", num_labels=1, dtype=torch.float32)), "value")
+    x = torch.tensor([[1, 40, 41, 42]])
+    same = AutoModelForCausalLM.from_pretrained(lm, dtype=torch.bfloat16)
+    same.load_state_dict({k: v.to(torch.bfloat16) for k, v in sd.items()})
+    assert torch.equal(policy(input_ids=x).logits, same(input_ids=x).logits)
+
+
+# ---------------------------------------------------------------- FSDP2 (issue 12)
+def test_fsdp_two_processes_match_one_process_hold_half_the_state_and_resume_exactly(tmp_path, tiny_lm_dir, cpu_only):
+    """train-rm and rl under 2-process FSDP2 against 1 plain process (weights and metrics after two optimizer
+    steps; train-rm evaluates every step, its scoring padded to the same number of forwards per rank, and
+    writes best-<k>/ from the shards); rank 0 holds about half of the trained parameters and optimizer state; rl killed after step 2
+    was logged (checkpoint-1 left, a torn metrics line) and resumed under FSDP2, with gradient checkpointing
+    switched on, equals the uninterrupted run.
+    The resume path (save_checkpoint/load_checkpoint over {name: (model, optimizer)}) is the same code in
+    train-rm, whose resume (and best-<k>/) test_train_rm_resume_gives_the_same_metrics_best_step_and_weights checks."""
+    data, rm = tiny_rm_from_lm(tmp_path, tiny_lm_dir)
+    point = tmp_path / "point7.jsonl"  # 7 sequences over 2 ranks in batches of 3: 2 forwards on rank 0, 1 on rank 1
+    point.write_text("".join(json.dumps({"prompt": r["prompt"], "response": r["chosen" if i % 2 else "rejected"],
+                                         "label": i % 2}) + "\n" for i, r in enumerate(map(json.loads, open(data))) if i < 7))
+    rmf = lambda out: rm_flags(tmp_path, tiny_lm_dir, out, 2, "--dropout", "0", "--warmup-steps", "1", "--eval-data",  # noqa: E731
+                               letter_pref_data(tmp_path, 8, 8, "val"), point, "--eval-every", "1", "--eval-batch-size", "3")
+    rlf = lambda out, *x: rl_flags(tmp_path, tiny_lm_dir, rm, data, out, 2, "--save-every", "1", *x)  # noqa: E731
+    rt.main(rmf(tmp_path / "rm1"))
+    rt.main(rlf(tmp_path / "rl1"))
+    run_torchrun("rm_transfer.py", rmf(tmp_path / "rm2") + ["--fsdp"])
+    run_torchrun("rm_transfer.py", rlf(tmp_path / "rl2", "--fsdp"))
+    keys = {"rm": ("loss", "train_acc", "grad_norm", "eval_loss/val", "eval_acc/point7 pointwise", "best_step"),
+            "rl": ("reward_mean", "reward_std", "kl", "entropy", "response_len", "loss", "value_loss", "clipfrac")}
+    for stage, folders in (("rm", ["final"]), ("rl", ["checkpoint-2", "checkpoint-2/value"])):
+        m1, m2 = metrics(tmp_path / f"{stage}1"), metrics(tmp_path / f"{stage}2")
+        assert len(m1) == len(m2) == 2
+        for a, b in zip(m1, m2):
+            for k in keys[stage]:
+                assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (stage, a["step"], k)
+            assert b["param_bytes"] == pytest.approx(a["param_bytes"] / 2, rel=0.05), stage  # rank 0's shard
+            assert b["optimizer_bytes"] == pytest.approx(a["optimizer_bytes"] / 2, rel=0.05), stage
+        for f in folders:
+            w1, w2 = load_file(tmp_path / f"{stage}1" / f / "model.safetensors"), load_file(tmp_path / f"{stage}2" / f / "model.safetensors")
+            assert w1.keys() == w2.keys()
+            for k in w1:
+                torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-4)
+    assert metrics(tmp_path / "rl1")[1]["kl"] > 0  # step 2 samples from a policy that moved
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "rl2", cut)
+    shutil.rmtree(cut / "checkpoint-2")
+    with open(cut / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "rew')
+    run_torchrun("rm_transfer.py", rlf(cut, "--fsdp", "--resume", "--gradient-checkpointing"))  # a flag that may change
+    drop = lambda ms: [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in ms]  # noqa: E731
+    assert drop(metrics(cut)) == drop(metrics(tmp_path / "rl2"))
+    assert json.loads((cut / "args.json").read_text())["_resumed"][0]["changed"]["gradient_checkpointing"] == [False, True]
+    for f in ("checkpoint-2", "checkpoint-2/value"):
+        w2, w3 = load_file(tmp_path / "rl2" / f / "model.safetensors"), load_file(cut / f / "model.safetensors")
+        assert all(torch.equal(w2[k], w3[k]) for k in w2), f
+
+
+# ---------------------------------------------------------------- rollout and fused linear path (issues 13, 15)
+def test_sampled_mask_ends_at_first_eos_for_rows_of_different_lengths(tiny_lm_dir):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    args = rt.Args(max_new_tokens=12)
+    eos = [2, *range(100, 140)]  # a tenth of the vocabulary ends a row: lengths spread out
+    prompts = [[1, 40, 41]] * 8 + [[1, 40, 41, 50, 60, 70, 80]] * 8  # two prompt lengths: left padding
+    tokens, mask = rt.rollout(model, prompts, [(0, i) for i in range(16)], args, eos, 0)
+    lengths = set()
+    for row, m in zip(tokens.tolist(), mask.tolist()):
+        first = next((t for t, x in enumerate(row) if x in eos), len(row) - 1)
+        lengths.add(first)
+        assert m == [t <= first for t in range(len(row))]
+        assert all(x == 0 for x in row[first + 1:])
+    assert len(lengths) > 3  # rows of very different lengths
+    alone, _ = rt.rollout(model, [prompts[11]], [(0, 11)], args, eos, 0)  # a row's sample depends on its key only
+    assert torch.equal(tokens[11, :alone.shape[1]], alone[0])
+
+
+def test_scores_come_from_length_sorted_padded_batches_and_equal_one_by_one(tiny_rm_dir, tiny_tokenizer):
+    scorer = rt.load_scorer(str(tiny_rm_dir), tiny_tokenizer, torch.device("cpu")).eval()
+    g = torch.Generator().manual_seed(13)
+    seqs = [torch.randint(3, 300, (n,), generator=g).tolist() + [2] for n in (9, 2, 14, 5, 1, 7, 11)]
+    seen = []
+    spy = lambda ids, mask: seen.append(mask.sum(1).tolist()) or scorer(ids, mask)  # noqa: E731
+    got = rt.score_sequences(spy, seqs, 0, torch.device("cpu"), rt.Args(eval_batch_size=3))
+    assert [n for batch in seen for n in batch] == sorted(map(len, seqs)) and len(seen) == 3
+    with torch.no_grad():
+        alone = [scorer(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[0, -1].item() for s in seqs]
+    torch.testing.assert_close(got, torch.tensor(alone), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_ref", [True, False])
+def test_log_probs_and_kl_from_hidden_states_equal_the_logits_path(with_ref):
+    g = torch.Generator().manual_seed(9)
+    B, R, D, V = 2, 5, 16, 67
+    h = torch.randn(B, R, D, generator=g, dtype=torch.float64).requires_grad_()
+    w = torch.randn(V, D, generator=g, dtype=torch.float64).requires_grad_()
+    ref_h, ref_w = torch.randn(B, R, D, generator=g, dtype=torch.float64), torch.randn(V, D, generator=g, dtype=torch.float64)
+    tokens = torch.randint(0, V, (B, R), generator=g)
+    heads = dict(weight=w, ref_weight=ref_w, softcap=None, logit_scale=None)
+    fused = rt.token_logprob_kl(h, ref_h if with_ref else None, tokens, 0.9, heads)
+    plain = rt.token_logprob_kl(h @ w.T, ref_h @ ref_w.T if with_ref else None, tokens, 0.9)
+    assert (fused[1] is None) == (not with_ref)
+    for a, b in zip(fused, plain):
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    loss = lambda o: (o[0] * torch.arange(R)).sum() + (o[1].sum() if with_ref else 0)  # noqa: E731
+    for a, b in zip(torch.autograd.grad(loss(fused), [h, w]), torch.autograd.grad(loss(plain), [h, w])):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_fused_and_materialised_rl_runs_agree(tmp_path, tiny_lm_dir):
+    data, rm = tiny_rm_from_lm(tmp_path, tiny_lm_dir)
+    rt.main(rl_flags(tmp_path, tiny_lm_dir, rm, data, tmp_path / "fused", 2))
+    rt.main(rl_flags(tmp_path, tiny_lm_dir, rm, data, tmp_path / "plain", 2, "--no-fused-linear"))
+    a, b = metrics(tmp_path / "fused"), metrics(tmp_path / "plain")
+    assert a[1]["kl"] > 0
+    for m1, m2 in zip(a, b):
+        for k in ("reward_mean", "kl", "entropy", "loss", "value_loss", "clipfrac"):
+            assert m1[k] == pytest.approx(m2[k], rel=1e-4, abs=1e-6), k
+
+
+def test_gradient_checkpointing_changes_memory_not_results(tmp_path, tiny_lm_dir):
+    """train-rm keeps App. B dropout on: non-reentrant checkpointing replays the same dropout masks. rl
+    trains policy and value model in train mode only for checkpointing (dropout is off)."""
+    data, rm = tiny_rm_from_lm(tmp_path, tiny_lm_dir)
+    for name, flags in (("rm", lambda o, *x: rm_flags(tmp_path, tiny_lm_dir, o, 2, *x)),
+                        ("rl", lambda o, *x: rl_flags(tmp_path, tiny_lm_dir, rm, data, o, 2, *x))):
+        rt.main(flags(tmp_path / f"{name}-plain"))
+        rt.main(flags(tmp_path / f"{name}-gc", "--gradient-checkpointing"))
+        drop = lambda ms: [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in ms]  # noqa: E731
+        a, b = drop(metrics(tmp_path / f"{name}-plain")), drop(metrics(tmp_path / f"{name}-gc"))
+        assert a[1]["loss"] is not None and len(a) == len(b) == 2
+        for m1, m2 in zip(a, b):
+            assert m1.keys() == m2.keys()
+            for k in m1:
+                assert m1[k] == pytest.approx(m2[k], rel=1e-5, abs=1e-7), (name, k)
