@@ -777,7 +777,9 @@ def save_hf(path: Path, model, tok, dtype: torch.dtype, rank: int):
     """Consolidated Hugging Face folder in `dtype` (all ranks take part; rank 0 writes)."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        model.save_pretrained(path, state_dict={k: v.to(dtype) for k, v in full.items()})
+        first = {}  # tied weights (embeddings = LM head) once: FSDP's gathered copies no longer share storage
+        tied = {n for n, p in model.named_parameters(remove_duplicate=False) if first.setdefault(id(p), n) != n}
+        model.save_pretrained(path, state_dict={k: v.to(dtype) for k, v in full.items() if k not in tied})
         config = copy.deepcopy(model.config)
         config.dtype = dtype  # save_pretrained wrote the training dtype; config.json must say what the files hold
         config.save_pretrained(path)
@@ -1026,6 +1028,8 @@ def train(args: Args, reward_fn: Optional[RewardFn] = None):
             sums += torch.tensor([loss.item(), seq_mean(kl_full), seq_mean(kl_term), seq_mean(ent), mask.sum().item(),
                                   r[ok].sum().item(), (r[ok] ** 2).sum().item(), ok.sum().item(), (a == 0).sum().item(),
                                   ms[torch.isfinite(ms)].sum().item(), torch.isfinite(ms).sum().item()], dtype=torch.float64)
+        if args.fsdp:
+            ref.reshard()  # FSDP2 keeps a root gathered after a no-grad forward
         # ---- PLUMBING: step, metrics, samples, checkpoint -------------------------------------
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
