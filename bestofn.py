@@ -38,7 +38,7 @@ Equations:
   (5) y_t = argmax_v [ log softmax(z_t / T)_v  (-inf outside the top-p nucleus)  +  g_v ],
       g_v = -log(-log u_v),  u_v = U(seed, prompt, stream, sample, t, v) a counter-based uniform:
       Gumbel-max, an exact sample of the tempered, nucleus-renormalised distribution
-      (see `gumbel_sample`).
+      (`KeyedSampler`: the project's one sampler, the same code in the three trainers).
 
 Run (embedded SmolLM2 as policy and judge; --reward-model works with any num_labels=1
 sequence-classification folder, e.g. one written by rm_transfer.py):
@@ -67,10 +67,11 @@ import time
 import urllib.parse
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
-from transformers import LogitsProcessor
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 DEFAULT_MODEL = str(
     Path(os.environ.get("LOWRES_ALIGN_CACHE", Path.home() / ".cache" / "lowres-align")) / "SmolLM2-135M-Instruct"
@@ -115,6 +116,7 @@ class Args:
     eval_reward_model: str = field(default="", metadata={"help": "eval judge: RM (compare scores); default: the selection scorer"})
     eval_judge_model: str = field(default="", metadata={"help": "eval judge: in-process HF causal LM (pairwise A/B); with --eval-judge-url, the model name sent"})
     eval_judge_url: str = field(default="", metadata={"help": "eval judge: OpenAI-compatible server (pairwise A/B)"})
+    compile_rollout: bool = field(default=True, metadata={"help": "CUDA: static KV cache + compiled decoding (--no-compile-rollout: eager)"})
     dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16"})
     seed: int = field(default=0, metadata={"help": "eq. (5): every draw is keyed by (seed, prompt index, sample): independent of batching, processes and resume"})
     resume: bool = field(default=False, metadata={"help": "continue a partially written --output, skipping finished prompts"})
@@ -225,84 +227,91 @@ def mean_ci95(outcomes: list[float]) -> dict:
     return {"win_rate": mean, "ci95": [max(0.0, mean - half), min(1.0, mean + half)], "sd": sd, "num_prompts": m}
 
 
-# ----------------------------------------------------------------------------- counter-based sampling, eq. (5)
-_M32 = 0xFFFFFFFF
-
-
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2^32 for x in [0, 2^32) held in int64, without int64 overflow (c split in 16-bit halves)."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A bijection of 32-bit words with full avalanche (multiply-xorshift, "lowbias32" constants)."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x21F0AAAD)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x735A2D97)
-    return x ^ (x >> 15)
-
-
-def counter_words(keys: list[list[int]], device=None) -> torch.Tensor:
-    """Integer keys (any Python ints, e.g. [seed, prompt index, stream, sample]) -> [B, 2K] int64
-    32-bit words (low, high half of each key taken modulo 2^64)."""
-    return torch.tensor([[w for k in row for w in (k & _M32, (k >> 32) & _M32)] for row in keys],
-                        dtype=torch.int64, device=device)
-
-
-def counter_uniform(words: torch.Tensor, position: int, vocab_size: int) -> torch.Tensor:
-    """[B, W] key words, a position, V -> [B, V] float64 uniforms in (0, 1), a pure function of
-    (key words, position, vocabulary index). Two 32-bit hash lanes (different start values) chain
-    the words and the position, then mix in the vocabulary index; 20 bits of one and 32 of the
-    other give k < 2^52 and u = (2k + 1) / 2^53, exact in float64 and never 0 or 1."""
-    v = torch.arange(vocab_size, dtype=torch.int64, device=words.device)
-    lanes = []
-    for h0 in (0x243F6A88, 0x85A308D3):
-        h = torch.full(words.shape[:1], h0, dtype=torch.int64, device=words.device)
-        for j in range(words.shape[1]):
-            h = _mix32(h ^ words[:, j])
-        h = _mix32(h ^ (position & _M32))
-        lanes.append(_mix32(h[:, None] ^ v))
-    k = (lanes[0] >> 12) * 2 ** 32 + lanes[1]
-    return (2 * k + 1).double() * 2.0 ** -53
-
-
-def gumbel_sample(logits: torch.Tensor, words: torch.Tensor, position: int, temperature: float,
-                  top_p: float) -> torch.Tensor:
-    """Eq. (5): logits [B, V], key words [B, W] (`counter_words`), position t -> tokens [B] int64.
-
-    y = argmax_v (log p_v + g_v), log p = log_softmax(logits / T) set to -inf outside the top-p
-    nucleus (the smallest set of most likely tokens whose mass reaches top_p: a token stays when
-    the mass of the tokens ranked before it is < top_p, as in HF's TopPLogitsWarper), and
-    g_v = -log(-log u_v) with u = counter_uniform(words, t, V). Exactness: for i.i.d. Gumbel(0, 1)
-    g, P(argmax_v (log p_v + g_v) = y) = p_y / sum_v p_v (Gumbel-max), so tokens are drawn from
-    softmax(logits / T) renormalised on the nucleus, up to the 2^-53 grid of u and the hash's
-    pseudo-randomness. The noise of row b depends only on (words[b], t, v): the same row gives
-    the same token whatever else is in the batch, whichever process samples it, and after resume."""
+# ----------------------------------------------------------------------------- ROLLOUT, eq. (5): swap in another engine here
+# The project's one sampler, copied verbatim from reinforce_kl.py (CleanRL rule: duplicated, not imported).
+def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """[B, V] -> [B, V] float64 log-probs of softmax(logits / T), -inf outside the top-p nucleus: the
+    smallest set of most likely words whose mass reaches top_p (a word stays while the mass ranked
+    before it is below top_p, as in HF's TopPLogitsWarper)."""
     logp = torch.log_softmax(logits.double() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_logp, order = logp.sort(dim=-1, descending=True, stable=True)
         p = sorted_logp.exp()
-        drop_sorted = (p.cumsum(-1) - p) >= top_p  # mass ranked before the token already reaches top_p
-        logp = logp.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), -math.inf)
-    u = counter_uniform(words.to(logp.device), position, logp.shape[-1])
-    return (logp - torch.log(-torch.log(u))).argmax(dim=-1)
+        drop = torch.zeros_like(p, dtype=torch.bool).scatter(-1, order, p.cumsum(-1) - p >= top_p)
+        logp = logp.masked_fill(drop, -math.inf)
+    return logp
 
 
-class CounterSampler(LogitsProcessor):
-    """Hugging Face LogitsProcessor for eq. (5): use with `generate(do_sample=False, ...)`.
+M32 = 0xFFFFFFFF
 
-    CounterSampler(words [B, W] from `counter_words`, prompt_width = input_ids.shape[1] at the start,
-    temperature, top_p). At each step the position is input_ids.shape[1] - prompt_width (the
-    number of tokens generated so far), the token is `gumbel_sample`, and the returned scores are
-    0 at that token and -inf elsewhere, so greedy decoding picks it."""
 
-    def __init__(self, words: torch.Tensor, prompt_width: int, temperature: float, top_p: float):
-        self.words, self.prompt_width, self.temperature, self.top_p = words, prompt_width, temperature, top_p
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijection of 32-bit words held in int64 (multiply-xorshift, "lowbias32" constants). Both
+    multipliers are below 2^31, so no product of a 32-bit word overflows int64."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & M32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & M32
+    return x ^ (x >> 15)
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        y = gumbel_sample(scores, self.words, input_ids.shape[1] - self.prompt_width, self.temperature, self.top_p)
-        return torch.full_like(scores, -math.inf).scatter_(1, y[:, None], 0.0)
+
+def keyed_gumbel(keys: Sequence[Sequence[int]], position: int, vocab: int, device) -> torch.Tensor:
+    """Rows of integer keys, a position -> [N, V] float64 standard Gumbel noise, a pure function of
+    (key, position, word). Two 32-bit hash lanes chain the key's 32-bit words and the position, then
+    mix in the word's index; 20 + 32 of their bits give k < 2^52 and u = (2k + 1) / 2^53 in (0, 1)."""
+    words = torch.tensor([[w for k in row for w in (k & M32, (k >> 32) & M32)] for row in keys], device=device)
+    v = torch.arange(vocab, dtype=torch.int64, device=device)
+    lanes = []
+    for h0 in (0x243F6A88, 0x85A308D3):
+        h = torch.full(words.shape[:1], h0, dtype=torch.int64, device=device)
+        for j in range(words.shape[1]):
+            h = _mix32(h ^ words[:, j])
+        lanes.append(_mix32(_mix32(h ^ (position & M32))[:, None] ^ v))
+    u = (2 * ((lanes[0] >> 12) * 2 ** 32 + lanes[1]) + 1).double() * 2.0 ** -53
+    return -torch.log(-torch.log(u))
+
+
+class KeyedSampler(LogitsProcessor):
+    """Gumbel-max: argmax_w (log p(w) + g_w) with g iid standard Gumbel is an exact sample from p
+    = softmax(logits / T), top-p renormalised (up to the 2^-53 grid of u). Used under greedy
+    decoding: it returns 0 at the drawn word and -inf elsewhere, so `generate` takes that word.
+    The noise depends only on each row's key and the position, never on the batch or the rank."""
+
+    def __init__(self, keys: Sequence[Sequence[int]], prompt_len: int, temperature: float, top_p: float):
+        self.keys, self.prompt_len, self.temperature, self.top_p = keys, prompt_len, temperature, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        g = keyed_gumbel(self.keys, input_ids.shape[1] - self.prompt_len, scores.shape[-1], scores.device)
+        drawn = (sampling_logprobs(scores, self.temperature, self.top_p) + g).argmax(-1, keepdim=True)
+        return torch.full_like(scores, -math.inf).scatter_(1, drawn, 0.0)
+
+
+@torch.no_grad()
+def rollout(model, prompts: List[List[int]], keys: List[Tuple[int, ...]], args: Args, eos_ids: List[int],
+            pad_id: int, pad_to: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """All samples of this rank in ONE `generate` call (issue 13). prompts: token ids per row (a
+    prompt repeated G times gives G rows); keys: one tuple of ints per row (seed, step, prompt,
+    sample) that fixes its sampling noise. Returns tokens [N, R] (pad after the first EOS) and mask
+    [N, R] (True up to and including the first EOS). pad_to: left-pad prompts to this length so
+    that a static cache keeps one shape across steps (compiled once)."""
+    device = next(model.parameters()).device
+    P = max(pad_to, max(len(p) for p in prompts))
+    ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts], device=device)
+    attn = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=device)
+    static = device.type == "cuda" and args.compile_rollout
+    gen = GenerationConfig(do_sample=False, max_new_tokens=args.max_new_tokens, eos_token_id=eos_ids,
+                           pad_token_id=pad_id, cache_implementation="static" if static else None)
+    sampler = KeyedSampler(keys, P, args.temperature, args.top_p)
+    saved, model.generation_config = model.generation_config, GenerationConfig()  # no hub defaults (penalties, top-k)
+    try:
+        out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen,
+                             logits_processor=LogitsProcessorList([sampler]))
+    finally:
+        model.generation_config = saved
+    tokens = out[:, P:]
+    is_eos = torch.isin(tokens, torch.tensor(eos_ids, device=device))
+    mask = (torch.cumsum(is_eos.long(), 1) - is_eos.long()) == 0
+    return torch.where(mask, tokens, pad_id), mask
 
 
 # ----------------------------------------------------------------------------- data and files
@@ -488,35 +497,6 @@ def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
         mask[r, width - len(s):] = 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids.to(device), mask.to(device), pos.to(device)
-
-
-# ----------------------------------------------------------------------------- ROLLOUT (swap in another engine here)
-@torch.no_grad()
-def sample_batch(model, prompt_ids: list[list[int]], keys: list[list[int]], max_new_tokens: int, temperature: float,
-                 top_p: float, eos_ids: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rollout: one `generate` call for B rows.
-
-    prompt_ids: B token lists (rows may repeat a prompt); keys: B integer lists that key each row's
-    noise in eq. (5), here [seed, prompt index, stream, sample index]. Returns tokens [B, T] and
-    mask [B, T] bool, T <= max_new_tokens: mask is True on each row's response up to and including
-    its first EOS, and tokens are pad_id where mask is False."""
-    from transformers import GenerationConfig, LogitsProcessorList
-
-    ids, att, _ = left_pad(prompt_ids, pad_id, model.device)
-    sampler = CounterSampler(counter_words(keys, model.device), ids.shape[1], temperature, top_p)
-    # generate() fills unset fields from model.generation_config (top_k=50, repetition penalties
-    # ...), which would change the distribution: it sees a fresh default config during the call.
-    saved, model.generation_config = model.generation_config, GenerationConfig()
-    try:
-        out = model.generate(input_ids=ids, attention_mask=att, logits_processor=LogitsProcessorList([sampler]),
-                             generation_config=GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                                                                pad_token_id=pad_id, eos_token_id=eos_ids))
-    finally:
-        model.generation_config = saved
-    tokens = out[:, ids.shape[1]:].cpu()
-    is_eos = torch.isin(tokens, torch.tensor(eos_ids))
-    mask = (is_eos.long().cumsum(-1) - is_eos.long()) == 0  # no EOS strictly before
-    return tokens.masked_fill(~mask, pad_id), mask
 
 
 # ----------------------------------------------------------------------------- scorers
@@ -883,8 +863,12 @@ def main(argv: list[str] | None = None):
 
     policy, policy_tok = model(args.model, "lm", "--model")
     max_pos = context_limit(policy)
-    eos = policy.generation_config.eos_token_id
-    eos_ids = sorted(({*eos} if isinstance(eos, list) else {eos}) | {policy_tok.eos_token_id} - {None})
+    gen_eos = policy.generation_config.eos_token_id
+    eos_ids = sorted({policy_tok.eos_token_id, *([gen_eos] if isinstance(gen_eos, int) else gen_eos or [])} - {None})
+    ids = [encode(policy_tok, chat_text(policy_tok, [{"role": "user", "content": p["prompt"]}], True)) for p in prompts]
+    fits = [len(x) + args.max_new_tokens <= max_pos for x in ids]
+    # every generate call left-pads to the longest prompt: the static cache keeps one shape (compiled once)
+    pad_to = max((len(x) for x, ok in zip(ids, fits) if ok), default=0) if device.type == "cuda" and args.compile_rollout else 0
     if args.reward_model:
         scorer = ("rm", args.reward_model, "--reward-model", f"reward model {args.reward_model}")
     elif args.judge_url:
@@ -919,14 +903,13 @@ def main(argv: list[str] | None = None):
 
     def process_chunk(indexes: list[int]) -> tuple[list[dict], int]:
         """Sample, score, select and (--eval) judge the prompts of one chunk -> (rows, tokens)."""
-        ids = {i: encode(policy_tok, chat_text(policy_tok, [{"role": "user", "content": prompts[i]["prompt"]}], True)) for i in indexes}
-        fit = [i for i in indexes if len(ids[i]) + args.max_new_tokens <= max_pos]
+        fit = [i for i in indexes if fits[i]]
         jobs = [(i, STREAM_BON, j) for i in fit for j in range(args.n)] + [(i, STREAM_SINGLE, 0) for i in fit if args.eval]
         texts, tokens = {}, 0
         for start in range(0, len(jobs), args.batch_size):
             batch = jobs[start:start + args.batch_size]
-            out, mask = sample_batch(policy, [ids[i] for i, _, _ in batch], [[args.seed, *job] for job in batch],
-                                     args.max_new_tokens, args.temperature, args.top_p, eos_ids, policy_tok.pad_token_id)
+            out, mask = rollout(policy, [ids[i] for i, _, _ in batch], [(args.seed, *job) for job in batch], args, eos_ids,
+                                policy_tok.pad_token_id, pad_to)
             tokens += int(mask.sum())
             for job, row, m in zip(batch, out.tolist(), mask.tolist()):
                 texts[job] = policy_tok.decode([t for t, keep in zip(row, m) if keep and t not in eos_ids], skip_special_tokens=True)
