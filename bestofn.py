@@ -8,17 +8,16 @@ J. Berant, A. D'Amour, J. Eisenstein, C. Nagpal, A. T. Suresh, "Theoretical guar
 best-of-n alignment policy", arXiv:2401.01879 (2024).
 
 Method (no training):
-  1. for each prompt x, sample y_1..y_n ~ pi_base(. | x) (temperature, top-p as flags); the n
-     candidates of several prompts share one `generate` call (at most --batch-size sequences) and
-     every draw is eq. (5), a pure function of (seed, prompt, sample, position), so the output
-     does not depend on batching, on the number of processes or on resume;
-  2. score each: r(x, y_i) from a sequence-classification reward model (read at the last
-     token), or from an LLM judge (the probability-weighted mean of the score digits 1..9);
-     models score padded batches sorted by length; an input longer than the scorer's context
-     is not scored (NaN, counted);
+  1. for each prompt x, sample y_1..y_n ~ pi_base(. | x): the n candidates of several prompts
+     share one `generate` call (at most --batch-size sequences), and every draw is eq. (5), a pure
+     function of (seed, prompt, sample, position): the output does not depend on batching, on
+     the number of processes or on resume;
+  2. score each: r(x, y_i) from a sequence-classification reward model (read at the last token)
+     or an LLM judge (eq. 3), in padded batches sorted by length; an input longer than the
+     scorer's context is not scored (NaN, counted);
   3. return y* = y_{i*}, i* = the LOWEST index among argmax_i r(x, y_i) (deterministic ties);
   4. optionally (--eval) judge y* against a fresh single sample y' ~ pi_base pairwise, in both
-     orders (A = y*, then A = y'), averaging the judge's probabilities (App. G.2).
+     orders, averaging the judge's probabilities (eq. 4, App. G.2).
 
 Equations:
   (1) KL(pi_bon || pi_base) <= log(n) - (n - 1) / n
@@ -37,26 +36,25 @@ Equations:
       Bernoulli, so a binomial interval such as Wilson's does not apply).
   (5) y_t = argmax_v [ log softmax(z_t / T)_v  (-inf outside the top-p nucleus)  +  g_v ],
       g_v = -log(-log u_v),  u_v = U(seed, prompt, stream, sample, t, v) a counter-based uniform:
-      Gumbel-max, an exact sample of the tempered, nucleus-renormalised distribution
-      (`KeyedSampler`: the project's one sampler, the same code in the three trainers).
+      Gumbel-max: an exact sample of the tempered, nucleus-renormalised distribution
+      (`KeyedSampler`, `rollout`: the project's one sampler, the same code in the three trainers).
 
 Run (embedded SmolLM2 as policy and judge; --reward-model works with any num_labels=1
 sequence-classification folder, e.g. one written by rm_transfer.py):
   python bestofn.py --model ~/.cache/lowres-align/SmolLM2-135M-Instruct \
       --judge-model ~/.cache/lowres-align/SmolLM2-135M-Instruct \
-      --prompts data/bon_prompts.jsonl --n 4 --batch-size 4 --max-new-tokens 48 --eval --seed 0 \
+      --prompts data/bon_prompts.jsonl --n 4 --batch-size 20 --max-new-tokens 48 --eval --seed 0 \
       --output runs/bon-readme.jsonl
-  OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 bestofn.py --num-samples 4 ... (same flags, but
-      --num-samples for --n, which torchrun's parser takes for its own --nnodes; same output file)
-Re-running with --resume and the same --output skips the prompts already written.
+  OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 bestofn.py --num-samples 4 ... (same flags; torchrun's
+      parser takes --n for its own --nnodes; same output file). --resume skips the prompts written.
 
 Output: one JSONL row per prompt, in prompt order: index, prompt, candidates, scores, best,
-best_index, best_score (+ reference; with --eval: single, eval_p_a = [P_AB(A), P_BA(A)] (the
-two orders), win_soft = q, win; judge_reads = how judge answers were read; judge_error = the
-last judge request error). Unscored values are null. <output>.args.json holds the arguments
-(checked on --resume); <output>.summary.json the KL bound, the ceiling, mean scores, the win
-rates with their intervals, counts of skipped items, and the arguments.
+best_index, best_score (+ reference; with --eval: single, eval_p_a = [P_AB(A), P_BA(A)], win_soft
+= q, win; judge_reads = how judge answers were read; judge_error = the last request error); null
+where unscored. <output>.args.json: the arguments (checked on --resume); <output>.summary.json:
+KL bound, ceiling, mean scores, win rates with intervals, skipped counts, arguments.
 """
+import contextlib
 import http.client
 import json
 import math
@@ -73,9 +71,8 @@ import torch
 import torch.distributed as dist
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-DEFAULT_MODEL = str(
-    Path(os.environ.get("LOWRES_ALIGN_CACHE", Path.home() / ".cache" / "lowres-align")) / "SmolLM2-135M-Instruct"
-)
+DEFAULT_MODEL = str(Path(os.environ.get("LOWRES_ALIGN_CACHE", Path.home() / ".cache" / "lowres-align"))
+                    / "SmolLM2-135M-Instruct")
 SCORE_LABELS = [str(k) for k in range(1, 10)]  # eq. (3): single digits are one token in most vocabularies
 PAIR_LABELS = ["A", "B"]
 STREAM_BON, STREAM_SINGLE = 0, 1  # eq. (5): candidates and the --eval single sample are separate streams
@@ -122,23 +119,18 @@ class Args:
     resume: bool = field(default=False, metadata={"help": "continue a partially written --output, skipping finished prompts"})
     report_to: str = field(default="none", metadata={"help": "none | tensorboard (<output>.tb/) | wandb: per-prompt scores and wins, step = prompt index"})
 
-    def __post_init__(self):
-        for name in ("n", "batch_size", "max_new_tokens", "judge_top_logprobs", "judge_max_failed_steps"):
-            if getattr(self, name) < 1:
-                raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_prompts", "judge_retries"):
-            if getattr(self, name) < 0:
-                raise SystemExit(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if not 0 < self.temperature < math.inf:
-            raise SystemExit(f"--temperature must be > 0 (best-of-n samples the policy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise SystemExit(f"--top-p must be in (0, 1], got {self.top_p}")
-        if not 0 < self.judge_timeout < math.inf:
-            raise SystemExit(f"--judge-timeout must be > 0 seconds, got {self.judge_timeout}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise SystemExit(f'--dtype must be auto, float32, bfloat16 or float16, got "{self.dtype}"')
-        if self.report_to not in ("none", "tensorboard", "wandb"):
-            raise SystemExit(f'--report-to must be none, tensorboard or wandb, got "{self.report_to}"')
+    def __post_init__(self):  # one line per bad value, before anything loads (issue 10)
+        rules = [("n", self.n >= 1, ">= 1"), ("batch_size", self.batch_size >= 1, ">= 1"),
+                 ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"), ("max_prompts", self.max_prompts >= 0, ">= 0"),
+                 ("temperature", 0 < self.temperature < math.inf, "> 0 (best-of-n samples the policy)"),
+                 ("top_p", 0 < self.top_p <= 1, "in (0, 1]"), ("judge_timeout", 0 < self.judge_timeout < math.inf, "> 0"),
+                 ("judge_retries", self.judge_retries >= 0, ">= 0"), ("judge_top_logprobs", self.judge_top_logprobs >= 1, ">= 1"),
+                 ("judge_max_failed_steps", self.judge_max_failed_steps >= 1, ">= 1"),
+                 ("dtype", self.dtype in ("auto", "float32", "bfloat16", "float16"), "auto, float32, bfloat16 or float16"),
+                 ("report_to", self.report_to in ("none", "tensorboard", "wandb"), "none, tensorboard or wandb")]
+        for name, ok, need in rules:
+            if not ok:
+                raise SystemExit(f"--{name.replace('_', '-')} must be {need}, got {getattr(self, name)!r}")
         if self.reward_model and (self.judge_model or self.judge_url):
             raise SystemExit("pass one selection scorer: --reward-model, or --judge-model / --judge-url, not both")
         if not self.eval and (self.eval_reward_model or self.eval_judge_model or self.eval_judge_url):
@@ -217,11 +209,9 @@ def student_t_quantile(p: float, df: int) -> float:
 def mean_ci95(outcomes: list[float]) -> dict:
     """Mean of per-prompt outcomes in [0, 1] and its 95% Student-t interval (eq. 4), clipped to [0, 1]."""
     m = len(outcomes)
-    if m == 0:
-        return {"win_rate": None, "ci95": None, "sd": None, "num_prompts": 0}
-    mean = sum(outcomes) / m
-    if m == 1:
-        return {"win_rate": mean, "ci95": None, "sd": None, "num_prompts": 1}
+    mean = sum(outcomes) / m if m else None
+    if m < 2:
+        return {"win_rate": mean, "ci95": None, "sd": None, "num_prompts": m}
     sd = math.sqrt(sum((w - mean) ** 2 for w in outcomes) / (m - 1))
     half = student_t_quantile(0.975, m - 1) * sd / math.sqrt(m)
     return {"win_rate": mean, "ci95": [max(0.0, mean - half), min(1.0, mean + half)], "sd": sd, "num_prompts": m}
@@ -321,32 +311,28 @@ def read_rows(spec: str, flag: str, split: str = "train") -> list[dict]:
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix in (".jsonl", ".json"):
         data = path.read_bytes()
-        if path.suffix == ".json" and data.lstrip()[:1] == b"[":
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data[:e.start].count(b"\n") + 1
+            raise SystemExit(f"{flag} {spec} line {line} is not UTF-8 ({e.reason}); re-save the file as UTF-8") from None
+        if path.suffix == ".json" and text.lstrip()[:1] == "[":
             try:
-                rows = json.loads(data.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise SystemExit(f"{flag} {spec} is not a valid UTF-8 JSON array ({e}); fix the file or write JSON lines") from None
-            for i, row in enumerate(rows, 1):
-                if not isinstance(row, dict):
-                    raise SystemExit(f"{flag} {spec} element {i} is a JSON {type(row).__name__}, not an object; write an array of objects")
-            return rows
-        rows = []
-        for i, raw in enumerate(data.split(b"\n"), 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise SystemExit(f"{flag} {spec} line {i} is not UTF-8 ({e.reason}); re-save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
+                rows = [(f"element {i}", r) for i, r in enumerate(json.loads(text), 1)]
             except json.JSONDecodeError as e:
-                raise SystemExit(f"{flag} {spec} line {i} is not valid JSON ({e.msg}); fix or delete that line") from None
+                raise SystemExit(f"{flag} {spec} line {e.lineno} is not valid JSON ({e.msg}); fix the file") from None
+        else:
+            rows = []
+            for i, line in enumerate(text.split("\n"), 1):
+                try:
+                    rows += [(f"line {i}", json.loads(line))] if line.strip() else []
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"{flag} {spec} line {i} is not valid JSON ({e.msg}); fix or delete that line") from None
+        for where, row in rows:
             if not isinstance(row, dict):
-                kind = {list: "list", str: "string"}.get(type(row), type(row).__name__)
-                raise SystemExit(f"{flag} {spec} line {i} is a JSON {kind}, not an object; write one JSON object per line")
-            rows.append(row)
-        return rows
+                raise SystemExit(f"{flag} {spec} {where} is a JSON {type(row).__name__}, not an object; "
+                                 f"write one JSON object per {where.split()[0]}")
+        return [row for _, row in rows]
     from datasets import load_dataset  # lazy: local JSON needs no `datasets`
 
     if path.is_file():
@@ -403,19 +389,17 @@ def read_finished_rows(path: Path) -> tuple[list[dict], int]:
     return rows, good_end
 
 
-def json_safe(x):
-    """Non-finite floats -> None (JSON null), recursively: output files never hold bare NaN/Infinity."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: json_safe(v) for k, v in x.items()}
+def finite_or_none(x):
+    """JSON has no NaN: a value that does not exist is null (issue 10, item 9)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
     if isinstance(x, (list, tuple)):
-        return [json_safe(v) for v in x]
-    return x
+        return [finite_or_none(v) for v in x]
+    return {k: finite_or_none(v) for k, v in x.items()} if isinstance(x, dict) else x
 
 
 def dumps(x, **kw) -> str:
-    return json.dumps(json_safe(x), ensure_ascii=False, allow_nan=False, **kw)
+    return json.dumps(finite_or_none(x), ensure_ascii=False, allow_nan=False, **kw)
 
 
 def check_resume_args(args: Args, sidecar: Path, output: Path):
@@ -430,12 +414,6 @@ def check_resume_args(args: Args, sidecar: Path, output: Path):
 
 
 # ----------------------------------------------------------------------------- models
-def torch_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
 def check_model_path(name: str, flag: str):
     """One line for a local path that holds no model, before anything loads; hub names pass."""
     path = Path(name).expanduser()
@@ -487,38 +465,31 @@ def encode(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=not tok.chat_template).input_ids
 
 
-def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Token lists -> left-padded ids, attention mask, position ids (0 at each row's first real token)."""
-    width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[r, width - len(s):] = 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), mask.to(device), pos.to(device)
+def sorted_batches(seqs: list[list[int]], limit: int, batch_size: int, pad_id: int, device):
+    """The token lists no longer than `limit` (a scorer's context; longer ones are never run), longest
+    first, in left-padded batches -> (indexes, ids, attention mask, positions from 0 at the first real token)."""
+    order = sorted((i for i in range(len(seqs)) if len(seqs[i]) <= limit), key=lambda i: -len(seqs[i]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        width = max(len(seqs[i]) for i in chunk)
+        ids = torch.tensor([[pad_id] * (width - len(seqs[i])) + seqs[i] for i in chunk], dtype=torch.long, device=device)
+        mask = torch.tensor([[0] * (width - len(seqs[i])) + [1] * len(seqs[i]) for i in chunk], dtype=torch.long, device=device)
+        yield chunk, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 # ----------------------------------------------------------------------------- scorers
 @torch.no_grad()
 def reward_model_scores(rm, tok, prompt, responses: list[str], batch_size: int) -> list[float]:
-    """r(x, y) read at the last token of chat(x) ++ y ++ eos, whatever the pad token is.
-
-    prompt: one prompt for all responses, or a list with one per response. The input is the
-    chat-formatted prompt, the response tokens and eos: the tokens the policy produced when it
-    stopped (the layout rm_transfer.py trains on). Padded batches sorted by length, left padding,
-    fed as inputs_embeds so HF's pooling reads position -1 (each row's last real token) instead of
-    searching for the pad id, which would stop one token early when pad == eos. An input longer
-    than the RM's context is not run and scores NaN."""
+    """r(x, y) read at the last token of chat(x) ++ y ++ eos (what the policy emitted; the layout
+    rm_transfer.py trains on); prompt: one for all responses, or one per response. Fed as
+    inputs_embeds, so HF's pooling reads each row's last position instead of searching for the pad
+    id (one token early when pad == eos). An input longer than the RM's context scores NaN."""
     prompts = [prompt] * len(responses) if isinstance(prompt, str) else prompt
     heads = {p: encode(tok, chat_text(tok, [{"role": "user", "content": p}], True)) for p in set(prompts)}
     tail = [tok.eos_token_id] if tok.eos_token_id is not None else []
     ids = [heads[p] + tok(r, add_special_tokens=False).input_ids + tail for p, r in zip(prompts, responses)]
     scores = [math.nan] * len(ids)
-    order = sorted((i for i in range(len(ids)) if len(ids[i]) <= context_limit(rm)), key=lambda i: -len(ids[i]))
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        x, att, pos = left_pad([ids[i] for i in chunk], tok.pad_token_id, rm.device)
+    for chunk, x, att, pos in sorted_batches(ids, context_limit(rm), batch_size, tok.pad_token_id, rm.device):
         out = rm(inputs_embeds=rm.get_input_embeddings()(x), attention_mask=att, position_ids=pos).logits[:, 0]
         for i, s in zip(chunk, out.float().tolist()):
             scores[i] = s
@@ -538,16 +509,11 @@ def label_token_ids(tok, labels: list[str]) -> list[list[int]]:
 
 @torch.no_grad()
 def next_token_label_probs(lm, tok, texts: list[str], label_ids: list[list[int]], batch_size: int) -> torch.Tensor:
-    """[len(texts), K]: probability that the judge's next token is each label.
-
-    Padded batches sorted by length, logits at the last position only (logits_to_keep=1: no
-    [B, L, V] tensor). A text longer than the judge's context is not run: its row is NaN."""
-    ids = [encode(tok, t) for t in texts]
+    """[len(texts), K]: probability that the judge's next token is each label, from the logits of
+    the last position only (logits_to_keep=1: no [B, L, V] tensor); NaN rows: longer than the context."""
     out = torch.full((len(texts), len(label_ids)), math.nan, dtype=torch.float64)
-    order = sorted((i for i in range(len(ids)) if len(ids[i]) <= context_limit(lm)), key=lambda i: -len(ids[i]))
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        x, att, pos = left_pad([ids[i] for i in chunk], tok.pad_token_id, lm.device)
+    for chunk, x, att, pos in sorted_batches([encode(tok, t) for t in texts], context_limit(lm), batch_size,
+                                             tok.pad_token_id, lm.device):
         logits = lm(input_ids=x, attention_mask=att, position_ids=pos, logits_to_keep=1).logits[:, -1]
         probs = torch.softmax(logits.float(), dim=-1)
         out[chunk] = torch.stack([probs[:, l].sum(-1) for l in label_ids], dim=-1).double().cpu()
@@ -579,18 +545,15 @@ def http_post(url: str, body: bytes, headers: dict, timeout: float) -> tuple[int
     conn = (http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection)(u.hostname, u.port, timeout=timeout)
 
     def left() -> float:
-        rest = deadline - time.monotonic()
-        if rest <= 0:
+        if (rest := deadline - time.monotonic()) <= 0:
             raise TimeoutError(f"no complete reply within --judge-timeout {timeout:g} s")
         return rest
 
-    sock = resp = None
-
     def cut():
-        try:
+        with contextlib.suppress(OSError):
             sock and sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+
+    sock = resp = None
     watchdog = threading.Timer(timeout, cut)
     watchdog.daemon = True
     watchdog.start()
@@ -600,17 +563,15 @@ def http_post(url: str, body: bytes, headers: dict, timeout: float) -> tuple[int
         sock.settimeout(left())
         conn.request("POST", (u.path or "/") + (f"?{u.query}" if u.query else ""), body=body, headers=headers)
         sock.settimeout(left())
-        resp = conn.getresponse()
-        chunks = []
+        resp, data = conn.getresponse(), b""
         while True:
             sock.settimeout(left())
-            chunk = resp.read1(1 << 16)
-            if not chunk:
+            if not (chunk := resp.read1(1 << 16)):
                 break
-            chunks.append(chunk)
+            data += chunk
         if resp.length:  # the server closed before Content-Length bytes arrived
-            raise http.client.IncompleteRead(b"".join(chunks), resp.length)
-        return resp.status, b"".join(chunks)
+            raise http.client.IncompleteRead(data, resp.length)
+        return resp.status, data
     except (OSError, http.client.HTTPException):
         left()  # past the deadline: report the timeout, not the watchdog's cut
         raise
@@ -736,45 +697,32 @@ def make_scorer(args: Args, pairwise: bool, rm=None, judge=None, url: str = "", 
 
 # ----------------------------------------------------------------------------- main
 def make_reporter(kind: str, output: Path, args: Args):
-    """Returns log(metrics, step) for --report-to; a clear error when the backend is missing."""
-    if kind == "none":
-        return lambda metrics, step: None
-    if kind == "tensorboard":
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise SystemExit("--report-to tensorboard needs `pip install tensorboard`; or pass --report-to none") from None
-        writer = SummaryWriter(f"{output}.tb")
-
-        def log_tb(metrics, step):
-            for k, v in metrics.items():
-                writer.add_scalar(k, v, step)
-            writer.flush()
-        return log_tb
+    """log(metrics, step) for --report-to; one line when the backend is not installed."""
     try:
-        import wandb
+        if kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(f"{output}.tb")
+            return lambda metrics, step: [writer.add_scalar(k, v, step) for k, v in metrics.items()] + [writer.flush()]
+        if kind == "wandb":
+            import wandb
+            run = wandb.init(project="lowres-align", name=output.stem, config=asdict(args), resume="allow")
+            return lambda metrics, step: run.log(metrics, step=step)
     except ImportError:
-        raise SystemExit("--report-to wandb needs `pip install wandb`; or pass --report-to none") from None
-    run = wandb.init(project="lowres-align", name=output.stem, config=asdict(args), resume="allow")
-    return lambda metrics, step: run.log(metrics, step=step)
+        raise SystemExit(f"--report-to {kind} needs `pip install {kind}`; or pass --report-to none") from None
+    return lambda metrics, step: None
 
 
 def summarize(rows: list[dict], args: Args, extra: dict) -> dict:
-    best = [r["best_score"] for r in rows if r.get("best_score") is not None]
+    """The summary file: eqs. (1)-(2), mean scores (null when nothing was scored), read counts, win rates."""
+    best, reads = [r["best_score"] for r in rows if r.get("best_score") is not None], {}
     mean_all = [finite_mean(r["scores"]) for r in rows if any(s is not None for s in r["scores"])]
-    out = {
-        "n": args.n, "num_prompts": len(rows),
-        "kl_upper_bound": best_of_n_kl_bound(args.n),
-        "win_rate_ceiling": win_rate_ceiling(args.n),
-        "best_score_mean": sum(best) / len(best) if best else None,
-        "candidate_score_mean": sum(mean_all) / len(mean_all) if mean_all else None,
-        "unscored_candidates": sum(s is None for r in rows for s in r["scores"]),
-        "judge_reads": {},
-        **extra,
-    }
     for r in rows:
         for k, v in r.get("judge_reads", {}).items():
-            out["judge_reads"][k] = out["judge_reads"].get(k, 0) + v
+            reads[k] = reads.get(k, 0) + v
+    out = {"n": args.n, "num_prompts": len(rows), "kl_upper_bound": best_of_n_kl_bound(args.n),
+           "win_rate_ceiling": win_rate_ceiling(args.n), "best_score_mean": sum(best) / len(best) if best else None,
+           "candidate_score_mean": sum(mean_all) / len(mean_all) if mean_all else None,
+           "unscored_candidates": sum(s is None for r in rows for s in r["scores"]), "judge_reads": reads, **extra}
     if args.eval:
         judged = [r for r in rows if r.get("win") is not None]
         out["eval"] = {**mean_ci95([r["win"] for r in judged]),
@@ -801,32 +749,28 @@ def main(argv: list[str] | None = None):
         if name:
             check_model_path(name, flag)
 
+    # ------------------------------------------------------------------------- PLUMBING: processes, output file, models
     if "RANK" in os.environ:
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")  # CPU tensors (metrics) too
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
     def from_rank0(obj):
+        box = [obj]
         if world > 1:
-            box = [obj]
             dist.broadcast_object_list(box, src=0)
-            obj = box[0]
-        return obj
+        return box[0]
 
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dtype = torch_dtype(args.dtype, device)
-
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
     output = Path(args.output or f"runs/bestofn-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
     sidecar = Path(f"{output}.args.json")
     if world > 1 and not args.output:
         raise SystemExit("under torchrun pass --output FILE so every rank writes to the same place")
     prompts = load_prompts(args)
 
-    # Rank 0 checks the output file; every rank gets the verdict (an error or the finished indexes).
-    verdict = None
+    verdict = None  # rank 0 checks the output file; every rank gets an error line or the finished indexes
     if rank == 0:
         try:
             if output.exists() and not args.resume:
@@ -853,13 +797,19 @@ def main(argv: list[str] | None = None):
         raise SystemExit(verdict)
     done_idx = set(verdict)
 
-    # Load models once; the same name in two roles shares one copy.
-    cache: dict = {}
+    cache: dict = {}  # the same model in two roles is loaded once
 
     def model(name, kind, flag):
         if (kind, name) not in cache:
             cache[(kind, name)] = load_model(name, kind, dtype, device, flag)
         return cache[(kind, name)]
+
+    def scorer(pairwise, rm, judge, url, flag):  # flag: "--" or "--eval-"
+        if rm:
+            return make_scorer(args, pairwise, rm=model(rm, "rm", f"{flag}reward-model")), f"reward model {rm}"
+        if url:
+            return make_scorer(args, pairwise, url=url, url_model=judge), f"LLM judge at {url}"
+        return make_scorer(args, pairwise, judge=model(judge, "lm", f"{flag}judge-model")), f"LLM judge {judge}"
 
     policy, policy_tok = model(args.model, "lm", "--model")
     max_pos = context_limit(policy)
@@ -869,31 +819,15 @@ def main(argv: list[str] | None = None):
     fits = [len(x) + args.max_new_tokens <= max_pos for x in ids]
     # every generate call left-pads to the longest prompt: the static cache keeps one shape (compiled once)
     pad_to = max((len(x) for x, ok in zip(ids, fits) if ok), default=0) if device.type == "cuda" and args.compile_rollout else 0
-    if args.reward_model:
-        scorer = ("rm", args.reward_model, "--reward-model", f"reward model {args.reward_model}")
-    elif args.judge_url:
-        scorer = ("url", args.judge_url, args.judge_model, f"LLM judge at {args.judge_url}")
-    else:
-        scorer = ("lm", args.judge_model, "--judge-model", f"LLM judge {args.judge_model}")
-
-    def make(kind, name, flag_or_model, _, pairwise):
-        if kind == "url":
-            return make_scorer(args, pairwise, url=name, url_model=flag_or_model)
-        return make_scorer(args, pairwise, **{"rm" if kind == "rm" else "judge": model(name, kind, flag_or_model)})
-    score = make(*scorer, pairwise=False)
+    selection = (args.reward_model, args.judge_model, args.judge_url, "--")
+    score, _ = scorer(False, *selection)
     eval_desc = None
-    if args.eval:  # the eval judge; without one, the selection scorer judges (optimistic: it also picked the best)
-        if args.eval_reward_model:
-            evaluator = ("rm", args.eval_reward_model, "--eval-reward-model", f"reward model {args.eval_reward_model}")
-        elif args.eval_judge_url:
-            evaluator = ("url", args.eval_judge_url, args.eval_judge_model, f"LLM judge at {args.eval_judge_url}")
-        elif args.eval_judge_model:
-            evaluator = ("lm", args.eval_judge_model, "--eval-judge-model", f"LLM judge {args.eval_judge_model}")
-        else:
-            evaluator = (*scorer[:3], f"{scorer[3]} (the selection scorer: optimistic)")
-        pair, eval_desc = make(*evaluator, pairwise=True), evaluator[3]
+    if args.eval:  # without an eval judge of its own, the selection scorer judges (optimistic: it also picked the best)
+        own = (args.eval_reward_model, args.eval_judge_model, args.eval_judge_url, "--eval-")
+        pair, eval_desc = scorer(True, *(own if any(own[:3]) else selection))
+        eval_desc += "" if any(own[:3]) else " (the selection scorer: optimistic)"
 
-    # ------------------------------------------------------------------------- ALGO LOGIC: one chunk of prompts
+    # ------------------------------------------------------------------------- ALGO: one chunk of prompts
     # A chunk = the prompts whose n (+1) samples fill one generate call, or, when one prompt needs
     # several calls, enough prompts to fill every call (n = 64, --eval, --batch-size 16: 16 prompts
     # in 65 full calls, not 5 calls per prompt of which the last samples one sequence).
@@ -906,7 +840,7 @@ def main(argv: list[str] | None = None):
         fit = [i for i in indexes if fits[i]]
         jobs = [(i, STREAM_BON, j) for i in fit for j in range(args.n)] + [(i, STREAM_SINGLE, 0) for i in fit if args.eval]
         texts, tokens = {}, 0
-        for start in range(0, len(jobs), args.batch_size):
+        for start in range(0, len(jobs), args.batch_size):  # 1. sample (eq. 5)
             batch = jobs[start:start + args.batch_size]
             out, mask = rollout(policy, [ids[i] for i, _, _ in batch], [(args.seed, *job) for job in batch], args, eos_ids,
                                 policy_tok.pad_token_id, pad_to)
@@ -914,41 +848,36 @@ def main(argv: list[str] | None = None):
             for job, row, m in zip(batch, out.tolist(), mask.tolist()):
                 texts[job] = policy_tok.decode([t for t, keep in zip(row, m) if keep and t not in eos_ids], skip_special_tokens=True)
         items = [(prompts[i]["prompt"], prompts[i]["reference"], texts[(i, STREAM_BON, j)]) for i in fit for j in range(args.n)]
-        all_scores, all_hows, all_errs = score(items)
+        all_scores, all_hows, all_errs = score(items)  # 2. score
         rows = [{"index": i, "skipped": "prompt too long"} for i in indexes if i not in fit]
-        for k, i in enumerate(fit):
+        for k, i in enumerate(fit):  # 3. select; private "_" fields travel to rank 0 and are removed before writing
             part = slice(k * args.n, (k + 1) * args.n)
             cands, scores = [x[2] for x in items[part]], all_scores[part]
             b = int(select_best(torch.tensor(scores, dtype=torch.float64)))
-            row = {"index": i, "prompt": prompts[i]["prompt"], "candidates": cands, "scores": scores, "best": cands[b],
-                   "best_index": b, "best_score": scores[b]}
-            if prompts[i]["reference"]:
-                row["reference"] = prompts[i]["reference"]
-            if args.eval:
-                row["single"] = texts[(i, STREAM_SINGLE, 0)]
-            # private fields travel to rank 0 and are removed before writing
-            rows.append({**row, "_hows": all_hows[part], "_errs": all_errs[part], "_asked": args.n if score.http else 0})
-        if args.eval:
+            rows.append({"index": i, "prompt": prompts[i]["prompt"], "candidates": cands, "scores": scores, "best": cands[b],
+                         "best_index": b, "best_score": scores[b],
+                         **({"reference": prompts[i]["reference"]} if prompts[i]["reference"] else {}),
+                         **({"single": texts[(i, STREAM_SINGLE, 0)]} if args.eval else {}),
+                         "_hows": all_hows[part], "_errs": all_errs[part], "_asked": args.n if score.http else 0})
+        if args.eval:  # 4. best vs single in both orders (eq. 4); identical texts are a tie without asking
             to_judge = [r for r in rows if "single" in r and r["single"] != r["best"]]
             pa, hows, errs = pair([(r["prompt"], prompts[r["index"]]["reference"], *ab) for r in to_judge
                                    for ab in ((r["best"], r["single"]), (r["single"], r["best"]))])
             for k, r in enumerate(to_judge):
-                r["eval_p_a"] = pa[2 * k:2 * k + 2]
+                r["eval_p_a"], r["_errs"] = pa[2 * k:2 * k + 2], r["_errs"] + errs[2 * k:2 * k + 2]
                 r["_hows"] = r["_hows"] + [f"eval_{h}" for h in hows[2 * k:2 * k + 2]]
-                r["_errs"] = r["_errs"] + errs[2 * k:2 * k + 2]
                 r["_asked"] += 2 if pair.http else 0
-            for r in rows:
-                if "single" in r:  # identical texts: a tie without asking
-                    p = r.setdefault("eval_p_a", [0.5, 0.5])
-                    win, soft = win_both_orders(*p) if all(map(math.isfinite, p)) else (math.nan, math.nan)
-                    r.update(win_soft=soft, win=win)
+            for r in (r for r in rows if "single" in r):
+                p = r.setdefault("eval_p_a", [0.5, 0.5])
+                win, soft = win_both_orders(*p) if all(map(math.isfinite, p)) else (math.nan, math.nan)
+                r.update(win_soft=soft, win=win)
         for r in rows:
-            hows, errs = r.pop("_hows", []), [e for e in r.pop("_errs", []) if e]
+            hows, errs, asked = r.pop("_hows", []), [e for e in r.pop("_errs", []) if e], r.pop("_asked", 0)
             if hows:
                 r["judge_reads"] = {h: hows.count(h) for h in sorted(set(hows))}
             if errs:
                 r["judge_error"] = errs[-1]
-            asked = r.pop("_asked", 0)  # HTTP requests; "failed" is only ever an HTTP outcome
+            # asked = HTTP requests; "failed" is only ever an HTTP outcome
             r["_all_failed"] = asked > 0 and hows.count("failed") + hows.count("eval_failed") == asked
         return sorted(rows, key=lambda r: r["index"]), tokens
 
@@ -956,10 +885,8 @@ def main(argv: list[str] | None = None):
     # Chunks are fixed by prompt index, so a prompt is always sampled and scored in the same
     # batch: the file is byte-identical with 1 or N processes and after resume (a partly finished
     # chunk is recomputed whole and only its missing rows are written).
-    n_chunks = (len(prompts) + chunk_size - 1) // chunk_size
-    chunks = [list(range(c * chunk_size, min((c + 1) * chunk_size, len(prompts)))) for c in range(n_chunks)]
+    chunks = [list(range(c, min(c + chunk_size, len(prompts)))) for c in range(0, len(prompts), chunk_size)]
     chunks = [c for c in chunks if any(i not in done_idx for i in c)]
-    bar, fout, report = None, None, None
     if rank == 0:
         from tqdm import tqdm
 
@@ -968,12 +895,10 @@ def main(argv: list[str] | None = None):
         fout = open(output, "a", encoding="utf-8")
     skipped, tokens, t0, held = 0, 0, time.time(), []
     for r0 in range(0, len(chunks), world):
-        mine = process_chunk(chunks[r0 + rank]) if r0 + rank < len(chunks) else ([], 0)
-        got = [None] * world if rank == 0 else None
+        got = [mine := process_chunk(chunks[r0 + rank]) if r0 + rank < len(chunks) else ([], 0)]
         if world > 1:
+            got = [None] * world if rank == 0 else None
             dist.gather_object(mine, got, dst=0)
-        else:
-            got = [mine]
         stop = None
         if rank == 0:
             for row in sorted((row for rows, _ in got for row in rows), key=lambda r: r["index"]):
@@ -1001,8 +926,7 @@ def main(argv: list[str] | None = None):
                 held = []
             fout.flush()
             tokens += sum(t for _, t in got)
-        stop = from_rank0(stop)
-        if stop:
+        if stop := from_rank0(stop):
             if rank == 0:
                 fout.close()
             if dist.is_initialized():
@@ -1010,16 +934,13 @@ def main(argv: list[str] | None = None):
             raise SystemExit(stop)
 
     if rank == 0:
-        for r in held:  # a failing tail shorter than --judge-max-failed-steps is kept (counted)
-            fout.write(dumps(r) + "\n")
+        fout.writelines(dumps(r) + "\n" for r in held)  # a failing tail shorter than --judge-max-failed-steps is kept
         fout.close()
         bar.close()
         rows, _ = read_finished_rows(output)
         elapsed = time.time() - t0
-        summary = summarize(rows, args, {
-            "skipped_too_long": skipped, "eval_judge": eval_desc,
-            "tokens_per_s": tokens / elapsed if elapsed > 0 else None, "processes": world, "args": asdict(args),
-        })
+        summary = summarize(rows, args, {"skipped_too_long": skipped, "eval_judge": eval_desc, "processes": world,
+                                         "tokens_per_s": tokens / elapsed if elapsed > 0 else None, "args": asdict(args)})
         Path(f"{output}.summary.json").write_text(dumps(summary, indent=2) + "\n")
         print(f"wrote {len(rows)} rows to {output}")
         if skipped:
