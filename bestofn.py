@@ -171,19 +171,16 @@ def finite_mean(xs: list) -> float:
 
 
 def win_both_orders(p_a_best_first: float, p_a_best_second: float) -> tuple[float, float]:
-    """Eq. (4), App. G.2: (hard win, soft win q) of best-of-n from P(A better) in the two orders.
-
-    The probabilities are averaged first, then decided: if the judge gives best-of-n 0.9 in one
-    order and 0.4 in the other, q = 0.65, a win; deciding each order first would give a tie."""
+    """Eq. (4), App. G.2: (hard win, soft win q) of best-of-n from P(A better) in the two orders,
+    averaged first, then decided (0.9 and 0.4 for best-of-n: q = 0.65, a win, not a tie)."""
     q = 0.5 * (p_a_best_first + (1.0 - p_a_best_second))
     return (1.0 if q > 0.5 else 0.0 if q < 0.5 else 0.5), q
 
 
 def student_t_cdf(t: float, df: int) -> float:
-    """P(T <= t), T ~ Student t with integer df >= 1: the exact finite sums of Abramowitz & Stegun
-    26.7.3 (df odd: A = 2/pi [theta + sin cos (1 + 2/3 c^2 + 2*4/(3*5) c^4 + ...)]) and 26.7.4
-    (df even: A = sin [1 + 1/2 c^2 + 1*3/(2*4) c^4 + ...]), A = P(|T| <= |t|), theta = atan(|t| / sqrt(df)),
-    c = cos(theta), (df - 1) // 2 resp. df // 2 terms."""
+    """P(T <= t), T ~ Student t, integer df >= 1: A = P(|T| <= |t|) by the exact finite sums of
+    Abramowitz & Stegun 26.7.3 (df odd: A = 2/pi [theta + sin cos (1 + 2/3 c^2 + 2*4/(3*5) c^4 + ...)])
+    and 26.7.4 (df even: A = sin [1 + 1/2 c^2 + 1*3/(2*4) c^4 + ...]), theta = atan(|t| / sqrt(df)), c = cos."""
     theta, odd = math.atan(abs(t) / math.sqrt(df)), df % 2
     c2, term, total = math.cos(theta) ** 2, 1.0, 0.0
     for j in range((df - odd) // 2):
@@ -366,26 +363,19 @@ def load_prompts(args: Args) -> list[dict]:
 def read_finished_rows(path: Path) -> tuple[list[dict], int]:
     """(rows, byte length of the good part) of a partially written output. A torn LAST line (what
     a kill, power loss or full disk leaves) is dropped; an unreadable line before the last is refused."""
-    if not path.exists():
-        return [], 0
-    data = path.read_bytes()
-    rows, good_end, start, line_no = [], 0, 0, 0
-    while start < len(data):
-        end = data.find(b"\n", start)
-        if end < 0:  # no newline after it: a torn last line, even if it parses
-            break
-        line_no += 1
+    lines = path.read_bytes().split(b"\n") if path.exists() else [b""]  # lines[-1]: no newline after it, torn
+    rows, good_end = [], 0
+    for no, line in enumerate(lines[:-1], 1):
         try:
-            row = json.loads(data[start:end])
-            if not isinstance(row, dict):
+            if not isinstance(row := json.loads(line), dict):
                 raise ValueError("not a JSON object")
         except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            if data[end + 1:].strip():
-                raise SystemExit(f"--output {path} line {line_no} is unreadable ({e}) and rows follow it; "
+            if any(rest.strip() for rest in lines[no:]):
+                raise SystemExit(f"--output {path} line {no} is unreadable ({e}) and rows follow it; "
                                  "it is not a torn last line: repair or remove that line, or choose another --output") from None
             break
         rows.append(row)
-        good_end = start = end + 1
+        good_end += len(line) + 1
     return rows, good_end
 
 
@@ -406,7 +396,10 @@ def check_resume_args(args: Args, sidecar: Path, output: Path):
     if not sidecar.exists():
         raise SystemExit(f"--output {output} has rows but no {sidecar.name} to check the flags against "
                          "(written by an older bestofn.py?); choose another --output")
-    old = json.loads(sidecar.read_text())
+    try:
+        old = json.loads(sidecar.read_text())
+    except ValueError:
+        raise SystemExit(f"{sidecar} is corrupt, so --resume cannot check the flags; fix it or choose another --output") from None
     for name in RESULT_FLAGS:
         if name in old and old[name] != getattr(args, name):
             raise SystemExit(f"--resume: --{name.replace('_', '-')} is {getattr(args, name)!r} but {output} was written "
@@ -625,18 +618,15 @@ def read_judge_reply(data: bytes, labels: list[str]) -> tuple[list[float] | None
 
 def http_label_probs(url: str, model: str, messages: list[dict], labels: list[str], args: Args
                      ) -> tuple[list[float] | None, str, str | None]:
-    """Ask an OpenAI-compatible server for one token: (label probs, how read, last error).
-
-    Reads top_logprobs ("logprobs"); if it sends none, one-hot on the answer text ("text");
-    otherwise (None, "failed", error). Timeouts, dropped connections, 5xx, 408 and 429 are retried
-    with backoff; other 4xx (a wrong request, URL or key) and malformed replies are not."""
+    """Ask an OpenAI-compatible server for one token -> (label probs from top_logprobs ("logprobs"),
+    else one-hot on the answer text ("text"), else None ("failed"); last error). Timeouts, dropped
+    connections, 5xx, 408 and 429 are retried with backoff; other 4xx and malformed replies are not."""
     endpoint = url.rstrip("/")
     endpoint = endpoint if endpoint.endswith("/chat/completions") else endpoint + "/chat/completions"
     body = json.dumps({"model": model or "default", "messages": messages, "max_tokens": 1, "temperature": 0.0,
                        "logprobs": True, "top_logprobs": args.judge_top_logprobs}).encode()
-    headers = {"Content-Type": "application/json"}
-    if os.environ.get(args.judge_api_key_env):
-        headers["Authorization"] = f"Bearer {os.environ[args.judge_api_key_env]}"
+    key = os.environ.get(args.judge_api_key_env)
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     error = None
     for attempt in range(args.judge_retries + 1):
         if attempt:

@@ -662,6 +662,9 @@ def test_resume_refuses_an_output_made_from_other_prompts(tiny_lm_dir, tiny_rm_d
     os.remove(f"{out}.args.json")
     with pytest.raises(SystemExit, match="has rows but no bon.jsonl.args.json"):
         bestofn.main(run_args(tiny_lm_dir, tiny_rm_dir, out) + ["--resume"])
+    (tmp_path / "bon.jsonl.args.json").write_text('{"seed": 7, "n"')  # cut short
+    with pytest.raises(SystemExit, match="bon.jsonl.args.json is corrupt, so --resume cannot check the flags"):
+        bestofn.main(run_args(tiny_lm_dir, tiny_rm_dir, out) + ["--resume"])
 
 
 # ----------------------------------------------------------------------------- bad input: one line, before any model loads
