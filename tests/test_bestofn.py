@@ -144,16 +144,34 @@ def test_win_rate_interval_is_a_t_interval_over_prompts_and_ties_do_not_widen_it
 
 
 # ----------------------------------------------------------------------------- counter-based sampler
+def mix32(x: int) -> int:
+    """lowbias32 in Python integers: exact, no overflow possible."""
+    x ^= x >> 16
+    x = (x * 0x21F0AAAD) % 2 ** 32
+    x ^= x >> 15
+    x = (x * 0x735A2D97) % 2 ** 32
+    return x ^ (x >> 15)
+
+
 def test_mix32_is_the_32_bit_arithmetic_written_out():
-    def mix(x):  # Python integers: exact, no overflow possible
-        x ^= x >> 16
-        x = (x * 0x21F0AAAD) % 2 ** 32
-        x ^= x >> 15
-        x = (x * 0x735A2D97) % 2 ** 32
-        return x ^ (x >> 15)
     g = torch.Generator().manual_seed(0)
     xs = [0, 1, 2 ** 31, 2 ** 32 - 1, 0xDEADBEEF] + torch.randint(0, 2 ** 32, (1000,), generator=g, dtype=torch.int64).tolist()
-    assert bestofn._mix32(torch.tensor(xs)).tolist() == [mix(x) for x in xs]
+    assert bestofn._mix32(torch.tensor(xs)).tolist() == [mix32(x) for x in xs]
+
+
+def test_keyed_gumbel_is_the_documented_hash_written_out():
+    def uniform(key, t, v):  # keyed_gumbel's docstring in Python integers, one word at a time
+        words = [w for k in key for w in (k % 2 ** 32, (k >> 32) % 2 ** 32)]  # each key mod 2^64, low half first
+        lanes = []
+        for h in (0x243F6A88, 0x85A308D3):
+            for w in words:
+                h = mix32(h ^ w)
+            lanes.append(mix32(mix32(h ^ t) ^ v))
+        return (2 * ((lanes[0] >> 12) * 2 ** 32 + lanes[1]) + 1) / 2 ** 53  # 52 random bits, never 0 or 1
+    keys = [(0, 0, 0, 0), (7, 3, 1, 5), (-1, 2 ** 40 + 3, 0, 63)]
+    g = bestofn.keyed_gumbel(keys, 9, 40, torch.device("cpu"))
+    want = [[-math.log(-math.log(uniform(key, 9, v))) for v in range(40)] for key in keys]
+    torch.testing.assert_close(g, torch.tensor(want, dtype=torch.float64), rtol=1e-14, atol=1e-14)
 
 
 def test_keyed_gumbel_is_a_pure_function_of_key_position_and_word_with_uniform_margins():
