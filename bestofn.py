@@ -692,7 +692,12 @@ def make_reporter(kind: str, output: Path, args: Args):
         if kind == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
             writer = SummaryWriter(f"{output}.tb")
-            return lambda metrics, step: [writer.add_scalar(k, v, step) for k, v in metrics.items()] + [writer.flush()]
+
+            def log_tb(metrics, step):
+                for k, v in metrics.items():
+                    writer.add_scalar(k, v, step)
+                writer.flush()
+            return log_tb
         if kind == "wandb":
             import wandb
             run = wandb.init(project="lowres-align", name=output.stem, config=asdict(args), resume="allow")
@@ -885,7 +890,8 @@ def main(argv: list[str] | None = None):
         fout = open(output, "a", encoding="utf-8")
     skipped, tokens, t0, held = 0, 0, time.time(), []
     for r0 in range(0, len(chunks), world):
-        got = [mine := process_chunk(chunks[r0 + rank]) if r0 + rank < len(chunks) else ([], 0)]
+        mine = process_chunk(chunks[r0 + rank]) if r0 + rank < len(chunks) else ([], 0)
+        got = [mine]
         if world > 1:
             got = [None] * world if rank == 0 else None
             dist.gather_object(mine, got, dst=0)
@@ -929,8 +935,9 @@ def main(argv: list[str] | None = None):
         bar.close()
         rows, _ = read_finished_rows(output)
         elapsed = time.time() - t0
-        summary = summarize(rows, args, {"skipped_too_long": skipped, "eval_judge": eval_desc, "processes": world,
-                                         "tokens_per_s": tokens / elapsed if elapsed > 0 else None, "args": asdict(args)})
+        summary = summarize(rows, args, {"skipped_too_long": skipped, "eval_judge": eval_desc,
+                                         "tokens_per_s": tokens / elapsed if elapsed > 0 else None, "processes": world,
+                                         "args": asdict(args)})
         Path(f"{output}.summary.json").write_text(dumps(summary, indent=2) + "\n")
         print(f"wrote {len(rows)} rows to {output}")
         if skipped:

@@ -143,7 +143,7 @@ def test_win_rate_interval_is_a_t_interval_over_prompts_and_ties_do_not_widen_it
     assert bestofn.mean_ci95([0.7])["ci95"] is None and bestofn.mean_ci95([])["win_rate"] is None
 
 
-# ----------------------------------------------------------------------------- counter-based sampler
+# ----------------------------------------------------------------------------- the shared sampler (keyed Gumbel-max, eq. 5)
 def mix32(x: int) -> int:
     """lowbias32 in Python integers: exact, no overflow possible."""
     x ^= x >> 16
