@@ -8,17 +8,16 @@ J. Berant, A. D'Amour, J. Eisenstein, C. Nagpal, A. T. Suresh, "Theoretical guar
 best-of-n alignment policy", arXiv:2401.01879 (2024).
 
 Method (no training):
-  1. for each prompt x, sample y_1..y_n ~ pi_base(. | x) (temperature, top-p as flags); the n
-     candidates of several prompts share one `generate` call (at most --batch-size sequences) and
-     every draw is eq. (5), a pure function of (seed, prompt, sample, position), so the output
-     does not depend on batching, on the number of processes or on resume;
-  2. score each: r(x, y_i) from a sequence-classification reward model (read at the last
-     token), or from an LLM judge (the probability-weighted mean of the score digits 1..9);
-     models score padded batches sorted by length; an input longer than the scorer's context
-     is not scored (NaN, counted);
+  1. for each prompt x, sample y_1..y_n ~ pi_base(. | x): the n candidates of several prompts
+     share one `generate` call (at most --batch-size sequences), and every draw is eq. (5), a pure
+     function of (seed, prompt, sample, position): the output does not depend on batching, on
+     the number of processes or on resume;
+  2. score each: r(x, y_i) from a sequence-classification reward model (read at the last token)
+     or an LLM judge (eq. 3), in padded batches sorted by length; an input longer than the
+     scorer's context is not scored (NaN, counted);
   3. return y* = y_{i*}, i* = the LOWEST index among argmax_i r(x, y_i) (deterministic ties);
   4. optionally (--eval) judge y* against a fresh single sample y' ~ pi_base pairwise, in both
-     orders (A = y*, then A = y'), averaging the judge's probabilities (App. G.2).
+     orders, averaging the judge's probabilities (eq. 4, App. G.2).
 
 Equations:
   (1) KL(pi_bon || pi_base) <= log(n) - (n - 1) / n
@@ -37,26 +36,25 @@ Equations:
       Bernoulli, so a binomial interval such as Wilson's does not apply).
   (5) y_t = argmax_v [ log softmax(z_t / T)_v  (-inf outside the top-p nucleus)  +  g_v ],
       g_v = -log(-log u_v),  u_v = U(seed, prompt, stream, sample, t, v) a counter-based uniform:
-      Gumbel-max, an exact sample of the tempered, nucleus-renormalised distribution
-      (see `gumbel_sample`).
+      Gumbel-max: an exact sample of the tempered, nucleus-renormalised distribution
+      (`KeyedSampler`, `rollout`: the project's one sampler, the same code in the three trainers).
 
 Run (embedded SmolLM2 as policy and judge; --reward-model works with any num_labels=1
 sequence-classification folder, e.g. one written by rm_transfer.py):
   python bestofn.py --model ~/.cache/lowres-align/SmolLM2-135M-Instruct \
       --judge-model ~/.cache/lowres-align/SmolLM2-135M-Instruct \
-      --prompts data/bon_prompts.jsonl --n 4 --batch-size 4 --max-new-tokens 48 --eval --seed 0 \
+      --prompts data/bon_prompts.jsonl --n 4 --batch-size 20 --max-new-tokens 48 --eval --seed 0 \
       --output runs/bon-readme.jsonl
-  OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 bestofn.py --num-samples 4 ... (same flags, but
-      --num-samples for --n, which torchrun's parser takes for its own --nnodes; same output file)
-Re-running with --resume and the same --output skips the prompts already written.
+  OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 bestofn.py --num-samples 4 ... (same flags; torchrun's
+      parser takes --n for its own --nnodes; same output file). --resume skips the prompts written.
 
 Output: one JSONL row per prompt, in prompt order: index, prompt, candidates, scores, best,
-best_index, best_score (+ reference; with --eval: single, eval_p_a = [P_AB(A), P_BA(A)] (the
-two orders), win_soft = q, win; judge_reads = how judge answers were read; judge_error = the
-last judge request error). Unscored values are null. <output>.args.json holds the arguments
-(checked on --resume); <output>.summary.json the KL bound, the ceiling, mean scores, the win
-rates with their intervals, counts of skipped items, and the arguments.
+best_index, best_score (+ reference; with --eval: single, eval_p_a = [P_AB(A), P_BA(A)], win_soft
+= q, win; judge_reads = how judge answers were read; judge_error = the last request error); null
+where unscored. <output>.args.json: the arguments (checked on --resume); <output>.summary.json:
+KL bound, ceiling, mean scores, win rates with intervals, skipped counts, arguments.
 """
+import contextlib
 import http.client
 import json
 import math
@@ -67,14 +65,14 @@ import time
 import urllib.parse
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
-from transformers import LogitsProcessor
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-DEFAULT_MODEL = str(
-    Path(os.environ.get("LOWRES_ALIGN_CACHE", Path.home() / ".cache" / "lowres-align")) / "SmolLM2-135M-Instruct"
-)
+DEFAULT_MODEL = str(Path(os.environ.get("LOWRES_ALIGN_CACHE", Path.home() / ".cache" / "lowres-align"))
+                    / "SmolLM2-135M-Instruct")
 SCORE_LABELS = [str(k) for k in range(1, 10)]  # eq. (3): single digits are one token in most vocabularies
 PAIR_LABELS = ["A", "B"]
 STREAM_BON, STREAM_SINGLE = 0, 1  # eq. (5): candidates and the --eval single sample are separate streams
@@ -115,28 +113,24 @@ class Args:
     eval_reward_model: str = field(default="", metadata={"help": "eval judge: RM (compare scores); default: the selection scorer"})
     eval_judge_model: str = field(default="", metadata={"help": "eval judge: in-process HF causal LM (pairwise A/B); with --eval-judge-url, the model name sent"})
     eval_judge_url: str = field(default="", metadata={"help": "eval judge: OpenAI-compatible server (pairwise A/B)"})
+    compile_rollout: bool = field(default=True, metadata={"help": "CUDA: static KV cache + compiled decoding (--no-compile-rollout: eager)"})
     dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16"})
     seed: int = field(default=0, metadata={"help": "eq. (5): every draw is keyed by (seed, prompt index, sample): independent of batching, processes and resume"})
     resume: bool = field(default=False, metadata={"help": "continue a partially written --output, skipping finished prompts"})
     report_to: str = field(default="none", metadata={"help": "none | tensorboard (<output>.tb/) | wandb: per-prompt scores and wins, step = prompt index"})
 
-    def __post_init__(self):
-        for name in ("n", "batch_size", "max_new_tokens", "judge_top_logprobs", "judge_max_failed_steps"):
-            if getattr(self, name) < 1:
-                raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_prompts", "judge_retries"):
-            if getattr(self, name) < 0:
-                raise SystemExit(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if not 0 < self.temperature < math.inf:
-            raise SystemExit(f"--temperature must be > 0 (best-of-n samples the policy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise SystemExit(f"--top-p must be in (0, 1], got {self.top_p}")
-        if not 0 < self.judge_timeout < math.inf:
-            raise SystemExit(f"--judge-timeout must be > 0 seconds, got {self.judge_timeout}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise SystemExit(f'--dtype must be auto, float32, bfloat16 or float16, got "{self.dtype}"')
-        if self.report_to not in ("none", "tensorboard", "wandb"):
-            raise SystemExit(f'--report-to must be none, tensorboard or wandb, got "{self.report_to}"')
+    def __post_init__(self):  # one line per bad value, before anything loads (issue 10)
+        rules = [("n", self.n >= 1, ">= 1"), ("batch_size", self.batch_size >= 1, ">= 1"),
+                 ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"), ("max_prompts", self.max_prompts >= 0, ">= 0"),
+                 ("temperature", 0 < self.temperature < math.inf, "> 0 (best-of-n samples the policy)"),
+                 ("top_p", 0 < self.top_p <= 1, "in (0, 1]"), ("judge_timeout", 0 < self.judge_timeout < math.inf, "> 0"),
+                 ("judge_retries", self.judge_retries >= 0, ">= 0"), ("judge_top_logprobs", self.judge_top_logprobs >= 1, ">= 1"),
+                 ("judge_max_failed_steps", self.judge_max_failed_steps >= 1, ">= 1"),
+                 ("dtype", self.dtype in ("auto", "float32", "bfloat16", "float16"), "auto, float32, bfloat16 or float16"),
+                 ("report_to", self.report_to in ("none", "tensorboard", "wandb"), "none, tensorboard or wandb")]
+        for name, ok, need in rules:
+            if not ok:
+                raise SystemExit(f"--{name.replace('_', '-')} must be {need}, got {getattr(self, name)!r}")
         if self.reward_model and (self.judge_model or self.judge_url):
             raise SystemExit("pass one selection scorer: --reward-model, or --judge-model / --judge-url, not both")
         if not self.eval and (self.eval_reward_model or self.eval_judge_model or self.eval_judge_url):
@@ -177,19 +171,16 @@ def finite_mean(xs: list) -> float:
 
 
 def win_both_orders(p_a_best_first: float, p_a_best_second: float) -> tuple[float, float]:
-    """Eq. (4), App. G.2: (hard win, soft win q) of best-of-n from P(A better) in the two orders.
-
-    The probabilities are averaged first, then decided: if the judge gives best-of-n 0.9 in one
-    order and 0.4 in the other, q = 0.65, a win; deciding each order first would give a tie."""
+    """Eq. (4), App. G.2: (hard win, soft win q) of best-of-n from P(A better) in the two orders,
+    averaged first, then decided (0.9 and 0.4 for best-of-n: q = 0.65, a win, not a tie)."""
     q = 0.5 * (p_a_best_first + (1.0 - p_a_best_second))
     return (1.0 if q > 0.5 else 0.0 if q < 0.5 else 0.5), q
 
 
 def student_t_cdf(t: float, df: int) -> float:
-    """P(T <= t), T ~ Student t with integer df >= 1: the exact finite sums of Abramowitz & Stegun
-    26.7.3 (df odd: A = 2/pi [theta + sin cos (1 + 2/3 c^2 + 2*4/(3*5) c^4 + ...)]) and 26.7.4
-    (df even: A = sin [1 + 1/2 c^2 + 1*3/(2*4) c^4 + ...]), A = P(|T| <= |t|), theta = atan(|t| / sqrt(df)),
-    c = cos(theta), (df - 1) // 2 resp. df // 2 terms."""
+    """P(T <= t), T ~ Student t, integer df >= 1: A = P(|T| <= |t|) by the exact finite sums of
+    Abramowitz & Stegun 26.7.3 (df odd: A = 2/pi [theta + sin cos (1 + 2/3 c^2 + 2*4/(3*5) c^4 + ...)])
+    and 26.7.4 (df even: A = sin [1 + 1/2 c^2 + 1*3/(2*4) c^4 + ...]), theta = atan(|t| / sqrt(df)), c = cos."""
     theta, odd = math.atan(abs(t) / math.sqrt(df)), df % 2
     c2, term, total = math.cos(theta) ** 2, 1.0, 0.0
     for j in range((df - odd) // 2):
@@ -215,94 +206,99 @@ def student_t_quantile(p: float, df: int) -> float:
 def mean_ci95(outcomes: list[float]) -> dict:
     """Mean of per-prompt outcomes in [0, 1] and its 95% Student-t interval (eq. 4), clipped to [0, 1]."""
     m = len(outcomes)
-    if m == 0:
-        return {"win_rate": None, "ci95": None, "sd": None, "num_prompts": 0}
-    mean = sum(outcomes) / m
-    if m == 1:
-        return {"win_rate": mean, "ci95": None, "sd": None, "num_prompts": 1}
+    mean = sum(outcomes) / m if m else None
+    if m < 2:
+        return {"win_rate": mean, "ci95": None, "sd": None, "num_prompts": m}
     sd = math.sqrt(sum((w - mean) ** 2 for w in outcomes) / (m - 1))
     half = student_t_quantile(0.975, m - 1) * sd / math.sqrt(m)
     return {"win_rate": mean, "ci95": [max(0.0, mean - half), min(1.0, mean + half)], "sd": sd, "num_prompts": m}
 
 
-# ----------------------------------------------------------------------------- counter-based sampling, eq. (5)
-_M32 = 0xFFFFFFFF
-
-
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2^32 for x in [0, 2^32) held in int64, without int64 overflow (c split in 16-bit halves)."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A bijection of 32-bit words with full avalanche (multiply-xorshift, "lowbias32" constants)."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x21F0AAAD)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x735A2D97)
-    return x ^ (x >> 15)
-
-
-def counter_words(keys: list[list[int]], device=None) -> torch.Tensor:
-    """Integer keys (any Python ints, e.g. [seed, prompt index, stream, sample]) -> [B, 2K] int64
-    32-bit words (low, high half of each key taken modulo 2^64)."""
-    return torch.tensor([[w for k in row for w in (k & _M32, (k >> 32) & _M32)] for row in keys],
-                        dtype=torch.int64, device=device)
-
-
-def counter_uniform(words: torch.Tensor, position: int, vocab_size: int) -> torch.Tensor:
-    """[B, W] key words, a position, V -> [B, V] float64 uniforms in (0, 1), a pure function of
-    (key words, position, vocabulary index). Two 32-bit hash lanes (different start values) chain
-    the words and the position, then mix in the vocabulary index; 20 bits of one and 32 of the
-    other give k < 2^52 and u = (2k + 1) / 2^53, exact in float64 and never 0 or 1."""
-    v = torch.arange(vocab_size, dtype=torch.int64, device=words.device)
-    lanes = []
-    for h0 in (0x243F6A88, 0x85A308D3):
-        h = torch.full(words.shape[:1], h0, dtype=torch.int64, device=words.device)
-        for j in range(words.shape[1]):
-            h = _mix32(h ^ words[:, j])
-        h = _mix32(h ^ (position & _M32))
-        lanes.append(_mix32(h[:, None] ^ v))
-    k = (lanes[0] >> 12) * 2 ** 32 + lanes[1]
-    return (2 * k + 1).double() * 2.0 ** -53
-
-
-def gumbel_sample(logits: torch.Tensor, words: torch.Tensor, position: int, temperature: float,
-                  top_p: float) -> torch.Tensor:
-    """Eq. (5): logits [B, V], key words [B, W] (`counter_words`), position t -> tokens [B] int64.
-
-    y = argmax_v (log p_v + g_v), log p = log_softmax(logits / T) set to -inf outside the top-p
-    nucleus (the smallest set of most likely tokens whose mass reaches top_p: a token stays when
-    the mass of the tokens ranked before it is < top_p, as in HF's TopPLogitsWarper), and
-    g_v = -log(-log u_v) with u = counter_uniform(words, t, V). Exactness: for i.i.d. Gumbel(0, 1)
-    g, P(argmax_v (log p_v + g_v) = y) = p_y / sum_v p_v (Gumbel-max), so tokens are drawn from
-    softmax(logits / T) renormalised on the nucleus, up to the 2^-53 grid of u and the hash's
-    pseudo-randomness. The noise of row b depends only on (words[b], t, v): the same row gives
-    the same token whatever else is in the batch, whichever process samples it, and after resume."""
+# ----------------------------------------------------------------------------- ROLLOUT, eq. (5): swap in another engine here
+# The project's one sampler, copied verbatim from reinforce_kl.py (CleanRL rule: duplicated, not imported).
+def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """[B, V] -> [B, V] float64 log-probs of softmax(logits / T), -inf outside the top-p nucleus: the
+    smallest set of most likely words whose mass reaches top_p (a word stays while the mass ranked
+    before it is below top_p, as in HF's TopPLogitsWarper)."""
     logp = torch.log_softmax(logits.double() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_logp, order = logp.sort(dim=-1, descending=True, stable=True)
         p = sorted_logp.exp()
-        drop_sorted = (p.cumsum(-1) - p) >= top_p  # mass ranked before the token already reaches top_p
-        logp = logp.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), -math.inf)
-    u = counter_uniform(words.to(logp.device), position, logp.shape[-1])
-    return (logp - torch.log(-torch.log(u))).argmax(dim=-1)
+        drop = torch.zeros_like(p, dtype=torch.bool).scatter(-1, order, p.cumsum(-1) - p >= top_p)
+        logp = logp.masked_fill(drop, -math.inf)
+    return logp
 
 
-class CounterSampler(LogitsProcessor):
-    """Hugging Face LogitsProcessor for eq. (5): use with `generate(do_sample=False, ...)`.
+M32 = 0xFFFFFFFF
 
-    CounterSampler(words [B, W] from `counter_words`, prompt_width = input_ids.shape[1] at the start,
-    temperature, top_p). At each step the position is input_ids.shape[1] - prompt_width (the
-    number of tokens generated so far), the token is `gumbel_sample`, and the returned scores are
-    0 at that token and -inf elsewhere, so greedy decoding picks it."""
 
-    def __init__(self, words: torch.Tensor, prompt_width: int, temperature: float, top_p: float):
-        self.words, self.prompt_width, self.temperature, self.top_p = words, prompt_width, temperature, top_p
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijection of 32-bit words held in int64 (multiply-xorshift, "lowbias32" constants). Both
+    multipliers are below 2^31, so no product of a 32-bit word overflows int64."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & M32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & M32
+    return x ^ (x >> 15)
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        y = gumbel_sample(scores, self.words, input_ids.shape[1] - self.prompt_width, self.temperature, self.top_p)
-        return torch.full_like(scores, -math.inf).scatter_(1, y[:, None], 0.0)
+
+def keyed_gumbel(keys: Sequence[Sequence[int]], position: int, vocab: int, device) -> torch.Tensor:
+    """Rows of integer keys, a position -> [N, V] float64 standard Gumbel noise, a pure function of
+    (key, position, word). Two 32-bit hash lanes chain the key's 32-bit words and the position, then
+    mix in the word's index; 20 + 32 of their bits give k < 2^52 and u = (2k + 1) / 2^53 in (0, 1)."""
+    words = torch.tensor([[w for k in row for w in (k & M32, (k >> 32) & M32)] for row in keys], device=device)
+    v = torch.arange(vocab, dtype=torch.int64, device=device)
+    lanes = []
+    for h0 in (0x243F6A88, 0x85A308D3):
+        h = torch.full(words.shape[:1], h0, dtype=torch.int64, device=device)
+        for j in range(words.shape[1]):
+            h = _mix32(h ^ words[:, j])
+        lanes.append(_mix32(_mix32(h ^ (position & M32))[:, None] ^ v))
+    u = (2 * ((lanes[0] >> 12) * 2 ** 32 + lanes[1]) + 1).double() * 2.0 ** -53
+    return -torch.log(-torch.log(u))
+
+
+class KeyedSampler(LogitsProcessor):
+    """Gumbel-max: argmax_w (log p(w) + g_w) with g iid standard Gumbel is an exact sample from p
+    = softmax(logits / T), top-p renormalised (up to the 2^-53 grid of u). Used under greedy
+    decoding: it returns 0 at the drawn word and -inf elsewhere, so `generate` takes that word.
+    The noise depends only on each row's key and the position, never on the batch or the rank."""
+
+    def __init__(self, keys: Sequence[Sequence[int]], prompt_len: int, temperature: float, top_p: float):
+        self.keys, self.prompt_len, self.temperature, self.top_p = keys, prompt_len, temperature, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        g = keyed_gumbel(self.keys, input_ids.shape[1] - self.prompt_len, scores.shape[-1], scores.device)
+        drawn = (sampling_logprobs(scores, self.temperature, self.top_p) + g).argmax(-1, keepdim=True)
+        return torch.full_like(scores, -math.inf).scatter_(1, drawn, 0.0)
+
+
+@torch.no_grad()
+def rollout(model, prompts: List[List[int]], keys: List[Tuple[int, ...]], args: Args, eos_ids: List[int],
+            pad_id: int, pad_to: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """All samples of this rank in ONE `generate` call (issue 13). prompts: token ids per row (a
+    prompt repeated G times gives G rows); keys: one tuple of ints per row (seed, step, prompt,
+    sample) that fixes its sampling noise. Returns tokens [N, R] (pad after the first EOS) and mask
+    [N, R] (True up to and including the first EOS). pad_to: left-pad prompts to this length so
+    that a static cache keeps one shape across steps (compiled once)."""
+    device = next(model.parameters()).device
+    P = max(pad_to, max(len(p) for p in prompts))
+    ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts], device=device)
+    attn = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=device)
+    static = device.type == "cuda" and args.compile_rollout
+    gen = GenerationConfig(do_sample=False, max_new_tokens=args.max_new_tokens, eos_token_id=eos_ids,
+                           pad_token_id=pad_id, cache_implementation="static" if static else None)
+    sampler = KeyedSampler(keys, P, args.temperature, args.top_p)
+    saved, model.generation_config = model.generation_config, GenerationConfig()  # no hub defaults (penalties, top-k)
+    try:
+        out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen,
+                             logits_processor=LogitsProcessorList([sampler]))
+    finally:
+        model.generation_config = saved
+    tokens = out[:, P:]
+    is_eos = torch.isin(tokens, torch.tensor(eos_ids, device=device))
+    mask = (torch.cumsum(is_eos.long(), 1) - is_eos.long()) == 0
+    return torch.where(mask, tokens, pad_id), mask
 
 
 # ----------------------------------------------------------------------------- data and files
@@ -312,32 +308,28 @@ def read_rows(spec: str, flag: str, split: str = "train") -> list[dict]:
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix in (".jsonl", ".json"):
         data = path.read_bytes()
-        if path.suffix == ".json" and data.lstrip()[:1] == b"[":
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data[:e.start].count(b"\n") + 1
+            raise SystemExit(f"{flag} {spec} line {line} is not UTF-8 ({e.reason}); re-save the file as UTF-8") from None
+        if path.suffix == ".json" and text.lstrip()[:1] == "[":
             try:
-                rows = json.loads(data.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise SystemExit(f"{flag} {spec} is not a valid UTF-8 JSON array ({e}); fix the file or write JSON lines") from None
-            for i, row in enumerate(rows, 1):
-                if not isinstance(row, dict):
-                    raise SystemExit(f"{flag} {spec} element {i} is a JSON {type(row).__name__}, not an object; write an array of objects")
-            return rows
-        rows = []
-        for i, raw in enumerate(data.split(b"\n"), 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise SystemExit(f"{flag} {spec} line {i} is not UTF-8 ({e.reason}); re-save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
+                rows = [(f"element {i}", r) for i, r in enumerate(json.loads(text), 1)]
             except json.JSONDecodeError as e:
-                raise SystemExit(f"{flag} {spec} line {i} is not valid JSON ({e.msg}); fix or delete that line") from None
+                raise SystemExit(f"{flag} {spec} line {e.lineno} is not valid JSON ({e.msg}); fix the file") from None
+        else:
+            rows = []
+            for i, line in enumerate(text.split("\n"), 1):
+                try:
+                    rows += [(f"line {i}", json.loads(line))] if line.strip() else []
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"{flag} {spec} line {i} is not valid JSON ({e.msg}); fix or delete that line") from None
+        for where, row in rows:
             if not isinstance(row, dict):
-                kind = {list: "list", str: "string"}.get(type(row), type(row).__name__)
-                raise SystemExit(f"{flag} {spec} line {i} is a JSON {kind}, not an object; write one JSON object per line")
-            rows.append(row)
-        return rows
+                raise SystemExit(f"{flag} {spec} {where} is a JSON {type(row).__name__}, not an object; "
+                                 f"write one JSON object per {where.split()[0]}")
+        return [row for _, row in rows]
     from datasets import load_dataset  # lazy: local JSON needs no `datasets`
 
     if path.is_file():
@@ -371,49 +363,43 @@ def load_prompts(args: Args) -> list[dict]:
 def read_finished_rows(path: Path) -> tuple[list[dict], int]:
     """(rows, byte length of the good part) of a partially written output. A torn LAST line (what
     a kill, power loss or full disk leaves) is dropped; an unreadable line before the last is refused."""
-    if not path.exists():
-        return [], 0
-    data = path.read_bytes()
-    rows, good_end, start, line_no = [], 0, 0, 0
-    while start < len(data):
-        end = data.find(b"\n", start)
-        if end < 0:  # no newline after it: a torn last line, even if it parses
-            break
-        line_no += 1
+    lines = path.read_bytes().split(b"\n") if path.exists() else [b""]  # lines[-1]: no newline after it, torn
+    rows, good_end = [], 0
+    for no, line in enumerate(lines[:-1], 1):
         try:
-            row = json.loads(data[start:end])
-            if not isinstance(row, dict):
+            if not isinstance(row := json.loads(line), dict):
                 raise ValueError("not a JSON object")
         except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            if data[end + 1:].strip():
-                raise SystemExit(f"--output {path} line {line_no} is unreadable ({e}) and rows follow it; "
+            if any(rest.strip() for rest in lines[no:]):
+                raise SystemExit(f"--output {path} line {no} is unreadable ({e}) and rows follow it; "
                                  "it is not a torn last line: repair or remove that line, or choose another --output") from None
             break
         rows.append(row)
-        good_end = start = end + 1
+        good_end += len(line) + 1
     return rows, good_end
 
 
-def json_safe(x):
-    """Non-finite floats -> None (JSON null), recursively: output files never hold bare NaN/Infinity."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: json_safe(v) for k, v in x.items()}
+def finite_or_none(x):
+    """JSON has no NaN: a value that does not exist is null (issue 10, item 9)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
     if isinstance(x, (list, tuple)):
-        return [json_safe(v) for v in x]
-    return x
+        return [finite_or_none(v) for v in x]
+    return {k: finite_or_none(v) for k, v in x.items()} if isinstance(x, dict) else x
 
 
 def dumps(x, **kw) -> str:
-    return json.dumps(json_safe(x), ensure_ascii=False, allow_nan=False, **kw)
+    return json.dumps(finite_or_none(x), ensure_ascii=False, allow_nan=False, **kw)
 
 
 def check_resume_args(args: Args, sidecar: Path, output: Path):
     if not sidecar.exists():
         raise SystemExit(f"--output {output} has rows but no {sidecar.name} to check the flags against "
                          "(written by an older bestofn.py?); choose another --output")
-    old = json.loads(sidecar.read_text())
+    try:
+        old = json.loads(sidecar.read_text())
+    except ValueError:
+        raise SystemExit(f"{sidecar} is corrupt, so --resume cannot check the flags; fix it or choose another --output") from None
     for name in RESULT_FLAGS:
         if name in old and old[name] != getattr(args, name):
             raise SystemExit(f"--resume: --{name.replace('_', '-')} is {getattr(args, name)!r} but {output} was written "
@@ -421,12 +407,6 @@ def check_resume_args(args: Args, sidecar: Path, output: Path):
 
 
 # ----------------------------------------------------------------------------- models
-def torch_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
 def check_model_path(name: str, flag: str):
     """One line for a local path that holds no model, before anything loads; hub names pass."""
     path = Path(name).expanduser()
@@ -478,67 +458,31 @@ def encode(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=not tok.chat_template).input_ids
 
 
-def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Token lists -> left-padded ids, attention mask, position ids (0 at each row's first real token)."""
-    width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[r, width - len(s):] = 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), mask.to(device), pos.to(device)
-
-
-# ----------------------------------------------------------------------------- ROLLOUT (swap in another engine here)
-@torch.no_grad()
-def sample_batch(model, prompt_ids: list[list[int]], keys: list[list[int]], max_new_tokens: int, temperature: float,
-                 top_p: float, eos_ids: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rollout: one `generate` call for B rows.
-
-    prompt_ids: B token lists (rows may repeat a prompt); keys: B integer lists that key each row's
-    noise in eq. (5), here [seed, prompt index, stream, sample index]. Returns tokens [B, T] and
-    mask [B, T] bool, T <= max_new_tokens: mask is True on each row's response up to and including
-    its first EOS, and tokens are pad_id where mask is False."""
-    from transformers import GenerationConfig, LogitsProcessorList
-
-    ids, att, _ = left_pad(prompt_ids, pad_id, model.device)
-    sampler = CounterSampler(counter_words(keys, model.device), ids.shape[1], temperature, top_p)
-    # generate() fills unset fields from model.generation_config (top_k=50, repetition penalties
-    # ...), which would change the distribution: it sees a fresh default config during the call.
-    saved, model.generation_config = model.generation_config, GenerationConfig()
-    try:
-        out = model.generate(input_ids=ids, attention_mask=att, logits_processor=LogitsProcessorList([sampler]),
-                             generation_config=GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                                                                pad_token_id=pad_id, eos_token_id=eos_ids))
-    finally:
-        model.generation_config = saved
-    tokens = out[:, ids.shape[1]:].cpu()
-    is_eos = torch.isin(tokens, torch.tensor(eos_ids))
-    mask = (is_eos.long().cumsum(-1) - is_eos.long()) == 0  # no EOS strictly before
-    return tokens.masked_fill(~mask, pad_id), mask
+def sorted_batches(seqs: list[list[int]], limit: int, batch_size: int, pad_id: int, device):
+    """The token lists no longer than `limit` (a scorer's context; longer ones are never run), longest
+    first, in left-padded batches -> (indexes, ids, attention mask, positions from 0 at the first real token)."""
+    order = sorted((i for i in range(len(seqs)) if len(seqs[i]) <= limit), key=lambda i: -len(seqs[i]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        width = max(len(seqs[i]) for i in chunk)
+        ids = torch.tensor([[pad_id] * (width - len(seqs[i])) + seqs[i] for i in chunk], dtype=torch.long, device=device)
+        mask = torch.tensor([[0] * (width - len(seqs[i])) + [1] * len(seqs[i]) for i in chunk], dtype=torch.long, device=device)
+        yield chunk, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 # ----------------------------------------------------------------------------- scorers
 @torch.no_grad()
 def reward_model_scores(rm, tok, prompt, responses: list[str], batch_size: int) -> list[float]:
-    """r(x, y) read at the last token of chat(x) ++ y ++ eos, whatever the pad token is.
-
-    prompt: one prompt for all responses, or a list with one per response. The input is the
-    chat-formatted prompt, the response tokens and eos: the tokens the policy produced when it
-    stopped (the layout rm_transfer.py trains on). Padded batches sorted by length, left padding,
-    fed as inputs_embeds so HF's pooling reads position -1 (each row's last real token) instead of
-    searching for the pad id, which would stop one token early when pad == eos. An input longer
-    than the RM's context is not run and scores NaN."""
+    """r(x, y) read at the last token of chat(x) ++ y ++ eos (what the policy emitted; the layout
+    rm_transfer.py trains on); prompt: one for all responses, or one per response. Fed as
+    inputs_embeds, so HF's pooling reads each row's last position instead of searching for the pad
+    id (one token early when pad == eos). An input longer than the RM's context scores NaN."""
     prompts = [prompt] * len(responses) if isinstance(prompt, str) else prompt
     heads = {p: encode(tok, chat_text(tok, [{"role": "user", "content": p}], True)) for p in set(prompts)}
     tail = [tok.eos_token_id] if tok.eos_token_id is not None else []
     ids = [heads[p] + tok(r, add_special_tokens=False).input_ids + tail for p, r in zip(prompts, responses)]
     scores = [math.nan] * len(ids)
-    order = sorted((i for i in range(len(ids)) if len(ids[i]) <= context_limit(rm)), key=lambda i: -len(ids[i]))
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        x, att, pos = left_pad([ids[i] for i in chunk], tok.pad_token_id, rm.device)
+    for chunk, x, att, pos in sorted_batches(ids, context_limit(rm), batch_size, tok.pad_token_id, rm.device):
         out = rm(inputs_embeds=rm.get_input_embeddings()(x), attention_mask=att, position_ids=pos).logits[:, 0]
         for i, s in zip(chunk, out.float().tolist()):
             scores[i] = s
@@ -558,16 +502,11 @@ def label_token_ids(tok, labels: list[str]) -> list[list[int]]:
 
 @torch.no_grad()
 def next_token_label_probs(lm, tok, texts: list[str], label_ids: list[list[int]], batch_size: int) -> torch.Tensor:
-    """[len(texts), K]: probability that the judge's next token is each label.
-
-    Padded batches sorted by length, logits at the last position only (logits_to_keep=1: no
-    [B, L, V] tensor). A text longer than the judge's context is not run: its row is NaN."""
-    ids = [encode(tok, t) for t in texts]
+    """[len(texts), K]: probability that the judge's next token is each label, from the logits of
+    the last position only (logits_to_keep=1: no [B, L, V] tensor); NaN rows: longer than the context."""
     out = torch.full((len(texts), len(label_ids)), math.nan, dtype=torch.float64)
-    order = sorted((i for i in range(len(ids)) if len(ids[i]) <= context_limit(lm)), key=lambda i: -len(ids[i]))
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        x, att, pos = left_pad([ids[i] for i in chunk], tok.pad_token_id, lm.device)
+    for chunk, x, att, pos in sorted_batches([encode(tok, t) for t in texts], context_limit(lm), batch_size,
+                                             tok.pad_token_id, lm.device):
         logits = lm(input_ids=x, attention_mask=att, position_ids=pos, logits_to_keep=1).logits[:, -1]
         probs = torch.softmax(logits.float(), dim=-1)
         out[chunk] = torch.stack([probs[:, l].sum(-1) for l in label_ids], dim=-1).double().cpu()
@@ -599,18 +538,15 @@ def http_post(url: str, body: bytes, headers: dict, timeout: float) -> tuple[int
     conn = (http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection)(u.hostname, u.port, timeout=timeout)
 
     def left() -> float:
-        rest = deadline - time.monotonic()
-        if rest <= 0:
+        if (rest := deadline - time.monotonic()) <= 0:
             raise TimeoutError(f"no complete reply within --judge-timeout {timeout:g} s")
         return rest
 
-    sock = resp = None
-
     def cut():
-        try:
+        with contextlib.suppress(OSError):
             sock and sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+
+    sock = resp = None
     watchdog = threading.Timer(timeout, cut)
     watchdog.daemon = True
     watchdog.start()
@@ -620,17 +556,15 @@ def http_post(url: str, body: bytes, headers: dict, timeout: float) -> tuple[int
         sock.settimeout(left())
         conn.request("POST", (u.path or "/") + (f"?{u.query}" if u.query else ""), body=body, headers=headers)
         sock.settimeout(left())
-        resp = conn.getresponse()
-        chunks = []
+        resp, data = conn.getresponse(), b""
         while True:
             sock.settimeout(left())
-            chunk = resp.read1(1 << 16)
-            if not chunk:
+            if not (chunk := resp.read1(1 << 16)):
                 break
-            chunks.append(chunk)
+            data += chunk
         if resp.length:  # the server closed before Content-Length bytes arrived
-            raise http.client.IncompleteRead(b"".join(chunks), resp.length)
-        return resp.status, b"".join(chunks)
+            raise http.client.IncompleteRead(data, resp.length)
+        return resp.status, data
     except (OSError, http.client.HTTPException):
         left()  # past the deadline: report the timeout, not the watchdog's cut
         raise
@@ -684,18 +618,15 @@ def read_judge_reply(data: bytes, labels: list[str]) -> tuple[list[float] | None
 
 def http_label_probs(url: str, model: str, messages: list[dict], labels: list[str], args: Args
                      ) -> tuple[list[float] | None, str, str | None]:
-    """Ask an OpenAI-compatible server for one token: (label probs, how read, last error).
-
-    Reads top_logprobs ("logprobs"); if it sends none, one-hot on the answer text ("text");
-    otherwise (None, "failed", error). Timeouts, dropped connections, 5xx, 408 and 429 are retried
-    with backoff; other 4xx (a wrong request, URL or key) and malformed replies are not."""
+    """Ask an OpenAI-compatible server for one token -> (label probs from top_logprobs ("logprobs"),
+    else one-hot on the answer text ("text"), else None ("failed"); last error). Timeouts, dropped
+    connections, 5xx, 408 and 429 are retried with backoff; other 4xx and malformed replies are not."""
     endpoint = url.rstrip("/")
     endpoint = endpoint if endpoint.endswith("/chat/completions") else endpoint + "/chat/completions"
     body = json.dumps({"model": model or "default", "messages": messages, "max_tokens": 1, "temperature": 0.0,
                        "logprobs": True, "top_logprobs": args.judge_top_logprobs}).encode()
-    headers = {"Content-Type": "application/json"}
-    if os.environ.get(args.judge_api_key_env):
-        headers["Authorization"] = f"Bearer {os.environ[args.judge_api_key_env]}"
+    key = os.environ.get(args.judge_api_key_env)
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     error = None
     for attempt in range(args.judge_retries + 1):
         if attempt:
@@ -756,45 +687,37 @@ def make_scorer(args: Args, pairwise: bool, rm=None, judge=None, url: str = "", 
 
 # ----------------------------------------------------------------------------- main
 def make_reporter(kind: str, output: Path, args: Args):
-    """Returns log(metrics, step) for --report-to; a clear error when the backend is missing."""
-    if kind == "none":
-        return lambda metrics, step: None
-    if kind == "tensorboard":
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise SystemExit("--report-to tensorboard needs `pip install tensorboard`; or pass --report-to none") from None
-        writer = SummaryWriter(f"{output}.tb")
-
-        def log_tb(metrics, step):
-            for k, v in metrics.items():
-                writer.add_scalar(k, v, step)
-            writer.flush()
-        return log_tb
+    """log(metrics, step) for --report-to; one line when the backend is not installed."""
     try:
-        import wandb
+        if kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(f"{output}.tb")
+
+            def log_tb(metrics, step):
+                for k, v in metrics.items():
+                    writer.add_scalar(k, v, step)
+                writer.flush()
+            return log_tb
+        if kind == "wandb":
+            import wandb
+            run = wandb.init(project="lowres-align", name=output.stem, config=asdict(args), resume="allow")
+            return lambda metrics, step: run.log(metrics, step=step)
     except ImportError:
-        raise SystemExit("--report-to wandb needs `pip install wandb`; or pass --report-to none") from None
-    run = wandb.init(project="lowres-align", name=output.stem, config=asdict(args), resume="allow")
-    return lambda metrics, step: run.log(metrics, step=step)
+        raise SystemExit(f"--report-to {kind} needs `pip install {kind}`; or pass --report-to none") from None
+    return lambda metrics, step: None
 
 
 def summarize(rows: list[dict], args: Args, extra: dict) -> dict:
-    best = [r["best_score"] for r in rows if r.get("best_score") is not None]
+    """The summary file: eqs. (1)-(2), mean scores (null when nothing was scored), read counts, win rates."""
+    best, reads = [r["best_score"] for r in rows if r.get("best_score") is not None], {}
     mean_all = [finite_mean(r["scores"]) for r in rows if any(s is not None for s in r["scores"])]
-    out = {
-        "n": args.n, "num_prompts": len(rows),
-        "kl_upper_bound": best_of_n_kl_bound(args.n),
-        "win_rate_ceiling": win_rate_ceiling(args.n),
-        "best_score_mean": sum(best) / len(best) if best else None,
-        "candidate_score_mean": sum(mean_all) / len(mean_all) if mean_all else None,
-        "unscored_candidates": sum(s is None for r in rows for s in r["scores"]),
-        "judge_reads": {},
-        **extra,
-    }
     for r in rows:
         for k, v in r.get("judge_reads", {}).items():
-            out["judge_reads"][k] = out["judge_reads"].get(k, 0) + v
+            reads[k] = reads.get(k, 0) + v
+    out = {"n": args.n, "num_prompts": len(rows), "kl_upper_bound": best_of_n_kl_bound(args.n),
+           "win_rate_ceiling": win_rate_ceiling(args.n), "best_score_mean": sum(best) / len(best) if best else None,
+           "candidate_score_mean": sum(mean_all) / len(mean_all) if mean_all else None,
+           "unscored_candidates": sum(s is None for r in rows for s in r["scores"]), "judge_reads": reads, **extra}
     if args.eval:
         judged = [r for r in rows if r.get("win") is not None]
         out["eval"] = {**mean_ci95([r["win"] for r in judged]),
@@ -821,32 +744,28 @@ def main(argv: list[str] | None = None):
         if name:
             check_model_path(name, flag)
 
+    # ------------------------------------------------------------------------- PLUMBING: processes, output file, models
     if "RANK" in os.environ:
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")  # CPU tensors (metrics) too
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
     def from_rank0(obj):
+        box = [obj]
         if world > 1:
-            box = [obj]
             dist.broadcast_object_list(box, src=0)
-            obj = box[0]
-        return obj
+        return box[0]
 
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dtype = torch_dtype(args.dtype, device)
-
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
     output = Path(args.output or f"runs/bestofn-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
     sidecar = Path(f"{output}.args.json")
     if world > 1 and not args.output:
         raise SystemExit("under torchrun pass --output FILE so every rank writes to the same place")
     prompts = load_prompts(args)
 
-    # Rank 0 checks the output file; every rank gets the verdict (an error or the finished indexes).
-    verdict = None
+    verdict = None  # rank 0 checks the output file; every rank gets an error line or the finished indexes
     if rank == 0:
         try:
             if output.exists() and not args.resume:
@@ -873,43 +792,37 @@ def main(argv: list[str] | None = None):
         raise SystemExit(verdict)
     done_idx = set(verdict)
 
-    # Load models once; the same name in two roles shares one copy.
-    cache: dict = {}
+    cache: dict = {}  # the same model in two roles is loaded once
 
     def model(name, kind, flag):
         if (kind, name) not in cache:
             cache[(kind, name)] = load_model(name, kind, dtype, device, flag)
         return cache[(kind, name)]
 
+    def scorer(pairwise, rm, judge, url, flag):  # flag: "--" or "--eval-"
+        if rm:
+            return make_scorer(args, pairwise, rm=model(rm, "rm", f"{flag}reward-model")), f"reward model {rm}"
+        if url:
+            return make_scorer(args, pairwise, url=url, url_model=judge), f"LLM judge at {url}"
+        return make_scorer(args, pairwise, judge=model(judge, "lm", f"{flag}judge-model")), f"LLM judge {judge}"
+
     policy, policy_tok = model(args.model, "lm", "--model")
     max_pos = context_limit(policy)
-    eos = policy.generation_config.eos_token_id
-    eos_ids = sorted(({*eos} if isinstance(eos, list) else {eos}) | {policy_tok.eos_token_id} - {None})
-    if args.reward_model:
-        scorer = ("rm", args.reward_model, "--reward-model", f"reward model {args.reward_model}")
-    elif args.judge_url:
-        scorer = ("url", args.judge_url, args.judge_model, f"LLM judge at {args.judge_url}")
-    else:
-        scorer = ("lm", args.judge_model, "--judge-model", f"LLM judge {args.judge_model}")
-
-    def make(kind, name, flag_or_model, _, pairwise):
-        if kind == "url":
-            return make_scorer(args, pairwise, url=name, url_model=flag_or_model)
-        return make_scorer(args, pairwise, **{"rm" if kind == "rm" else "judge": model(name, kind, flag_or_model)})
-    score = make(*scorer, pairwise=False)
+    gen_eos = policy.generation_config.eos_token_id
+    eos_ids = sorted({policy_tok.eos_token_id, *([gen_eos] if isinstance(gen_eos, int) else gen_eos or [])} - {None})
+    ids = [encode(policy_tok, chat_text(policy_tok, [{"role": "user", "content": p["prompt"]}], True)) for p in prompts]
+    fits = [len(x) + args.max_new_tokens <= max_pos for x in ids]
+    # every generate call left-pads to the longest prompt: the static cache keeps one shape (compiled once)
+    pad_to = max((len(x) for x, ok in zip(ids, fits) if ok), default=0) if device.type == "cuda" and args.compile_rollout else 0
+    selection = (args.reward_model, args.judge_model, args.judge_url, "--")
+    score, _ = scorer(False, *selection)
     eval_desc = None
-    if args.eval:  # the eval judge; without one, the selection scorer judges (optimistic: it also picked the best)
-        if args.eval_reward_model:
-            evaluator = ("rm", args.eval_reward_model, "--eval-reward-model", f"reward model {args.eval_reward_model}")
-        elif args.eval_judge_url:
-            evaluator = ("url", args.eval_judge_url, args.eval_judge_model, f"LLM judge at {args.eval_judge_url}")
-        elif args.eval_judge_model:
-            evaluator = ("lm", args.eval_judge_model, "--eval-judge-model", f"LLM judge {args.eval_judge_model}")
-        else:
-            evaluator = (*scorer[:3], f"{scorer[3]} (the selection scorer: optimistic)")
-        pair, eval_desc = make(*evaluator, pairwise=True), evaluator[3]
+    if args.eval:  # without an eval judge of its own, the selection scorer judges (optimistic: it also picked the best)
+        own = (args.eval_reward_model, args.eval_judge_model, args.eval_judge_url, "--eval-")
+        pair, eval_desc = scorer(True, *(own if any(own[:3]) else selection))
+        eval_desc += "" if any(own[:3]) else " (the selection scorer: optimistic)"
 
-    # ------------------------------------------------------------------------- ALGO LOGIC: one chunk of prompts
+    # ------------------------------------------------------------------------- ALGO: one chunk of prompts
     # A chunk = the prompts whose n (+1) samples fill one generate call, or, when one prompt needs
     # several calls, enough prompts to fill every call (n = 64, --eval, --batch-size 16: 16 prompts
     # in 65 full calls, not 5 calls per prompt of which the last samples one sequence).
@@ -919,53 +832,47 @@ def main(argv: list[str] | None = None):
 
     def process_chunk(indexes: list[int]) -> tuple[list[dict], int]:
         """Sample, score, select and (--eval) judge the prompts of one chunk -> (rows, tokens)."""
-        ids = {i: encode(policy_tok, chat_text(policy_tok, [{"role": "user", "content": prompts[i]["prompt"]}], True)) for i in indexes}
-        fit = [i for i in indexes if len(ids[i]) + args.max_new_tokens <= max_pos]
+        fit = [i for i in indexes if fits[i]]
         jobs = [(i, STREAM_BON, j) for i in fit for j in range(args.n)] + [(i, STREAM_SINGLE, 0) for i in fit if args.eval]
         texts, tokens = {}, 0
-        for start in range(0, len(jobs), args.batch_size):
+        for start in range(0, len(jobs), args.batch_size):  # 1. sample (eq. 5)
             batch = jobs[start:start + args.batch_size]
-            out, mask = sample_batch(policy, [ids[i] for i, _, _ in batch], [[args.seed, *job] for job in batch],
-                                     args.max_new_tokens, args.temperature, args.top_p, eos_ids, policy_tok.pad_token_id)
+            out, mask = rollout(policy, [ids[i] for i, _, _ in batch], [(args.seed, *job) for job in batch], args, eos_ids,
+                                policy_tok.pad_token_id, pad_to)
             tokens += int(mask.sum())
             for job, row, m in zip(batch, out.tolist(), mask.tolist()):
                 texts[job] = policy_tok.decode([t for t, keep in zip(row, m) if keep and t not in eos_ids], skip_special_tokens=True)
         items = [(prompts[i]["prompt"], prompts[i]["reference"], texts[(i, STREAM_BON, j)]) for i in fit for j in range(args.n)]
-        all_scores, all_hows, all_errs = score(items)
+        all_scores, all_hows, all_errs = score(items)  # 2. score
         rows = [{"index": i, "skipped": "prompt too long"} for i in indexes if i not in fit]
-        for k, i in enumerate(fit):
+        for k, i in enumerate(fit):  # 3. select; private "_" fields travel to rank 0 and are removed before writing
             part = slice(k * args.n, (k + 1) * args.n)
             cands, scores = [x[2] for x in items[part]], all_scores[part]
             b = int(select_best(torch.tensor(scores, dtype=torch.float64)))
-            row = {"index": i, "prompt": prompts[i]["prompt"], "candidates": cands, "scores": scores, "best": cands[b],
-                   "best_index": b, "best_score": scores[b]}
-            if prompts[i]["reference"]:
-                row["reference"] = prompts[i]["reference"]
-            if args.eval:
-                row["single"] = texts[(i, STREAM_SINGLE, 0)]
-            # private fields travel to rank 0 and are removed before writing
-            rows.append({**row, "_hows": all_hows[part], "_errs": all_errs[part], "_asked": args.n if score.http else 0})
-        if args.eval:
+            rows.append({"index": i, "prompt": prompts[i]["prompt"], "candidates": cands, "scores": scores, "best": cands[b],
+                         "best_index": b, "best_score": scores[b],
+                         **({"reference": prompts[i]["reference"]} if prompts[i]["reference"] else {}),
+                         **({"single": texts[(i, STREAM_SINGLE, 0)]} if args.eval else {}),
+                         "_hows": all_hows[part], "_errs": all_errs[part], "_asked": args.n if score.http else 0})
+        if args.eval:  # 4. best vs single in both orders (eq. 4); identical texts are a tie without asking
             to_judge = [r for r in rows if "single" in r and r["single"] != r["best"]]
             pa, hows, errs = pair([(r["prompt"], prompts[r["index"]]["reference"], *ab) for r in to_judge
                                    for ab in ((r["best"], r["single"]), (r["single"], r["best"]))])
             for k, r in enumerate(to_judge):
-                r["eval_p_a"] = pa[2 * k:2 * k + 2]
+                r["eval_p_a"], r["_errs"] = pa[2 * k:2 * k + 2], r["_errs"] + errs[2 * k:2 * k + 2]
                 r["_hows"] = r["_hows"] + [f"eval_{h}" for h in hows[2 * k:2 * k + 2]]
-                r["_errs"] = r["_errs"] + errs[2 * k:2 * k + 2]
                 r["_asked"] += 2 if pair.http else 0
-            for r in rows:
-                if "single" in r:  # identical texts: a tie without asking
-                    p = r.setdefault("eval_p_a", [0.5, 0.5])
-                    win, soft = win_both_orders(*p) if all(map(math.isfinite, p)) else (math.nan, math.nan)
-                    r.update(win_soft=soft, win=win)
+            for r in (r for r in rows if "single" in r):
+                p = r.setdefault("eval_p_a", [0.5, 0.5])
+                win, soft = win_both_orders(*p) if all(map(math.isfinite, p)) else (math.nan, math.nan)
+                r.update(win_soft=soft, win=win)
         for r in rows:
-            hows, errs = r.pop("_hows", []), [e for e in r.pop("_errs", []) if e]
+            hows, errs, asked = r.pop("_hows", []), [e for e in r.pop("_errs", []) if e], r.pop("_asked", 0)
             if hows:
                 r["judge_reads"] = {h: hows.count(h) for h in sorted(set(hows))}
             if errs:
                 r["judge_error"] = errs[-1]
-            asked = r.pop("_asked", 0)  # HTTP requests; "failed" is only ever an HTTP outcome
+            # asked = HTTP requests; "failed" is only ever an HTTP outcome
             r["_all_failed"] = asked > 0 and hows.count("failed") + hows.count("eval_failed") == asked
         return sorted(rows, key=lambda r: r["index"]), tokens
 
@@ -973,10 +880,8 @@ def main(argv: list[str] | None = None):
     # Chunks are fixed by prompt index, so a prompt is always sampled and scored in the same
     # batch: the file is byte-identical with 1 or N processes and after resume (a partly finished
     # chunk is recomputed whole and only its missing rows are written).
-    n_chunks = (len(prompts) + chunk_size - 1) // chunk_size
-    chunks = [list(range(c * chunk_size, min((c + 1) * chunk_size, len(prompts)))) for c in range(n_chunks)]
+    chunks = [list(range(c, min(c + chunk_size, len(prompts)))) for c in range(0, len(prompts), chunk_size)]
     chunks = [c for c in chunks if any(i not in done_idx for i in c)]
-    bar, fout, report = None, None, None
     if rank == 0:
         from tqdm import tqdm
 
@@ -986,11 +891,10 @@ def main(argv: list[str] | None = None):
     skipped, tokens, t0, held = 0, 0, time.time(), []
     for r0 in range(0, len(chunks), world):
         mine = process_chunk(chunks[r0 + rank]) if r0 + rank < len(chunks) else ([], 0)
-        got = [None] * world if rank == 0 else None
+        got = [mine]
         if world > 1:
+            got = [None] * world if rank == 0 else None
             dist.gather_object(mine, got, dst=0)
-        else:
-            got = [mine]
         stop = None
         if rank == 0:
             for row in sorted((row for rows, _ in got for row in rows), key=lambda r: r["index"]):
@@ -1018,8 +922,7 @@ def main(argv: list[str] | None = None):
                 held = []
             fout.flush()
             tokens += sum(t for _, t in got)
-        stop = from_rank0(stop)
-        if stop:
+        if stop := from_rank0(stop):
             if rank == 0:
                 fout.close()
             if dist.is_initialized():
@@ -1027,16 +930,14 @@ def main(argv: list[str] | None = None):
             raise SystemExit(stop)
 
     if rank == 0:
-        for r in held:  # a failing tail shorter than --judge-max-failed-steps is kept (counted)
-            fout.write(dumps(r) + "\n")
+        fout.writelines(dumps(r) + "\n" for r in held)  # a failing tail shorter than --judge-max-failed-steps is kept
         fout.close()
         bar.close()
         rows, _ = read_finished_rows(output)
         elapsed = time.time() - t0
-        summary = summarize(rows, args, {
-            "skipped_too_long": skipped, "eval_judge": eval_desc,
-            "tokens_per_s": tokens / elapsed if elapsed > 0 else None, "processes": world, "args": asdict(args),
-        })
+        summary = summarize(rows, args, {"skipped_too_long": skipped, "eval_judge": eval_desc,
+                                         "tokens_per_s": tokens / elapsed if elapsed > 0 else None, "processes": world,
+                                         "args": asdict(args)})
         Path(f"{output}.summary.json").write_text(dumps(summary, indent=2) + "\n")
         print(f"wrote {len(rows)} rows to {output}")
         if skipped:

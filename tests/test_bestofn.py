@@ -143,20 +143,50 @@ def test_win_rate_interval_is_a_t_interval_over_prompts_and_ties_do_not_widen_it
     assert bestofn.mean_ci95([0.7])["ci95"] is None and bestofn.mean_ci95([])["win_rate"] is None
 
 
-# ----------------------------------------------------------------------------- counter-based sampler
-def test_mul32_and_counter_uniform_are_pure_functions_in_the_open_unit_interval():
+# ----------------------------------------------------------------------------- the shared sampler (keyed Gumbel-max, eq. 5)
+def mix32(x: int) -> int:
+    """lowbias32 in Python integers: exact, no overflow possible."""
+    x ^= x >> 16
+    x = (x * 0x21F0AAAD) % 2 ** 32
+    x ^= x >> 15
+    x = (x * 0x735A2D97) % 2 ** 32
+    return x ^ (x >> 15)
+
+
+def test_mix32_is_the_32_bit_arithmetic_written_out():
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 2 ** 32, (1000,), generator=g, dtype=torch.int64)
-    for c in (0x21F0AAAD, 0x735A2D97, 0xFFFFFFFF, 3):
-        assert bestofn._mul32(x, c).tolist() == [(v * c) % 2 ** 32 for v in x.tolist()]
-    words = bestofn.counter_words([[7, i, 0, j] for i in range(4) for j in range(16)] + [[-1, 2 ** 40, 1, 0]])
-    assert words.shape == (65, 8) and words[-1].tolist() == [2 ** 32 - 1, 2 ** 32 - 1, 0, 256, 1, 0, 0, 0]
-    u = bestofn.counter_uniform(words, 5, 4096)
-    assert torch.equal(u, bestofn.counter_uniform(words.flip(0), 5, 4096).flip(0))  # row order is irrelevant
-    assert torch.equal(u[:, :100], bestofn.counter_uniform(words, 5, 100))  # and so is the vocabulary size
-    assert u.dtype == torch.float64 and 0 < u.min() and u.max() < 1
-    assert not torch.equal(u, bestofn.counter_uniform(words, 6, 4096))
-    assert len(set(u.flatten().tolist())) == u.numel()  # no repeats among 266k draws
+    xs = [0, 1, 2 ** 31, 2 ** 32 - 1, 0xDEADBEEF] + torch.randint(0, 2 ** 32, (1000,), generator=g, dtype=torch.int64).tolist()
+    assert bestofn._mix32(torch.tensor(xs)).tolist() == [mix32(x) for x in xs]
+
+
+def test_keyed_gumbel_is_the_documented_hash_written_out():
+    def uniform(key, t, v):  # keyed_gumbel's docstring in Python integers, one word at a time
+        words = [w for k in key for w in (k % 2 ** 32, (k >> 32) % 2 ** 32)]  # each key mod 2^64, low half first
+        lanes = []
+        for h in (0x243F6A88, 0x85A308D3):
+            for w in words:
+                h = mix32(h ^ w)
+            lanes.append(mix32(mix32(h ^ t) ^ v))
+        return (2 * ((lanes[0] >> 12) * 2 ** 32 + lanes[1]) + 1) / 2 ** 53  # 52 random bits, never 0 or 1
+    keys = [(0, 0, 0, 0), (7, 3, 1, 5), (-1, 2 ** 40 + 3, 0, 63)]
+    g = bestofn.keyed_gumbel(keys, 9, 40, torch.device("cpu"))
+    want = [[-math.log(-math.log(uniform(key, 9, v))) for v in range(40)] for key in keys]
+    torch.testing.assert_close(g, torch.tensor(want, dtype=torch.float64), rtol=1e-14, atol=1e-14)
+
+
+def test_keyed_gumbel_is_a_pure_function_of_key_position_and_word_with_uniform_margins():
+    cpu = torch.device("cpu")
+    keys = [(7, i, 0, j) for i in range(4) for j in range(16)] + [(-1, 2 ** 40, 1, 0)]
+    g = bestofn.keyed_gumbel(keys, 5, 4096, cpu)
+    assert torch.equal(g, bestofn.keyed_gumbel(keys[::-1], 5, 4096, cpu).flip(0))  # row order is irrelevant
+    assert torch.equal(g[:, :100], bestofn.keyed_gumbel(keys, 5, 100, cpu))  # and so is the vocabulary size
+    assert not torch.equal(g, bestofn.keyed_gumbel(keys, 6, 4096, cpu))
+    k = lambda *key: bestofn.keyed_gumbel([key], 5, 64, cpu)  # noqa: E731
+    assert torch.equal(k(-1, 3), k(2 ** 64 - 1, 3)) and not torch.equal(k(-1, 3), k(2 ** 32 - 1, 3))  # keys mod 2^64
+    assert not torch.equal(k(1 + 2 ** 40, 3), k(1, 3))  # high bits count
+    u = torch.exp(-torch.exp(-g))  # back to the uniforms
+    assert g.dtype == torch.float64 and 0 < u.min() and u.max() < 1
+    assert len(set(g.flatten().tolist())) == g.numel()  # no repeats among 266k draws
     assert abs(u.mean().item() - 0.5) < 3e-3 and abs(u.var().item() - 1 / 12) < 1e-3
     counts = torch.histc(u.float(), bins=20, min=0, max=1)
     assert ((counts - u.numel() / 20) ** 2 / (u.numel() / 20)).sum() < 43.8  # chi-square, 19 df, p = 0.001
@@ -187,13 +217,14 @@ CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32
 
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.3, 0.8), (0.7, 0.6)])
-def test_gumbel_sample_frequencies_match_the_tempered_nucleus_distribution(temperature, top_p):
+def test_keyed_sampler_frequencies_match_the_tempered_nucleus_distribution(temperature, top_p):
     logits = torch.tensor([[2.0, 1.5, 0.3, -0.4, 1.0, -2.0]])
     want = nucleus_distribution(logits[0].tolist(), temperature, top_p)
     n = 20000
-    words = bestofn.counter_words([[11, 0, 0, j] for j in range(n)])
-    y = bestofn.gumbel_sample(logits.expand(n, -1), words, 0, temperature, top_p)
-    counts = torch.bincount(y, minlength=6).tolist()
+    sampler = bestofn.KeyedSampler([(11, 0, 0, j) for j in range(n)], 3, temperature, top_p)
+    scores = sampler(torch.zeros(n, 3, dtype=torch.long), logits.expand(n, -1).clone())  # position 0
+    assert ((scores == 0).sum(-1) == 1).all() and (scores.isinf().sum(-1) == 5).all()  # greedy takes the drawn word
+    counts = torch.bincount(scores.argmax(-1), minlength=6).tolist()
     assert all(c == 0 for c, p in zip(counts, want) if p == 0)  # never outside the nucleus
     support = sum(p > 0 for p in want)
     assert chi_square(counts, want) < CHI2_999[support - 1]
@@ -211,14 +242,14 @@ def vocab8_lm():
 
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.6, 0.7)])
-def test_generate_with_counter_sampler_draws_first_tokens_from_the_model_distribution(vocab8_lm, temperature, top_p):
+def test_rollout_draws_first_tokens_from_the_model_distribution(vocab8_lm, temperature, top_p):
     prompt = [3, 5, 1, 4]
     with torch.no_grad():
         logits = vocab8_lm(torch.tensor([prompt])).logits[0, -1].double().tolist()
     want = nucleus_distribution(logits, temperature, top_p)
     n = 4000
-    tokens, mask = bestofn.sample_batch(vocab8_lm, [prompt] * n, [[5, 0, 0, j] for j in range(n)], 1, temperature, top_p,
-                                        eos_ids=[7], pad_id=0)
+    args = bestofn.Args(max_new_tokens=1, temperature=temperature, top_p=top_p)
+    tokens, mask = bestofn.rollout(vocab8_lm, [prompt] * n, [(5, 0, 0, j) for j in range(n)], args, eos_ids=[7], pad_id=0)
     assert tokens.shape == (n, 1) and mask.all()
     counts = torch.bincount(tokens[:, 0], minlength=8).tolist()
     assert all(c == 0 for c, p in zip(counts, want) if p == 0)
@@ -228,11 +259,11 @@ def test_generate_with_counter_sampler_draws_first_tokens_from_the_model_distrib
 def naive_rollout(model, prompt, key, max_new, temperature, top_p, eos):
     """One row at a time, no padding, no KV cache: the full forward at every step."""
     seq, out = list(prompt), []
-    words = bestofn.counter_words([key])
     for t in range(max_new):
         with torch.no_grad():
             logits = model(torch.tensor([seq])).logits[:, -1].float()
-        y = int(bestofn.gumbel_sample(logits, words, t, temperature, top_p))
+        noise = bestofn.keyed_gumbel([key], t, logits.shape[-1], logits.device)
+        y = int((bestofn.sampling_logprobs(logits, temperature, top_p) + noise).argmax())
         out.append(y)
         seq.append(y)
         if y in eos:
@@ -249,11 +280,12 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def test_batched_rollout_equals_a_naive_loop_with_exact_eos_and_pad_masks(vocab8_lm, one_thread):
+@pytest.mark.parametrize("pad_to", [0, 50])  # 50: every prompt left-padded to one width (the static-cache layout)
+def test_batched_rollout_equals_a_naive_loop_with_exact_eos_and_pad_masks(vocab8_lm, one_thread, pad_to):
     prompts = [[3, 5], [6, 7, 7, 3, 1, 5, 4] * 6, [1, 2, 3, 4, 6, 7]]  # 2, 42 and 6 tokens
-    rows = [(p, [9, i, 0, j]) for j in range(3) for i, p in enumerate(prompts)]
-    tokens, mask = bestofn.sample_batch(vocab8_lm, [p for p, _ in rows], [k for _, k in rows], 24, 1.0, 1.0,
-                                        eos_ids=[0, 6], pad_id=0)  # pad == an eos id, as in SmolLM2
+    rows = [(p, (9, i, 0, j)) for j in range(3) for i, p in enumerate(prompts)]
+    tokens, mask = bestofn.rollout(vocab8_lm, [p for p, _ in rows], [k for _, k in rows], bestofn.Args(max_new_tokens=24),
+                                   eos_ids=[0, 6], pad_id=0, pad_to=pad_to)  # pad == an eos id, as in SmolLM2
     expected = [naive_rollout(vocab8_lm, p, k, 24, 1.0, 1.0, {0, 6}) for p, k in rows]
     lengths = [len(e) for e in expected]
     assert min(lengths) <= 3 and max(lengths) == 24  # rows of very different lengths, some never end
@@ -271,11 +303,11 @@ def test_same_prompt_gives_the_same_samples_alone_and_in_a_batch_mixed_with_othe
     lm.generation_config.top_k, lm.generation_config.repetition_penalty = 5, 1.5  # model defaults must not leak in
     enc = lambda t: tiny_tokenizer(t, add_special_tokens=False).input_ids  # noqa: E731
     target, other, long = enc("Hva er hovedstaden i Norge?"), enc("Hola"), enc("The quick brown fox jumps over the lazy dog " * 4)
-    kw = dict(max_new_tokens=12, temperature=1.0, top_p=top_p, eos_ids=[tiny_tokenizer.eos_token_id], pad_id=0)
-    alone_t, alone_m = bestofn.sample_batch(lm, [target] * 4, [[0, 3, 0, j] for j in range(4)], **kw)
-    batch = [(long, [0, 8, 0, 0]), (target, [0, 3, 0, 2]), (other, [0, 1, 0, 0]), (target, [0, 3, 0, 0]),
-             (target, [0, 3, 0, 3]), (long, [0, 8, 0, 1]), (target, [0, 3, 0, 1])]
-    mixed_t, mixed_m = bestofn.sample_batch(lm, [p for p, _ in batch], [k for _, k in batch], **kw)
+    kw = dict(args=bestofn.Args(max_new_tokens=12, top_p=top_p), eos_ids=[tiny_tokenizer.eos_token_id], pad_id=0)
+    alone_t, alone_m = bestofn.rollout(lm, [target] * 4, [(0, 3, 0, j) for j in range(4)], **kw)
+    batch = [(long, (0, 8, 0, 0)), (target, (0, 3, 0, 2)), (other, (0, 1, 0, 0)), (target, (0, 3, 0, 0)),
+             (target, (0, 3, 0, 3)), (long, (0, 8, 0, 1)), (target, (0, 3, 0, 1))]
+    mixed_t, mixed_m = bestofn.rollout(lm, [p for p, _ in batch], [k for _, k in batch], **kw)
     for r, (p, k) in enumerate(batch):
         if p is target:
             j = k[3]
@@ -283,7 +315,7 @@ def test_same_prompt_gives_the_same_samples_alone_and_in_a_batch_mixed_with_othe
     assert len({tuple(alone_t[j][alone_m[j]].tolist()) for j in range(4)}) > 1  # the 4 samples differ
     # the sampled rows follow the model's own logits, not its generation_config defaults
     seq = target + alone_t[0][alone_m[0]].tolist()[:1]
-    assert seq[-1] == naive_rollout(lm, target, [0, 3, 0, 0], 1, 1.0, top_p, set())[0]
+    assert seq[-1] == naive_rollout(lm, target, (0, 3, 0, 0), 1, 1.0, top_p, set())[0]
 
 
 # ----------------------------------------------------------------------------- batched scorers
@@ -597,10 +629,20 @@ def test_prompts_batched_together_sample_what_they_sample_alone_and_resume_mid_b
                                                     (2, 7, 3, [6, 3])])        # a partial chunk at the end
 def test_generate_calls_hold_several_prompts_and_at_most_batch_size_sequences(tiny_lm_dir, tiny_rm_dir, tmp_path,
                                                                                monkeypatch, n, batch, prompts, calls):
-    sizes, real = [], bestofn.sample_batch
-    monkeypatch.setattr(bestofn, "sample_batch", lambda model, ids, keys, *a: sizes.append(len(ids)) or real(model, ids, keys, *a))
+    sizes, real = [], bestofn.rollout
+    monkeypatch.setattr(bestofn, "rollout", lambda model, ids, keys, *a: sizes.append(len(ids)) or real(model, ids, keys, *a))
     bestofn.main(run_args(tiny_lm_dir, tiny_rm_dir, tmp_path / "bon.jsonl", prompts=prompts, n=n, batch=batch))
     assert sizes == calls
+
+
+def test_a_policy_without_a_generation_eos_stops_at_the_tokenizers_eos(tiny_tokenizer, tiny_rm_dir, tmp_path, monkeypatch):
+    lm = tmp_path / "lm"
+    make_tiny_llama(len(tiny_tokenizer), eos_token_id=None).save_pretrained(lm)  # generation_config has no eos
+    tiny_tokenizer.save_pretrained(lm)
+    seen, real = [], bestofn.rollout
+    monkeypatch.setattr(bestofn, "rollout", lambda m, ids, keys, a, eos, *r: seen.append(eos) or real(m, ids, keys, a, eos, *r))
+    bestofn.main(run_args(lm, tiny_rm_dir, tmp_path / "bon.jsonl", prompts=1))
+    assert seen == [[tiny_tokenizer.eos_token_id]] * 2 and len((tmp_path / "bon.jsonl").read_text().splitlines()) == 1
 
 
 def test_resume_refuses_a_corrupt_middle_line_and_keeps_the_file(tiny_lm_dir, tiny_rm_dir, tmp_path):
@@ -637,6 +679,9 @@ def test_resume_refuses_an_output_made_from_other_prompts(tiny_lm_dir, tiny_rm_d
         bestofn.main(run_args(tiny_lm_dir, tiny_rm_dir, out) + ["--resume"])
     os.remove(f"{out}.args.json")
     with pytest.raises(SystemExit, match="has rows but no bon.jsonl.args.json"):
+        bestofn.main(run_args(tiny_lm_dir, tiny_rm_dir, out) + ["--resume"])
+    (tmp_path / "bon.jsonl.args.json").write_text('{"seed": 7, "n"')  # cut short
+    with pytest.raises(SystemExit, match="bon.jsonl.args.json is corrupt, so --resume cannot check the flags"):
         bestofn.main(run_args(tiny_lm_dir, tiny_rm_dir, out) + ["--resume"])
 
 
