@@ -71,7 +71,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -629,60 +629,61 @@ def local_bytes(tensors) -> int:
 
 
 # ---------------------------------------------------------------- rollout: one batched generation (swap this block for an inference server)
-def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """[B, V] -> [B, V] probabilities of softmax(logits / T), optionally nucleus-truncated."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """[B, V] -> [B, V] float64 log-probs of softmax(logits / T), -inf outside the top-p nucleus: the
+    smallest set of most likely words whose mass reaches top_p (a word stays while the mass ranked
+    before it is below top_p, as in HF's TopPLogitsWarper)."""
+    logp = torch.log_softmax(logits.double() / temperature, dim=-1)
     if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest set reaching top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+        sorted_logp, order = logp.sort(dim=-1, descending=True, stable=True)
+        p = sorted_logp.exp()
+        drop = torch.zeros_like(p, dtype=torch.bool).scatter(-1, order, p.cumsum(-1) - p >= top_p)
+        logp = logp.masked_fill(drop, -math.inf)
+    return logp
 
 
-def _u64(c: int) -> int:  # a 64-bit constant as the int64 with the same bits
-    return c - (1 << 64) if c >= 1 << 63 else c
+M32 = 0xFFFFFFFF
 
 
-GOLDEN, MIX1, MIX2 = _u64(0x9E3779B97F4A7C15), _u64(0xBF58476D1CE4E5B9), _u64(0x94D049BB133111EB)
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijection of 32-bit words held in int64 (multiply-xorshift, "lowbias32" constants). Both
+    multipliers are below 2^31, so no product of a 32-bit word overflows int64."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & M32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & M32
+    return x ^ (x >> 15)
 
 
-def _shr(x: torch.Tensor, k: int) -> torch.Tensor:  # logical shift right of int64 bits
-    return (x >> k) & ((1 << (64 - k)) - 1)
-
-
-def _mix64(x: torch.Tensor) -> torch.Tensor:
-    """SplitMix64's finaliser (Steele et al. 2014) on int64 tensors: arithmetic wraps mod 2^64."""
-    x = (x ^ _shr(x, 30)) * MIX1
-    x = (x ^ _shr(x, 27)) * MIX2
-    return x ^ _shr(x, 31)
-
-
-def keyed_gumbel(keys: torch.Tensor, position: int, vocab: int) -> torch.Tensor:
-    """[N, K] int64 keys -> [N, V] float64 standard Gumbel noise, a pure function of (key, position,
-    word): the i-th word of a row reads SplitMix64's stream at state h + i * golden, whose 53 high
-    bits make a uniform u in (0, 1); g = -log(-log u)."""
-    h = torch.zeros(keys.shape[0], dtype=torch.int64, device=keys.device)
-    for j in range(keys.shape[1]):
-        h = _mix64(h + GOLDEN ^ keys[:, j])
-    h = _mix64(h + GOLDEN ^ position)
-    words = torch.arange(1, vocab + 1, dtype=torch.int64, device=keys.device) * GOLDEN
-    u = (_shr(_mix64(h[:, None] + words), 11).double() + 0.5) * 2.0 ** -53
+def keyed_gumbel(keys: Sequence[Sequence[int]], position: int, vocab: int, device) -> torch.Tensor:
+    """Rows of integer keys, a position -> [N, V] float64 standard Gumbel noise, a pure function of
+    (key, position, word). Two 32-bit hash lanes chain the key's 32-bit words and the position, then
+    mix in the word's index; 20 + 32 of their bits give k < 2^52 and u = (2k + 1) / 2^53 in (0, 1)."""
+    words = torch.tensor([[w for k in row for w in (k & M32, (k >> 32) & M32)] for row in keys], device=device)
+    v = torch.arange(vocab, dtype=torch.int64, device=device)
+    lanes = []
+    for h0 in (0x243F6A88, 0x85A308D3):
+        h = torch.full(words.shape[:1], h0, dtype=torch.int64, device=device)
+        for j in range(words.shape[1]):
+            h = _mix32(h ^ words[:, j])
+        lanes.append(_mix32(_mix32(h ^ (position & M32))[:, None] ^ v))
+    u = (2 * ((lanes[0] >> 12) * 2 ** 32 + lanes[1]) + 1).double() * 2.0 ** -53
     return -torch.log(-torch.log(u))
 
 
 class KeyedSampler(LogitsProcessor):
     """Gumbel-max: argmax_w (log p(w) + g_w) with g iid standard Gumbel is an exact sample from p
-    = softmax(logits / T), top-p renormalised. Run under greedy decoding, so `generate` takes that
-    argmax. The noise depends only on each row's key and the position, not on the batch."""
+    = softmax(logits / T), top-p renormalised (up to the 2^-53 grid of u). Used under greedy
+    decoding: it returns 0 at the drawn word and -inf elsewhere, so `generate` takes that word.
+    The noise depends only on each row's key and the position, never on the batch or the rank."""
 
-    def __init__(self, keys: torch.Tensor, prompt_len: int, temperature: float, top_p: float):
+    def __init__(self, keys: Sequence[Sequence[int]], prompt_len: int, temperature: float, top_p: float):
         self.keys, self.prompt_len, self.temperature, self.top_p = keys, prompt_len, temperature, top_p
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        logp = sampling_probs(scores, self.temperature, self.top_p).log()
-        return logp.double() + keyed_gumbel(self.keys, input_ids.shape[1] - self.prompt_len, scores.shape[-1])
+        g = keyed_gumbel(self.keys, input_ids.shape[1] - self.prompt_len, scores.shape[-1], scores.device)
+        drawn = (sampling_logprobs(scores, self.temperature, self.top_p) + g).argmax(-1, keepdim=True)
+        return torch.full_like(scores, -math.inf).scatter_(1, drawn, 0.0)
 
 
 @torch.no_grad()
@@ -700,7 +701,7 @@ def rollout(model, prompts: List[List[int]], keys: List[Tuple[int, ...]], args: 
     static = device.type == "cuda" and args.compile_rollout and not args.fsdp
     gen = GenerationConfig(do_sample=False, max_new_tokens=args.max_new_tokens, eos_token_id=eos_ids,
                            pad_token_id=pad_id, cache_implementation="static" if static else None)
-    sampler = KeyedSampler(torch.tensor(keys, dtype=torch.int64, device=device), P, args.temperature, args.top_p)
+    sampler = KeyedSampler(keys, P, args.temperature, args.top_p)
     saved, model.generation_config = model.generation_config, GenerationConfig()  # no hub defaults (penalties, top-k)
     try:
         out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen,
