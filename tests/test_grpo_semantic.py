@@ -174,13 +174,13 @@ def test_full_kl_term_is_the_exact_full_vocabulary_kl():
     tokens = torch.randint(0, 11, (2, 3), generator=g)
     T = 0.8
     mask = torch.ones(2, 3, dtype=torch.bool)
-    logp, kl_term, kl_full, ent = gs.token_terms(logits, ref, tokens, mask, T, "full")
+    logp, kl_term, kl_full, ent = gs.token_kl(logits, ref, tokens, mask, T, "full")
     for i, t in itertools.product(range(2), range(3)):
         p = torch.softmax(logits[i, t].double() / T, -1)
         q = torch.softmax(ref[i, t].double() / T, -1)
         assert float(kl_term[i, t]) == pytest.approx(float((p * (p.log() - q.log())).sum()), rel=1e-4, abs=1e-6)
         assert float(logp[i, t]) == pytest.approx(float(p[tokens[i, t]].log()), rel=1e-5)
-    _, k3, _, _ = gs.token_terms(logits, ref, tokens, mask, T, "k3")
+    _, k3, _, _ = gs.token_kl(logits, ref, tokens, mask, T, "k3")
     lq = torch.log_softmax(ref.double() / T, -1).gather(-1, tokens[..., None])[..., 0]
     lpp = torch.log_softmax(logits.double() / T, -1).gather(-1, tokens[..., None])[..., 0]
     assert torch.allclose(k3.double(), torch.exp(lq - lpp) - (lq - lpp) - 1, atol=1e-5)
@@ -585,7 +585,7 @@ def test_train_embedder_raises_held_out_retrieval_accuracy_on_a_tiny_encoder(tmp
     ("top-p", 1.5, r"--top-p must be in \(0, 1\]"),
     ("lr", 0, "--lr must be > 0"),
     ("beta", -0.1, "--beta must be >= 0"),
-    ("kl-estimator", "k2", '--kl-estimator must be one of k3, full, got "k2"'),
+    ("kl-estimator", "k2", "--kl-estimator must be one of k3, full, got 'k2'"),
     ("tau", "often", '--tau must be a number in'),
 ])
 def test_bad_flags_are_refused_in_one_line_before_anything_loads(tmp_path, flag, value, message):
