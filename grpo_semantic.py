@@ -806,9 +806,9 @@ def shard(model, args: Args, device, frozen: bool):
 @contextlib.contextmanager
 def gathered(model, fsdp: bool):
     """Generation under FSDP2 (issue 12.3): all-gather every layer ONCE and keep it gathered for the
-    whole `generate` (a per-token all-gather of every layer would cost ~100x the decode time), so
-    ranks may run different numbers of forwards inside. Needs the full model's parameters in the
-    compute dtype (2 bytes per parameter in bf16) plus the KV cache on each GPU, while it lasts."""
+    whole `generate` (a per-token all-gather of every layer would cost ~100x the decode time).
+    Needs the full model's parameters in the compute dtype (2 bytes per parameter in bf16) plus the
+    KV cache on each GPU, while it lasts."""
     from torch.distributed.fsdp import FSDPModule
 
     mods = [m for m in model.modules() if isinstance(m, FSDPModule)] if fsdp else []
@@ -1061,14 +1061,15 @@ def reporter(kind: str, out: Path, args: Args) -> Callable[[dict], None]:
 @torch.no_grad()
 def greedy_outputs(args: Args, ctx, policy, gen, tok, rows: List[dict], eos_ids) -> List[str]:
     """Greedy output of every row: rank-strided, left-padded batches of --eval-batch-size through plain
-    `generate` (on `gen`, the policy's own model; gathered once under FSDP), returned in row order."""
-    mine, texts = list(range(ctx.rank, len(rows), ctx.world)), {}
+    `generate` (on `gen`, the policy's own model; gathered once under FSDP), returned in row order.
+    Under FSDP generate() syncs the ranks at every token (transformers' synced_gpus): as many calls on
+    every rank, an empty batch decodes a dummy row."""
+    mine, bs, texts = list(range(ctx.rank, len(rows), ctx.world)), args.eval_batch_size, {}
     policy.eval()
     with gathered(policy, args.fsdp), ctx.autocast():
-        for b in range(0, len(mine), args.eval_batch_size):
-            idx = mine[b:b + args.eval_batch_size]
-            tokens, mask = rollout(gen, [rows[i]["ids"] for i in idx], None, args, eos_ids, tok.pad_token_id,
-                                   max_new_tokens=args.eval_max_new_tokens)
+        for idx in lockstep([mine[b:b + bs] for b in range(0, len(mine), bs)], args.fsdp, ctx.device):
+            tokens, mask = rollout(gen, [rows[i]["ids"] for i in idx] or [rows[0]["ids"]], None, args, eos_ids,
+                                   tok.pad_token_id, max_new_tokens=args.eval_max_new_tokens)
             texts.update({i: tok.decode(t[m].tolist(), skip_special_tokens=True).strip() for i, t, m in zip(idx, tokens, mask)})
     merged = {k: v for part in gather(texts, ctx.world) for k, v in part.items()}
     return [merged[i] for i in range(len(rows))]
