@@ -9,7 +9,7 @@ The method:
      encoder plus mean pooling) is trained on translation pairs with MultipleNegativesRankingLoss in
      both directions (translations are positives, the batch's other sentences negatives), then frozen.
   1. Cold start (§3.2): a small SFT (--sft-data, loss on assistant tokens) so outputs come out in the
-     right script at all; its LoRA is merged into the base, saved as sft/, which is then pi_ref.
+     right script at all; its LoRA is merged into the base and saved as sft/, which is then pi_ref.
   2. GRPO: K outputs per prompt, rewarded for meaning (eqs. 1-2) and language (eq. 3); group-relative
      advantages, a PPO clipped surrogate and a KL penalty to pi_ref. Only LoRA adapters train (App. A.1).
   3. Evaluation (before SFT, before GRPO, at the end): BLEU/chrF/ROUGE-L, similarity, script and
@@ -35,23 +35,21 @@ Equations (as the paper states them; our numbering):
       pi_old: --num-iterations 1: the current policy (rho = 1); else the sampling policy, once per batch.
 
 pi_ref = the policy with its adapters disabled (PEFT's disable_adapter(); no second copy); --lora-r 0
-trains all weights (pi_ref: a frozen copy). Scale (issue 12): DDP by default; --fsdp shards the PEFT
-model with FSDP2 (each decoder layer and the root; frozen base and adapters share groups; bf16 compute
-on GPUs), its optimizer and the frozen models; the sentence embedder stays replicated (it is small).
-Rollouts (issue 13): all prompts x K of a rank in one `generate`, Gumbel-max sampling with noise keyed
-by (seed, step, prompt, sample, position): exact, and the same on any number of processes. Log-probs
-and KL from final hidden states through kernels.fused_linear_logprob_kl (issue 15; --no-fused-linear:
-logits). checkpoint-N/ holds the PEFT adapter: PeftModel.from_pretrained(base, checkpoint-N), base =
---model, or <output-dir>/sft after a cold start (in the model's dtype); --save-merged adds merged/, a
-plain HF model in the model's dtype. Templates that know `enable_thinking` (Qwen3) get False.
+trains all weights (pi_ref: a frozen copy). checkpoint-N/ holds the PEFT adapter: PeftModel.from_pretrained(
+base, checkpoint-N), base = --model or <output-dir>/sft; --save-merged adds merged/ (a plain HF model).
+Both sft/ and merged/ are in the model's own dtype. Scale (issue 12): DDP, or --fsdp (FSDP2: decoder
+layers + root of the PEFT model, its optimizer, the frozen models; the small embedder stays replicated).
+Rollouts (issue 13): all prompts x K of a rank in one `generate`, sampled by Gumbel-max with noise keyed
+by (seed, step, prompt, sample, position): the same on any number of processes. Log-probs and KL from
+hidden states through kernels.fused_linear_logprob_kl (issue 15). Qwen3 templates get enable_thinking=False.
 
 Run (CPU, embedded all-MiniLM-L6-v2 and SmolLM2-135M-Instruct; README has times and results):
   python grpo_semantic.py train-embedder --output-dir runs/embedder-cpu
   python grpo_semantic.py --model ~/.cache/lowres-align/SmolLM2-135M-Instruct --embedder runs/embedder-cpu \\
       --tau auto --sft-lr 2e-4 --sft-batch-size 4 --prompts-per-step 2 --group-size 4 --lr 1e-4 \\
       --max-new-tokens 24 --eval-max-new-tokens 32 --output-dir runs/grpo_semantic-cpu
-GPUs (one process each), the paper's defaults: torchrun --nproc_per_node=8 grpo_semantic.py --fsdp \\
-      --model Qwen/Qwen3-4B --embedder EMBEDDER --sft-data S.jsonl --train-data T.jsonl --tau auto
+GPUs, the paper's defaults: torchrun --nproc_per_node=8 grpo_semantic.py --fsdp --model Qwen/Qwen3-4B \\
+      --embedder EMBEDDER --sft-data S.jsonl --train-data T.jsonl --tau auto
 """
 import contextlib
 import errno
@@ -65,8 +63,8 @@ import sys
 import time
 import unicodedata
 from dataclasses import asdict, dataclass, field
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -74,9 +72,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, HfArgumentParser,
@@ -203,12 +200,10 @@ class Args:
 # Flags a resumed run may change: they do not change what is computed (issue 10, item 7).
 RESUME_MAY_CHANGE = {"resume", "overwrite", "output_dir", "steps", "save_every", "save_total_limit", "save_merged", "sample_every",
                      "samples_logged", "report_to", "fsdp", "ref_offload", "gradient_checkpointing", "compile_rollout",
-                     "fused_linear", "eval_batch_size", "embed_batch_size", "parallel_eval_data"}
+                     "fused_linear", "eval_batch_size", "parallel_eval_data"}
 
 
-# ----------------------------------------------------------------------------------------------
-# ALGO LOGIC: the math (pure functions; the tests import these)
-# ----------------------------------------------------------------------------------------------
+# ---- ALGO LOGIC: the math (pure functions; the tests import these) -------------------------------
 SCRIPT_RANGES = {  # Unicode blocks (inclusive)
     "tibetan": [(0x0F00, 0x0FFF)],
     "han": [(0x2E80, 0x2FDF), (0x3005, 0x3007), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x323AF)],
@@ -277,8 +272,7 @@ def shaped_similarity(s: torch.Tensor, tau: float) -> torch.Tensor:
     return torch.where(s <= tau, torch.zeros_like(s), (s - tau) / (1.0 - tau))
 
 
-def semantic_reward(s: torch.Tensor, r_lang: torch.Tensor, tau: float, lambda_sim: float,
-                    lambda_lang: float) -> torch.Tensor:
+def semantic_reward(s: torch.Tensor, r_lang: torch.Tensor, tau: float, lambda_sim: float, lambda_lang: float) -> torch.Tensor:
     """Eq. (4). [N], [N] -> [N]."""
     return lambda_sim * shaped_similarity(s, tau) + lambda_lang * r_lang
 
@@ -366,23 +360,14 @@ def rouge_l(hyp: Sequence, ref: Sequence) -> float:
     return 0.0 if lcs == 0 else 2 * (lcs / len(hyp)) * (lcs / len(ref)) / (lcs / len(hyp) + lcs / len(ref))
 
 
-def masked_nll(logp: torch.Tensor, mask: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """SFT loss share: [N, L] log-probs, [N, L] bool mask of assistant tokens -> scalar."""
-    return -torch.where(mask, logp, 0.0).sum() / max(num_tokens, 1)
-
-
 def summary(values: Sequence[float], prefix: str) -> Dict[str, float]:
+    """<prefix>_mean, _p10, _p50, _p90 of the values; nothing when there are none."""
     v = np.asarray(values, dtype=np.float64)
-    if v.size == 0:
-        return {}
-    p10, p50, p90 = np.percentile(v, [10, 50, 90])
-    return {f"{prefix}_mean": float(v.mean()), f"{prefix}_p10": float(p10), f"{prefix}_p50": float(p50),
-            f"{prefix}_p90": float(p90)}
+    stats = [v.mean(), *np.percentile(v, [10, 50, 90])] if v.size else []
+    return {f"{prefix}_{k}": float(x) for k, x in zip(("mean", "p10", "p50", "p90"), stats)}
 
 
-# ----------------------------------------------------------------------------------------------
-# LoRA through PEFT
-# ----------------------------------------------------------------------------------------------
+# ---- LoRA through PEFT ---------------------------------------------------------------------------
 def add_lora(model, args: Args):
     """PEFT LoRA on every nn.Linear named in --lora-targets, everything else frozen; --lora-r 0: the model itself."""
     if args.lora_r == 0:
@@ -410,9 +395,7 @@ def merged_state_dict(policy, full: dict) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Data, chat formatting
-# ----------------------------------------------------------------------------------------------
+# ---- Data, chat formatting -----------------------------------------------------------------------
 def decode_utf8(raw: bytes, path: str, flag: str) -> str:
     try:
         return raw.decode("utf-8")
@@ -544,9 +527,7 @@ def step_prompt_indices(n: int, seed: int, step: int, per_step: int) -> List[int
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Rollout: one batched generation; swap this block for an inference server to scale further
-# ----------------------------------------------------------------------------------------------
+# ---- Rollout: one batched generation; swap this block for an inference server to scale further ----
 def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """[B, V] -> [B, V] probabilities of softmax(logits / T), optionally nucleus-truncated."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -671,9 +652,7 @@ def token_terms(args: Args, model, policy, ref, ref_ctx, prompt_ids, tokens, mas
     return token_kl(x, ref_x, tokens, mask, temperature, estimator, heads)
 
 
-# ----------------------------------------------------------------------------------------------
-# Embedder, loading, sharding
-# ----------------------------------------------------------------------------------------------
+# ---- Embedder, loading, sharding -----------------------------------------------------------------
 EmbedFn = Callable[[List[str]], torch.Tensor]  # texts -> [N, D] unit vectors
 
 
@@ -715,14 +694,20 @@ class Embedder:
                                  normalize_embeddings=True, show_progress_bar=False).float()
 
 
-def embedder_report(embed: EmbedFn, held: List[dict], graded: List[dict]) -> Dict[str, float]:
-    """retrieval_<lang>: share of held-out sources whose nearest target (among that language's pairs)
-    is their own translation; spearman_<lang>: rank correlation of cosine with graded equivalence."""
-    from scipy.stats import spearmanr
+def retrieval_by_language(embed: EmbedFn, pairs: List[dict]) -> Dict[str, Tuple[float, int]]:
+    """Per language of the (source, target) pairs: the share of sources whose nearest target among that
+    language's pairs is their own translation, and the number of pairs."""
     res = {}
-    for lang in sorted({r["lang"] for r in held}):
-        rows = [r for r in held if r["lang"] == lang]
-        res[f"retrieval_{lang}"] = retrieval_accuracy(embed([r["source"] for r in rows]), embed([r["target"] for r in rows]))
+    for lang in sorted({r["lang"] for r in pairs}):
+        rows = [r for r in pairs if r["lang"] == lang]
+        res[lang] = (retrieval_accuracy(embed([r["source"] for r in rows]), embed([r["target"] for r in rows])), len(rows))
+    return res
+
+
+def embedder_report(embed: EmbedFn, held: List[dict], graded: List[dict]) -> Dict[str, float]:
+    """retrieval_<lang> on held-out pairs; spearman_<lang>: rank correlation of cosine with graded equivalence."""
+    from scipy.stats import spearmanr
+    res = {f"retrieval_{lang}": acc for lang, (acc, _) in retrieval_by_language(embed, held).items()}
     sims = cosine(embed([r["a"] for r in graded]), embed([r["b"] for r in graded])).tolist() if graded else []
     for lang in sorted({r["lang"] for r in graded}) + ["all"] * (len({r["lang"] for r in graded}) > 1):
         idx = [i for i, r in enumerate(graded) if lang in ("all", r["lang"])]
@@ -733,25 +718,18 @@ def embedder_report(embed: EmbedFn, held: List[dict], graded: List[dict]) -> Dic
 MULTILINGUAL_MIN_RETRIEVAL = 0.8  # ours: see README, "Is the embedder multilingual?"
 
 
-def data_languages(rows: List[dict]) -> List[str]:
-    """The target languages of the data: each row's `lang`, else what py3langid finds in its reference."""
-    return sorted({r["lang"] or identify_language(r["reference"]) for r in rows})
-
-
 def embedder_language_warnings(embed: EmbedFn, path: str, langs: Sequence[str], pairs: List[dict]) -> List[str]:
     """One warning per non-English data language on which --embedder does not match the held-out
     translation pairs of that language (an English-only embedder scores words and names, not meaning)."""
-    out = []
+    found, out = retrieval_by_language(embed, [r for r in pairs if r["lang"] in langs]), []
     for lang in [g for g in langs if g != "en"]:
-        rows = [r for r in pairs if r["lang"] == lang]
-        if len(rows) < 2:
+        acc, n = found.get(lang, (None, 0))
+        if n < 2:
             out.append(f"warning: cannot check --embedder {path} on {lang} (no {lang} pairs in --parallel-eval-data); "
                        f"make sure it is multilingual, or train it with `grpo_semantic.py train-embedder`")
-            continue
-        acc = retrieval_accuracy(embed([r["source"] for r in rows]), embed([r["target"] for r in rows]))
-        if acc < MULTILINGUAL_MIN_RETRIEVAL:
+        elif acc < MULTILINGUAL_MIN_RETRIEVAL:
             out.append(f"warning: --embedder {path} does not look multilingual on {lang}: it finds the translation of "
-                       f"{acc:.0%} of {len(rows)} held-out {lang} sentences (< {MULTILINGUAL_MIN_RETRIEVAL:.0%}); R_sim "
+                       f"{acc:.0%} of {n} held-out {lang} sentences (< {MULTILINGUAL_MIN_RETRIEVAL:.0%}); R_sim "
                        f"will score shared words, not meaning. Pass a multilingual embedder, or train one on more pairs "
                        f"with `grpo_semantic.py train-embedder`")
     return out
@@ -826,8 +804,9 @@ def gathered(model, fsdp: bool):
 
 
 def lockstep(batches: List[list], fsdp: bool, device) -> List[list]:
-    """Every rank runs the same number of forwards of an FSDP module (each one all-gathers): pad the
-    shorter lists of batches with empty ones (the caller runs a dummy forward for those)."""
+    """Every rank makes the same number of calls that synchronise the ranks (a forward of an FSDP module
+    all-gathers; generate() under FSDP syncs at every token): pad the shorter lists of batches with empty
+    ones (the caller runs a dummy call for those)."""
     if fsdp:
         n = torch.tensor([len(batches)], device=device)
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
@@ -849,9 +828,7 @@ def gather(obj, world: int) -> list:
     return objs
 
 
-# ----------------------------------------------------------------------------------------------
-# Output folder, checkpoints, logs
-# ----------------------------------------------------------------------------------------------
+# ---- Output folder, checkpoints, logs ------------------------------------------------------------
 LOGS = ("metrics.jsonl", "samples.jsonl", "eval.jsonl")  # every log a run appends to
 
 
@@ -1055,9 +1032,7 @@ def reporter(kind: str, out: Path, args: Args) -> Callable[[dict], None]:
     return lambda m: None
 
 
-# ----------------------------------------------------------------------------------------------
-# Evaluation
-# ----------------------------------------------------------------------------------------------
+# ---- Evaluation ----------------------------------------------------------------------------------
 @torch.no_grad()
 def greedy_outputs(args: Args, ctx, policy, gen, tok, rows: List[dict], eos_ids) -> List[str]:
     """Greedy output of every row: rank-strided, left-padded batches of --eval-batch-size through plain
@@ -1130,9 +1105,7 @@ def evaluate(args: Args, ctx, policy, gen, tok, rows, general, embed: EmbedFn, e
     return res
 
 
-# ----------------------------------------------------------------------------------------------
-# Stage 0: the semantic encoder (§3.4, §4.1)
-# ----------------------------------------------------------------------------------------------
+# ---- Stage 0: the semantic encoder (§3.4, §4.1) --------------------------------------------------
 def train_embedder(args: Args):
     """Make --embedder a sentence encoder of translation equivalence: MultipleNegativesRankingLoss on
     (source, target) pairs in both directions (each source must pick its translation among the batch's
@@ -1177,9 +1150,7 @@ def train_embedder(args: Args):
     return report
 
 
-# ----------------------------------------------------------------------------------------------
-# Stages 1 and 2: cold-start SFT and GRPO
-# ----------------------------------------------------------------------------------------------
+# ---- Stages 1 and 2: cold-start SFT and GRPO -----------------------------------------------------
 def main(argv: Optional[List[str]] = None, embed_fn: Optional[EmbedFn] = None):
     """embed_fn(texts) -> [N, D] unit vectors replaces the sentence-transformers embedder when given."""
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
@@ -1202,7 +1173,7 @@ def load_data(args: Args, tok, say):
                              f"--train-data rows; lower it or pass a number")
         train_rows, held_out = train_rows[:-args.tau_holdout], train_rows[-args.tau_holdout:]
     eval_rows, n_eval = load_pairs(args, args.eval_data, "--eval-data", tok) if args.eval_data else ([], 0)
-    langs = data_languages(train_rows + held_out)
+    langs = sorted({r["lang"] or identify_language(r["reference"]) for r in train_rows + held_out})  # else py3langid's
     unknown = sorted({r["lang"] for r in train_rows + eval_rows if r["lang"] and language_prob("", r["lang"]) is None})
     if args.lang_id and unknown:
         say(f"py3langid does not know {', '.join(unknown)}: R_lang checks the script only for those rows")
@@ -1482,7 +1453,7 @@ def run_sft(args: Args, ctx, policy, tok):
             with ctx.autocast():
                 h = model(input_ids=ids, attention_mask=amask, output_hidden_states=True, logits_to_keep=1).hidden_states[-1][:, :-1]
                 logp = fused_linear_logprob(h, lm_head(policy, h), ids[:, 1:], **head_kw(policy))
-                loss = masked_nll(logp, lmask, int(n_tok.item())) * weight
+                loss = -torch.where(lmask, logp, 0.0).sum() / max(n_tok.item(), 1.0) * weight
                 (loss * world).backward()
             torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             opt.step()

@@ -726,11 +726,11 @@ def test_train_embedder_raises_held_out_retrieval_accuracy_on_a_tiny_encoder(tmp
     graded = tmp_path / "graded.jsonl"  # score = number of shared words (translated)
     graded.write_text("".join(json.dumps({"a": " ".join(f"a{w}" for w in s), "score": k, "b": " ".join(
         [f"b{w}" for w in s[:k]] + [f"b{(w + 7) % n_words}" for w in s[k:]])}) + "\n" for s in sentences[96:] for k in range(4)))
-    report = gs.main(["train-embedder", "--embedder", tmp_path / "bert", "--output-dir", tmp_path / "enc",
-                      "--parallel-data", write(tmp_path / "train.jsonl", sentences[:96]),
-                      "--parallel-eval-data", write(tmp_path / "test.jsonl", sentences[96:]),
-                      "--graded-data", graded, "--embedder-epochs", 8, "--embedder-lr", 3e-3,
-                      "--embedder-batch-size", 16, "--seed", 0])
+    flags = ["train-embedder", "--embedder", tmp_path / "bert", "--output-dir", tmp_path / "enc",
+             "--parallel-data", write(tmp_path / "train.jsonl", sentences[:96]),
+             "--parallel-eval-data", write(tmp_path / "test.jsonl", sentences[96:]),
+             "--graded-data", graded, "--embedder-epochs", 8, "--embedder-lr", 3e-3, "--embedder-batch-size", 16, "--seed", 0]
+    report = gs.main(flags)
     before, after = report["before"]["retrieval_xx"], report["after"]["retrieval_xx"]
     assert after >= before + 0.3 and after >= 0.6, (before, after)
     assert -1 <= report["before"]["spearman_all"] <= 1 and report["after"]["spearman_all"] > report["before"]["spearman_all"]
@@ -739,6 +739,8 @@ def test_train_embedder_raises_held_out_retrieval_accuracy_on_a_tiny_encoder(tmp
     rows = [json.loads(l) for l in (tmp_path / "test.jsonl").read_text().splitlines()]
     assert gs.retrieval_accuracy(emb([r["source"] for r in rows]), emb([r["target"] for r in rows])) == pytest.approx(after)
     assert json.loads((tmp_path / "enc" / "embedder_eval.json").read_text())["after"]["retrieval_xx"] == pytest.approx(after)
+    with pytest.raises(SystemExit, match="enc is not empty; pass a new folder, or --overwrite to replace an encoder"):
+        gs.main(flags)  # a second run never mixes its files with the first one's
 
 
 # ---------------------------------------------------------------------------------- bad input (issue 10)
@@ -757,10 +759,20 @@ def test_train_embedder_raises_held_out_retrieval_accuracy_on_a_tiny_encoder(tmp
     ("beta", -0.1, "--beta must be >= 0"),
     ("kl-estimator", "k2", "--kl-estimator must be one of k3, full, got 'k2'"),
     ("tau", "often", '--tau must be a number in'),
+    ("save-total-limit", 0, "--save-total-limit must be >= 1, got 0"),
+    ("eval-batch-size", 0, "--eval-batch-size must be > 0, got 0"),
 ])
 def test_bad_flags_are_refused_in_one_line_before_anything_loads(tmp_path, flag, value, message):
     with pytest.raises(SystemExit, match=re.escape(message) if "(" in message and "\\" not in message else message):
         gs.main(["--model", tmp_path / "no-model-here", f"--{flag}", value])
+
+
+def test_resume_with_overwrite_and_fsdp_without_torchrun_are_refused(tmp_path):
+    with pytest.raises(SystemExit, match="--resume continues the run in --output-dir and --overwrite deletes it; pass one"):
+        gs.main(["--model", tmp_path / "no-model-here", "--resume", "true", "--overwrite", "true"])
+    with pytest.raises(SystemExit, match=r"--fsdp needs torchrun \(any --nproc_per_node, 1 included\)"):
+        gs.main(["--model", tmp_path / "no-model-here", "--fsdp", "true", "--output-dir", tmp_path / "o"])
+    assert not (tmp_path / "o").exists()
 
 
 def test_bad_data_files_get_one_line_naming_file_and_line(tmp_path):
