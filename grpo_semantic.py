@@ -771,7 +771,7 @@ def shard(model, args: Args, device, frozen: bool):
     bf16 = device.type == "cuda" and args.bf16
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 and not frozen \
         else MixedPrecisionPolicy()
-    offload = CPUOffloadPolicy() if frozen and args.ref_offload else OffloadPolicy()
+    offload = CPUOffloadPolicy() if frozen and args.ref_offload and device.type == "cuda" else OffloadPolicy()  # CPU: nowhere to go
     layers = [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or [])]
     if not layers:
         raise SystemExit(f"--fsdp: {type(model).__name__} names no decoder layer class (_no_split_modules); run without --fsdp")
@@ -1101,6 +1101,8 @@ def evaluate(args: Args, ctx, policy, gen, tok, rows, general, embed: EmbedFn, e
         base = load_frozen(args.model, args, ctx)  # the untouched base model, loaded for the probe only
         res.update(alignment_tax_probe(args, ctx, policy, base, tok, general))
         del base
+    if args.fsdp:
+        policy.reshard()  # the root keeps its parameters gathered after a forward; an optimizer built next needs the shards
     policy.train(was_training)
     return res
 
@@ -1201,6 +1203,7 @@ def build_policy(path: str, args: Args, ctx):
         shard(policy, args, ctx.device, frozen=False)
         with torch.no_grad():  # FSDP2 sets itself up in the root's first forward; PEFT's generate() skips the root
             policy(input_ids=torch.zeros(1, 1, dtype=torch.long, device=ctx.device))
+        policy.reshard()  # the root keeps its parameters gathered after a forward; the optimizer needs the shards
     return policy
 
 

@@ -890,6 +890,33 @@ def test_fsdp_two_processes_match_one_process_and_hold_half_the_state(tmp_path, 
             assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), k
 
 
+def test_fsdp_full_fine_tuning_matches_one_process(tmp_path, tiny_lm_dir, cpu_only):
+    """--lora-r 0 under FSDP2: every weight trains (the tied embedding and the norms sit in the root's
+    group), pi_ref is a sharded frozen copy, the exact KL with --num-iterations 2. The probe of the model
+    before SFT runs a forward of the root first, after which FSDP keeps the root's parameters gathered:
+    an optimizer built then would hold the gathered copies (sft/ then differed by 2e-3)."""
+    from safetensors.torch import load_file
+
+    gen = tmp_path / "general.txt"
+    gen.write_text("The quick brown fox jumps over the lazy dog.\nComputers store numbers as zeros and ones.\n")
+    flags = lambda out: base_flags(tiny_lm_dir, out, ROOT / "data" / "semantic_train.jsonl", steps=2, **{  # noqa: E731
+        "sft-data": ROOT / "data" / "semantic_sft.jsonl", "sft-epochs": 1, "sft-batch-size": 4, "sft-lr": 1e-3,
+        "max-new-tokens": 4, "group-size": 2, "lora-r": 0, "lr": 1e-3, "kl-estimator": "full", "num-iterations": 2,
+        "general-text": gen})
+    gs.main(flags(tmp_path / "one"))
+    run_torchrun("grpo_semantic.py", flags(tmp_path / "two") + ["--fsdp", "true", "--ref-offload", "true"], nproc=2)
+    for name in ("sft/model.safetensors", "checkpoint-2/model.safetensors"):
+        a, b = load_file(tmp_path / "one" / name), load_file(tmp_path / "two" / name)
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), name
+    ma, mb = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert ma[1]["kl"] > 1e-6 and ma[1]["clip_frac"] > 0
+    for x, y in zip(ma, mb):
+        for k in ("reward_mean", "kl", "loss", "grad_norm", "clip_frac"):
+            assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), k
+    ea, eb = ([json.loads(l) for l in (tmp_path / d / "eval.jsonl").read_text().splitlines()] for d in ("one", "two"))
+    assert [x["probe_kl_mean"] for x in ea] == pytest.approx([y["probe_kl_mean"] for y in eb], rel=1e-4, abs=1e-8)
+
+
 def test_fsdp_kill_and_resume_equals_the_uninterrupted_run_on_every_rank(tmp_path, tiny_lm_dir):
     """LoRA dropout 0.1 draws from each rank's own RNG: a resume that restored rank 0's state on rank 1
     would differ. The cut run is the uninterrupted one as a kill while writing checkpoint-2 leaves it
