@@ -518,70 +518,65 @@ def sft_example(tokenizer, messages: List[dict]):
 
 def step_prompt_indices(n: int, seed: int, step: int, per_step: int) -> List[int]:
     """Global prompt indices of `step` (1-based): a fresh seeded permutation every epoch."""
-    perms, out = {}, []
-    for k in range((step - 1) * per_step, step * per_step):
-        epoch, pos = divmod(k, n)
-        if epoch not in perms:
-            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
-        out.append(int(perms[epoch][pos]))
-    return out
+    return [int(np.random.default_rng([seed, k // n]).permutation(n)[k % n]) for k in range((step - 1) * per_step, step * per_step)]
 
 
 # ---- Rollout: one batched generation; swap this block for an inference server to scale further ----
-def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """[B, V] -> [B, V] probabilities of softmax(logits / T), optionally nucleus-truncated."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """[B, V] -> [B, V] float64 log-probs of softmax(logits / T), -inf outside the top-p nucleus: the
+    smallest set of most likely words whose mass reaches top_p (a word stays while the mass ranked
+    before it is below top_p, as in HF's TopPLogitsWarper)."""
+    logp = torch.log_softmax(logits.double() / temperature, dim=-1)
     if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest set reaching top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+        sorted_logp, order = logp.sort(dim=-1, descending=True, stable=True)
+        p = sorted_logp.exp()
+        drop = torch.zeros_like(p, dtype=torch.bool).scatter(-1, order, p.cumsum(-1) - p >= top_p)
+        logp = logp.masked_fill(drop, -math.inf)
+    return logp
 
 
-def _u64(c: int) -> int:  # a 64-bit constant as the int64 with the same bits
-    return c - (1 << 64) if c >= 1 << 63 else c
+M32 = 0xFFFFFFFF
 
 
-GOLDEN, MIX1, MIX2 = _u64(0x9E3779B97F4A7C15), _u64(0xBF58476D1CE4E5B9), _u64(0x94D049BB133111EB)
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijection of 32-bit words held in int64 (multiply-xorshift, "lowbias32" constants). Both
+    multipliers are below 2^31, so no product of a 32-bit word overflows int64."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & M32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & M32
+    return x ^ (x >> 15)
 
 
-def _shr(x: torch.Tensor, k: int) -> torch.Tensor:  # logical shift right of int64 bits
-    return (x >> k) & ((1 << (64 - k)) - 1)
-
-
-def _mix64(x: torch.Tensor) -> torch.Tensor:
-    """SplitMix64's finaliser (Steele et al. 2014) on int64 tensors: arithmetic wraps mod 2^64."""
-    x = (x ^ _shr(x, 30)) * MIX1
-    x = (x ^ _shr(x, 27)) * MIX2
-    return x ^ _shr(x, 31)
-
-
-def keyed_gumbel(keys: torch.Tensor, position: int, vocab: int) -> torch.Tensor:
-    """[N, K] int64 keys -> [N, V] float64 standard Gumbel noise, a pure function of (key, position,
-    word): the i-th word of a row reads SplitMix64's stream at state h + i * golden, whose 53 high
-    bits make a uniform u in (0, 1); g = -log(-log u)."""
-    h = torch.zeros(keys.shape[0], dtype=torch.int64, device=keys.device)
-    for j in range(keys.shape[1]):
-        h = _mix64(h + GOLDEN ^ keys[:, j])
-    h = _mix64(h + GOLDEN ^ position)
-    words = torch.arange(1, vocab + 1, dtype=torch.int64, device=keys.device) * GOLDEN
-    u = (_shr(_mix64(h[:, None] + words), 11).double() + 0.5) * 2.0 ** -53
+def keyed_gumbel(keys: Sequence[Sequence[int]], position: int, vocab: int, device) -> torch.Tensor:
+    """Rows of integer keys, a position -> [N, V] float64 standard Gumbel noise, a pure function of
+    (key, position, word). Two 32-bit hash lanes chain the key's 32-bit words and the position, then
+    mix in the word's index; 20 + 32 of their bits give k < 2^52 and u = (2k + 1) / 2^53 in (0, 1)."""
+    words = torch.tensor([[w for k in row for w in (k & M32, (k >> 32) & M32)] for row in keys], device=device)
+    v = torch.arange(vocab, dtype=torch.int64, device=device)
+    lanes = []
+    for h0 in (0x243F6A88, 0x85A308D3):
+        h = torch.full(words.shape[:1], h0, dtype=torch.int64, device=device)
+        for j in range(words.shape[1]):
+            h = _mix32(h ^ words[:, j])
+        lanes.append(_mix32(_mix32(h ^ (position & M32))[:, None] ^ v))
+    u = (2 * ((lanes[0] >> 12) * 2 ** 32 + lanes[1]) + 1).double() * 2.0 ** -53
     return -torch.log(-torch.log(u))
 
 
 class KeyedSampler(LogitsProcessor):
     """Gumbel-max: argmax_w (log p(w) + g_w) with g iid standard Gumbel is an exact sample from p
-    = softmax(logits / T), top-p renormalised. Run under greedy decoding, so `generate` takes that
-    argmax. The noise depends only on each row's key and the position, not on the batch."""
+    = softmax(logits / T), top-p renormalised (up to the 2^-53 grid of u). Used under greedy
+    decoding: it returns 0 at the drawn word and -inf elsewhere, so `generate` takes that word.
+    The noise depends only on each row's key and the position, never on the batch or the rank."""
 
-    def __init__(self, keys: torch.Tensor, prompt_len: int, temperature: float, top_p: float):
+    def __init__(self, keys: Sequence[Sequence[int]], prompt_len: int, temperature: float, top_p: float):
         self.keys, self.prompt_len, self.temperature, self.top_p = keys, prompt_len, temperature, top_p
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        logp = sampling_probs(scores, self.temperature, self.top_p).log()
-        return logp.double() + keyed_gumbel(self.keys, input_ids.shape[1] - self.prompt_len, scores.shape[-1])
+        g = keyed_gumbel(self.keys, input_ids.shape[1] - self.prompt_len, scores.shape[-1], scores.device)
+        drawn = (sampling_logprobs(scores, self.temperature, self.top_p) + g).argmax(-1, keepdim=True)
+        return torch.full_like(scores, -math.inf).scatter_(1, drawn, 0.0)
 
 
 @torch.no_grad()
@@ -599,8 +594,7 @@ def rollout(model, prompts: List[List[int]], keys: Optional[List[Tuple[int, ...]
     static = device.type == "cuda" and args.compile_rollout and not args.fsdp and keys is not None
     gen = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens or args.max_new_tokens, eos_token_id=eos_ids,
                            pad_token_id=pad_id, cache_implementation="static" if static else None)
-    sampler = [] if keys is None else \
-        [KeyedSampler(torch.tensor(keys, dtype=torch.int64, device=device), P, args.temperature, args.top_p)]
+    sampler = [] if keys is None else [KeyedSampler(keys, P, args.temperature, args.top_p)]
     saved, model.generation_config = model.generation_config, GenerationConfig()  # no hub defaults (penalties, top-k)
     try:
         out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen,
@@ -933,10 +927,10 @@ def save_hf(path: Path, policy, tok, dtype: torch.dtype, rank: int):
     full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         model = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
-        head = next(n for n, m in model.named_modules() if m is model.get_output_embeddings()) + ".weight"
-        tied = getattr(model.config, "tie_word_embeddings", False)  # FSDP gathers a tied head as a second tensor
+        first = {}  # tied weights (embeddings = LM head) once: FSDP's gathered copies no longer share storage
+        tied = {n for n, p in model.named_parameters(remove_duplicate=False) if first.setdefault(id(p), n) != n}
         model.save_pretrained(path, state_dict={k: v.to(dtype) for k, v in merged_state_dict(policy, full).items()
-                                                if not (tied and k == head)})
+                                                if k not in tied})
         config = type(model.config).from_dict(model.config.to_dict())
         config.dtype = dtype  # save_pretrained wrote the training dtype; config.json must say what the files hold
         config.save_pretrained(path)
@@ -1016,17 +1010,17 @@ def latest_checkpoint(out: Path) -> Optional[Path]:
     return max(done, key=lambda p: int(p.name[11:])) if done else None
 
 
-def reporter(kind: str, out: Path, args: Args) -> Callable[[dict], None]:
-    """log(metrics) to tensorboard or wandb (rank 0), when installed; a no-op for "none"."""
+def make_reporter(kind: str, out: Path, args: Args) -> Callable[[dict], None]:
+    """The metrics dict of each step (its finite numbers) to tensorboard or wandb."""
     try:
         if kind == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(str(out / "tb"))
-            return lambda m: [writer.add_scalar(k, v, m["step"]) for k, v in m.items() if isinstance(v, (int, float))]
+            tb = SummaryWriter(str(out / "tb"))
+            return lambda m: [tb.add_scalar(k, v, m["step"]) for k, v in m.items() if isinstance(v, (int, float))]
         if kind == "wandb":
             import wandb
             run = wandb.init(project="lowres-align", name=out.name, config=asdict(args), resume="allow")
-            return lambda m: run.log({k: v for k, v in m.items() if v is not None}, step=m["step"])
+            return lambda m: run.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=m["step"])
     except ImportError:
         raise SystemExit(f"--report-to {kind} needs `pip install {kind}`; or pass --report-to none")
     return lambda m: None
@@ -1351,7 +1345,7 @@ def train(args: Args, embed_fn: Optional[EmbedFn] = None):
         say(f"--tau auto: mean similarity of the cold-start policy on {len(held_out)} held-out rows = {state['tau']:.4f}")
     tau, first = state["tau"], state.pop("step", 0) + 1
     state.pop("world_size", None)
-    report = reporter(args.report_to, out, args) if rank == 0 else None
+    report = make_reporter(args.report_to, out, args) if rank == 0 else None
     run_eval("start", 0, policy, gen, eos_ids)
     pad_to = max(len(r["ids"]) for r in train_rows) if device.type == "cuda" and args.compile_rollout else 0
 
@@ -1375,6 +1369,8 @@ def train(args: Args, embed_fn: Optional[EmbedFn] = None):
         sims, r_script, r_lang, rewards = score_groups(args, groups, embed, tau)
         adv = group_advantages(rewards)
         sums, grad_norm, skipped_now = policy_update(args, ctx, groups, adv, policy, model, ref, ref_ctx, optimizer, params)
+        if args.fsdp and ref is not policy:
+            ref.reshard()  # FSDP2 keeps a root gathered after a no-grad forward
         state["skipped_steps"] += skipped_now
 
         # ---- PLUMBING: metrics, samples, checkpoint -----------------------------------------------
@@ -1398,13 +1394,14 @@ def train(args: Args, embed_fn: Optional[EmbedFn] = None):
                 append_jsonl(out / "samples.jsonl", [{"step": step, "prompt": gr["row"]["prompt"], "reference": gr["row"]["reference"],
                                                       "outputs": gr["texts"], "rewards": rewards[k].tolist()}
                                                      for k, gr in enumerate(groups[: args.samples_logged])])
-            report(metrics)
+            report(finite_or_none(metrics))
             bar.set_postfix({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if k != "step"})
         if step % args.save_every == 0 or step == steps:
             save_checkpoint(out, step, policy, tok, optimizer, state, args, dtype, rank, world)
     run_eval("final", steps, policy, gen, eos_ids)  # also after a kill between the last checkpoint and here
     say(f"outputs in {out}/: args.json, metrics.jsonl, samples.jsonl, eval.jsonl, checkpoint-{steps}/")
     if ddp:
+        dist.barrier()  # a rank that tears gloo down while rank 0 still writes can abort it
         dist.destroy_process_group()
     return policy
 
