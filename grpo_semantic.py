@@ -1347,7 +1347,7 @@ def train(args: Args, embed_fn: Optional[EmbedFn] = None):
     state.pop("world_size", None)
     report = make_reporter(args.report_to, out, args) if rank == 0 else None
     run_eval("start", 0, policy, gen, eos_ids)
-    pad_to = max(len(r["ids"]) for r in train_rows) if device.type == "cuda" and args.compile_rollout else 0
+    pad_to = max(len(r["ids"]) for r in train_rows) if device.type == "cuda" and args.compile_rollout and not args.fsdp else 0
 
     bar = tqdm(range(first, steps + 1), initial=first - 1, total=steps, disable=rank != 0)
     for step in bar:
