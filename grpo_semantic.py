@@ -9,7 +9,7 @@ The method:
      encoder plus mean pooling) is trained on translation pairs with MultipleNegativesRankingLoss in
      both directions (translations are positives, the batch's other sentences negatives), then frozen.
   1. Cold start (§3.2): a small SFT (--sft-data, loss on assistant tokens) so outputs come out in the
-     right script at all; its LoRA is merged into the base, which is then pi_ref.
+     right script at all; its LoRA is merged into the base and saved as sft/, which is then pi_ref.
   2. GRPO: K outputs per prompt, rewarded for meaning (eqs. 1-2) and language (eq. 3); group-relative
      advantages, a PPO clipped surrogate and a KL penalty to pi_ref. Only LoRA adapters train (App. A.1).
   3. Evaluation (before SFT, before GRPO, at the end): BLEU/chrF/ROUGE-L, similarity, script and
@@ -34,21 +34,25 @@ Equations (as the paper states them; our numbering):
       the exact sum_w pi_theta(w) log(pi_theta(w)/pi_ref(w)) (kernels/). All at the sampling temperature.
       pi_old: --num-iterations 1: the current policy (rho = 1); else the sampling policy, once per batch.
 
-pi_ref = the policy with its adapters disabled (PEFT's disable_adapter(); no second copy). checkpoint-N/
-holds the PEFT adapter: PeftModel.from_pretrained(base, checkpoint-N), base = --model, or <output-dir>/sft
-after a cold start; --save-merged adds merged/, a plain HF model in the model's dtype. --lora-r 0 trains
-all weights (pi_ref: a frozen copy). Templates that know `enable_thinking` (Qwen3) get False.
+pi_ref = the policy with its adapters disabled (PEFT's disable_adapter(); no second copy); --lora-r 0
+trains all weights (pi_ref: a frozen copy). checkpoint-N/ holds the PEFT adapter: PeftModel.from_pretrained(
+base, checkpoint-N), base = --model or <output-dir>/sft; --save-merged adds merged/ (a plain HF model).
+Both sft/ and merged/ are in the model's own dtype. Scale (issue 12): DDP, or --fsdp (FSDP2: decoder
+layers + root of the PEFT model, its optimizer, the frozen models; the small embedder stays replicated).
+Rollouts (issue 13): all prompts x K of a rank in one `generate`, sampled by Gumbel-max with noise keyed
+by (seed, step, prompt, sample, position): the same on any number of processes. Log-probs and KL from
+hidden states through kernels.fused_linear_logprob_kl (issue 15). Qwen3 templates get enable_thinking=False.
 
 Run (CPU, embedded all-MiniLM-L6-v2 and SmolLM2-135M-Instruct; README has times and results):
   python grpo_semantic.py train-embedder --output-dir runs/embedder-cpu
   python grpo_semantic.py --model ~/.cache/lowres-align/SmolLM2-135M-Instruct --embedder runs/embedder-cpu \\
       --tau auto --sft-lr 2e-4 --sft-batch-size 4 --prompts-per-step 2 --group-size 4 --lr 1e-4 \\
       --max-new-tokens 24 --eval-max-new-tokens 32 --output-dir runs/grpo_semantic-cpu
-GPUs (one process each), the paper's defaults: torchrun --nproc_per_node=8 grpo_semantic.py \\
-      --model Qwen/Qwen3-4B --embedder EMBEDDER --sft-data S.jsonl --train-data T.jsonl --tau auto
+GPUs, the paper's defaults: torchrun --nproc_per_node=8 grpo_semantic.py --fsdp --model Qwen/Qwen3-4B \\
+      --embedder EMBEDDER --sft-data S.jsonl --train-data T.jsonl --tau auto
 """
 import contextlib
-import copy
+import errno
 import functools
 import json
 import math
@@ -60,17 +64,22 @@ import time
 import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, HfArgumentParser,
+                          LogitsProcessor, LogitsProcessorList)
 
-from kernels import fused_logprob, fused_logprob_kl
+from kernels import fused_linear_logprob, fused_linear_logprob_kl, fused_logprob, fused_logprob_kl
 
 EMBEDDED_MODEL = str(Path(os.environ.get("LOWRES_ALIGN_CACHE", Path.home() / ".cache" / "lowres-align"))
                      / "SmolLM2-135M-Instruct")
@@ -126,6 +135,7 @@ class Args:
     lora_targets: str = field(default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", metadata={"help": "names of the nn.Linear layers that get LoRA"})  # paper App. A.1
     save_merged: bool = field(default=False, metadata={"help": "checkpoints also hold merged weights in the model's dtype (merged/)"})
     output_dir: str = field(default="", metadata={"help": "default runs/grpo_semantic-<YYYYmmdd-HHMMSS>"})
+    overwrite: bool = field(default=False, metadata={"help": "delete a previous run in --output-dir first"})
     steps: int = field(default=0, metadata={"help": "GRPO batches; 0: one epoch over --train-data"})  # paper App. A.3: one epoch
     # paper App. A.3: "effective global batch size 32 (per-device 16, gradient accumulation 2)", K = 8; read
     # as 32 prompts x 8 outputs. (Counted in completions, as TRL counts them, it would be 4 prompts.)
@@ -135,57 +145,65 @@ class Args:
     max_new_tokens: int = field(default=256, metadata={"help": "output length cap"})  # paper App. A.3
     temperature: float = field(default=0.8, metadata={"help": "sampling temperature (also in log-probs and KL)"})  # paper App. A.3
     top_p: float = field(default=0.9, metadata={"help": "nucleus sampling"})  # paper App. A.3
-    lr: float = field(default=5e-7, metadata={"help": "AdamW learning rate (constant)"})  # paper App. A.3
+    lr: float = field(default=5e-7, metadata={"help": "AdamW learning rate (constant: App. A.3 names no schedule)"})  # paper App. A.3
     beta: float = field(default=0.04, metadata={"help": "KL coefficient"})  # DeepSeekMath §4.2: 0.04
     kl_estimator: str = field(default="k3", metadata={"help": "k3 (GRPO) | full (exact, whole vocabulary)"})  # DeepSeekMath eq. 4
     clip_eps: float = field(default=0.2, metadata={"help": "PPO clip range"})  # PPO/GRPO default
     num_iterations: int = field(default=1, metadata={"help": "policy updates per sampled batch (mu)"})  # DeepSeekMath §4.2: 1
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})  # ours: standard
     eval_max_new_tokens: int = field(default=64, metadata={"help": "greedy output cap in evaluation and --tau auto"})  # ours: short references
+    eval_batch_size: int = field(default=16, metadata={"help": "rows per greedy generation and probe forward (evaluation, --tau auto)"})
     eval_base: bool = field(default=True, metadata={"help": "with --sft-data: also evaluate the model before SFT (stage \"base\")"})
     rouge_tokens: str = field(default="whitespace", metadata={"help": "ROUGE-L units: whitespace | char (use char for Han/Tibetan)"})
     bleu_tokenize: str = field(default="13a", metadata={"help": "sacrebleu tokenizer (13a, zh, char, flores200, ...)"})
-    bf16: bool = field(default=True, metadata={"help": "bfloat16 autocast on CUDA (weights stay float32); ignored on CPU"})  # paper App. A.2/A.3
+    bf16: bool = field(default=True, metadata={"help": "bfloat16 compute on CUDA (trained weights stay float32); ignored on CPU"})  # paper App. A.2/A.3
+    fsdp: bool = field(default=False, metadata={"help": "shard the policy, its optimizer and the frozen models with FSDP2 (needs torchrun)"})
+    ref_offload: bool = field(default=False, metadata={"help": "with --fsdp: keep frozen models' shards (--lora-r 0's reference, the probe's base) in CPU memory"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward pass (less memory)"})
+    compile_rollout: bool = field(default=True, metadata={"help": "CUDA without --fsdp: static KV cache + compiled decoding"})
+    fused_linear: bool = field(default=True, metadata={"help": "log-probs and KL from hidden states, float32 logits in chunks (kernels/)"})
     seed: int = field(default=42, metadata={"help": "seed of data order, sampling and LoRA init"})
-    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --output-dir"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --output-dir from its newest checkpoint"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (and at the end)"})
+    save_total_limit: Optional[int] = field(default=None, metadata={"help": "keep only the newest N checkpoints"})
     sample_every: int = field(default=1, metadata={"help": "write samples.jsonl every N steps; 0: never"})
     samples_logged: int = field(default=2, metadata={"help": "prompt groups written to samples.jsonl each time"})
     report_to: str = field(default="none", metadata={"help": "none | tensorboard | wandb"})
 
-    def __post_init__(self):
-        """Bad flags: one line each, before anything loads."""
-        def need(ok: bool, msg: str):
-            if not ok:
-                raise SystemExit(msg)
-        flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
-        for name in ("prompts_per_step", "max_prompt_len", "max_new_tokens", "eval_max_new_tokens", "save_every",
-                     "sft_epochs", "sft_batch_size", "embed_batch_size", "num_iterations", "tau_holdout", "embedder_epochs",
-                     "embedder_batch_size", "lr", "sft_lr", "embedder_lr", "lora_alpha", "clip_eps", "max_grad_norm"):
-            need(getattr(self, name) > 0, f"{flag(name)} must be > 0, got {getattr(self, name)}")
-        need(self.group_size >= 2, f"--group-size must be >= 2 (group-normalised advantages need two samples per prompt), got {self.group_size}")
-        need(self.temperature > 0, f"--temperature must be > 0 (GRPO samples its outputs), got {self.temperature}")
-        need(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
-        need(0 < self.script_threshold <= 1, f"--script-threshold must be in (0, 1], got {self.script_threshold}")
-        need(0 <= self.lang_min_prob <= 1, f"--lang-min-prob must be in [0, 1], got {self.lang_min_prob}")
-        need(0 <= self.sft_warmup_ratio < 1, f"--sft-warmup-ratio must be in [0, 1), got {self.sft_warmup_ratio}")
-        need(0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
-        for name in ("steps", "beta", "lora_r", "sample_every", "samples_logged"):
-            need(getattr(self, name) >= 0, f"{flag(name)} must be >= 0, got {getattr(self, name)}")
+    def __post_init__(self):  # one line per bad value, before anything loads (issue 10)
+        positive = ("prompts_per_step", "max_prompt_len", "max_new_tokens", "eval_max_new_tokens", "eval_batch_size",
+                    "save_every", "sft_epochs", "sft_batch_size", "embed_batch_size", "num_iterations", "tau_holdout",
+                    "embedder_epochs", "embedder_batch_size", "lr", "sft_lr", "embedder_lr", "lora_alpha", "clip_eps",
+                    "max_grad_norm")
+        rules = [(n, getattr(self, n) > 0, "> 0") for n in positive] + \
+            [(n, getattr(self, n) >= 0, ">= 0") for n in ("steps", "beta", "lora_r", "sample_every", "samples_logged")] + [
+            ("group_size", self.group_size >= 2, ">= 2 (group-normalised advantages need two samples per prompt)"),
+            ("temperature", self.temperature > 0, "> 0 (GRPO samples its outputs)"), ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("script_threshold", 0 < self.script_threshold <= 1, "in (0, 1]"),
+            ("lang_min_prob", 0 <= self.lang_min_prob <= 1, "in [0, 1]"),
+            ("sft_warmup_ratio", 0 <= self.sft_warmup_ratio < 1, "in [0, 1)"), ("lora_dropout", 0 <= self.lora_dropout < 1, "in [0, 1)"),
+            ("save_total_limit", self.save_total_limit is None or self.save_total_limit >= 1, ">= 1")]
         for name, choices in (("stage", STAGES), ("kl_estimator", ("k3", "full")), ("target_script", tuple(SCRIPT_RANGES)),
                               ("rouge_tokens", ("whitespace", "char")), ("report_to", ("none", "tensorboard", "wandb"))):
-            need(getattr(self, name) in choices, f'{flag(name)} must be one of {", ".join(choices)}, got "{getattr(self, name)}"')
-        if self.tau != "auto":
-            try:
-                tau = float(self.tau)
-            except ValueError:
-                raise SystemExit(f'--tau must be a number in [-1, 1) or "auto", got "{self.tau}"')
-            need(-1.0 <= tau < 1.0, f"--tau must be in [-1, 1), got {tau}")
+            rules.append((name, getattr(self, name) in choices, "one of " + ", ".join(choices)))
+        try:
+            rules.append(("tau", self.tau == "auto" or -1.0 <= float(self.tau) < 1.0, 'a number in [-1, 1) or "auto"'))
+        except ValueError:
+            rules.append(("tau", False, 'a number in [-1, 1) or "auto"'))
+        for name, ok, need in rules:
+            if not ok:
+                raise SystemExit(f"--{name.replace('_', '-')} must be {need}, got {getattr(self, name)!r}")
+        if self.resume and self.overwrite:
+            raise SystemExit("--resume continues the run in --output-dir and --overwrite deletes it; pass one of them")
 
 
-# ----------------------------------------------------------------------------------------------
-# ALGO LOGIC: the math (pure functions; the tests import these)
-# ----------------------------------------------------------------------------------------------
+# Flags a resumed run may change: they do not change what is computed (issue 10, item 7).
+RESUME_MAY_CHANGE = {"resume", "overwrite", "output_dir", "steps", "save_every", "save_total_limit", "save_merged", "sample_every",
+                     "samples_logged", "report_to", "fsdp", "ref_offload", "gradient_checkpointing", "compile_rollout",
+                     "fused_linear", "eval_batch_size", "parallel_eval_data"}
+
+
+# ---- ALGO LOGIC: the math (pure functions; the tests import these) -------------------------------
 SCRIPT_RANGES = {  # Unicode blocks (inclusive)
     "tibetan": [(0x0F00, 0x0FFF)],
     "han": [(0x2E80, 0x2FDF), (0x3005, 0x3007), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x323AF)],
@@ -203,11 +221,8 @@ def char_script(ch: str) -> Optional[str]:
     cat = unicodedata.category(ch)
     if cat[0] not in "LM":
         return None
-    cp = ord(ch)
-    for name, ranges in SCRIPT_RANGES.items():
-        if any(lo <= cp <= hi for lo, hi in ranges):
-            return name
-    return "other" if cat[0] == "L" else None
+    name = next((s for s, ranges in SCRIPT_RANGES.items() if any(lo <= ord(ch) <= hi for lo, hi in ranges)), None)
+    return name or ("other" if cat[0] == "L" else None)
 
 
 def script_fraction(text: str, script: str) -> Optional[float]:
@@ -231,8 +246,7 @@ def language_identifier():
 
 def language_prob(text: str, lang: str) -> Optional[float]:
     """py3langid's probability that `text` is in `lang` (ISO 639-1); None when it does not know `lang`."""
-    ident = language_identifier()
-    labels = LANGID_LABELS.get(lang, (lang,))
+    ident, labels = language_identifier(), LANGID_LABELS.get(lang, (lang,))
     if not set(labels) <= set(ident.nb_classes):
         return None
     ranks = dict(ident.rank(text))
@@ -258,8 +272,7 @@ def shaped_similarity(s: torch.Tensor, tau: float) -> torch.Tensor:
     return torch.where(s <= tau, torch.zeros_like(s), (s - tau) / (1.0 - tau))
 
 
-def semantic_reward(s: torch.Tensor, r_lang: torch.Tensor, tau: float, lambda_sim: float,
-                    lambda_lang: float) -> torch.Tensor:
+def semantic_reward(s: torch.Tensor, r_lang: torch.Tensor, tau: float, lambda_sim: float, lambda_lang: float) -> torch.Tensor:
     """Eq. (4). [N], [N] -> [N]."""
     return lambda_sim * shaped_similarity(s, tau) + lambda_lang * r_lang
 
@@ -278,8 +291,7 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Eq. (5). [B, K] -> [B, K]; a group whose population std is <= eps (or NaN) gets zeros."""
     r = rewards.double()
     std = r.std(-1, unbiased=False, keepdim=True)
-    adv = (r - r.mean(-1, keepdim=True)) / std.clamp(min=eps)
-    return torch.where(std > eps, adv, 0.0).to(rewards.dtype)
+    return torch.where(std > eps, (r - r.mean(-1, keepdim=True)) / std.clamp(min=eps), 0.0).to(rewards.dtype)
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -303,14 +315,18 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, kl: torch.Tensor, adv:
     return loss, clipped.detach()
 
 
-def token_terms(logits: torch.Tensor, ref_logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
-                temperature: float, estimator: str):
-    """[N, T, V] x2, [N, T], [N, T] bool -> logp, kl_term (into the loss), kl_full (detached), entropy."""
-    out = fused_logprob_kl(logits, ref_logits, tokens, temperature=temperature)
-    if estimator == "full":
-        kl_term = out.kl
+def token_kl(states: torch.Tensor, ref_states: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+             temperature: float, estimator: str, heads: Optional[dict] = None):
+    """-> (logp, kl_term, kl_full, entropy), each [N, T] float32; kl_term enters the loss (k3 or the
+    exact KL), kl_full is the exact KL, detached. states: logits [N, T, V], or final hidden states
+    [N, T, D] when `heads` gives the LM heads (weight, ref_weight, softcap, logit_scale): then the
+    logits are made in float32 inside the kernel, chunk by chunk (issue 15)."""
+    if heads is None:
+        out = fused_logprob_kl(states, ref_states, tokens, temperature=temperature)
     else:
-        kl_term = k3_kl(out.logp, fused_logprob(ref_logits.detach(), tokens, temperature=temperature), mask)
+        out = fused_linear_logprob_kl(states, heads["weight"], ref_states, heads["ref_weight"], tokens, temperature,
+                                      softcap=heads["softcap"], logit_scale=heads["logit_scale"])
+    kl_term = out.kl if estimator == "full" else k3_kl(out.logp, out.ref_logp, mask)  # k3: out.ref_logp, no 2nd pass
     return out.logp, kl_term, out.kl.detach(), out.entropy
 
 
@@ -341,29 +357,17 @@ def lcs_length(a: Sequence, b: Sequence) -> int:
 def rouge_l(hyp: Sequence, ref: Sequence) -> float:
     """ROUGE-L F1 (Lin 2004, beta = 1) of two token sequences; 0 when either is empty."""
     lcs = lcs_length(hyp, ref)
-    if lcs == 0:
-        return 0.0
-    p, r = lcs / len(hyp), lcs / len(ref)
-    return 2 * p * r / (p + r)
-
-
-def masked_nll(logp: torch.Tensor, mask: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """SFT loss share: [N, L] log-probs, [N, L] bool mask of assistant tokens -> scalar."""
-    return -torch.where(mask, logp, 0.0).sum() / max(num_tokens, 1)
+    return 0.0 if lcs == 0 else 2 * (lcs / len(hyp)) * (lcs / len(ref)) / (lcs / len(hyp) + lcs / len(ref))
 
 
 def summary(values: Sequence[float], prefix: str) -> Dict[str, float]:
+    """<prefix>_mean, _p10, _p50, _p90 of the values; nothing when there are none."""
     v = np.asarray(values, dtype=np.float64)
-    if v.size == 0:
-        return {}
-    p10, p50, p90 = np.percentile(v, [10, 50, 90])
-    return {f"{prefix}_mean": float(v.mean()), f"{prefix}_p10": float(p10), f"{prefix}_p50": float(p50),
-            f"{prefix}_p90": float(p90)}
+    stats = [v.mean(), *np.percentile(v, [10, 50, 90])] if v.size else []
+    return {f"{prefix}_{k}": float(x) for k, x in zip(("mean", "p10", "p50", "p90"), stats)}
 
 
-# ----------------------------------------------------------------------------------------------
-# LoRA through PEFT
-# ----------------------------------------------------------------------------------------------
+# ---- LoRA through PEFT ---------------------------------------------------------------------------
 def add_lora(model, args: Args):
     """PEFT LoRA on every nn.Linear named in --lora-targets, everything else frozen; --lora-r 0: the model itself."""
     if args.lora_r == 0:
@@ -377,35 +381,34 @@ def add_lora(model, args: Args):
                                             target_modules=targets, task_type="CAUSAL_LM"))
 
 
-def save_merged(path: Path, policy, tok, dtype: torch.dtype):
-    """W + (alpha / r) B A for every LoRA layer, cast to `dtype`: a plain HF folder (from_pretrained,
-    vLLM). Computed beside the weights: merging in place and unmerging would perturb pi_ref."""
+def merged_state_dict(policy, full: dict) -> dict:
+    """A PEFT model's full state dict -> the plain model's, with W + (alpha / r) B A in every LoRA layer."""
+    if not hasattr(policy, "get_base_model"):
+        return full
     from peft.tuners.lora import LoraLayer
-    model = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
-    sd = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if ".lora_" not in k}
-    for name, m in model.named_modules():
-        if isinstance(m, LoraLayer):
-            sd[f"{name}.weight"] = m.base_layer.weight + m.get_delta_weight("default")
-    model.save_pretrained(path, state_dict={k: v.detach().to("cpu", dtype) for k, v in sd.items()})
-    config = copy.deepcopy(model.config)
-    config.dtype = dtype  # save_pretrained recorded the float32 we train in
-    config.save_pretrained(path)
-    tok.save_pretrained(path)
+    scale = {n: m.scaling["default"] for n, m in policy.get_base_model().named_modules() if isinstance(m, LoraLayer)}
+    sd = {k.removeprefix("base_model.model."): v for k, v in full.items()}
+    out = {k.replace(".base_layer", ""): v for k, v in sd.items() if ".lora_" not in k}
+    for name, s in scale.items():
+        a, b = sd[f"{name}.lora_A.default.weight"].float(), sd[f"{name}.lora_B.default.weight"].float()
+        out[f"{name}.weight"] = sd[f"{name}.base_layer.weight"].float() + s * (b @ a)
+    return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Data, chat formatting, sampling
-# ----------------------------------------------------------------------------------------------
-JSON_TYPES = {list: "a JSON list", str: "a JSON string", int: "a JSON number", float: "a JSON number",
-              bool: "a JSON boolean", type(None): "JSON null"}
-
-
+# ---- Data, chat formatting -----------------------------------------------------------------------
 def decode_utf8(raw: bytes, path: str, flag: str) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
         raise SystemExit(f"{flag} {path} line {line} is not UTF-8 ({e.reason}); re-save the file as UTF-8")
+
+
+def json_or_exit(text: str, path: str, flag: str, line: Optional[int] = None):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"{flag} {path} line {line or e.lineno} is not valid JSON ({e.msg}); fix or remove that line")
 
 
 def read_rows(path: str, flag: str) -> List[Tuple[str, dict]]:
@@ -415,21 +418,13 @@ def read_rows(path: str, flag: str) -> List[Tuple[str, dict]]:
     if os.path.isfile(local) and local.endswith((".jsonl", ".json")):
         text = decode_utf8(Path(local).read_bytes(), path, flag)
         if local.endswith(".json") and text.lstrip().startswith("["):
-            try:
-                items = [(f"item {i}", r) for i, r in enumerate(json.loads(text), 1)]
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{flag} {path} line {e.lineno} is not valid JSON ({e.msg}); fix the file")
+            items = [(f"item {i}", r) for i, r in enumerate(json_or_exit(text, path, flag), 1)]
         else:
-            items = []
-            for i, line in enumerate(text.split("\n"), 1):
-                if line.strip():
-                    try:
-                        items.append((f"line {i}", json.loads(line)))
-                    except json.JSONDecodeError as e:
-                        raise SystemExit(f"{flag} {path} line {i} is not valid JSON ({e.msg}); fix or remove that line")
+            items = [(f"line {i}", json_or_exit(t, path, flag, i)) for i, t in enumerate(text.split("\n"), 1) if t.strip()]
         for where, r in items:
             if not isinstance(r, dict):
-                raise SystemExit(f"{flag} {path} {where} is {JSON_TYPES.get(type(r), 'not an object')}, not an object; "
+                kind = {list: "a JSON list", str: "a JSON string", bool: "a JSON boolean", type(None): "JSON null"}
+                raise SystemExit(f"{flag} {path} {where} is {kind.get(type(r), 'a JSON number')}, not an object; "
                                  f"write one JSON object per line")
     else:
         import datasets  # lazily: JSONL does not need it
@@ -469,12 +464,11 @@ def read_fields(path: str, flag: str, fields: Sequence[str]) -> List[dict]:
 
 def read_lines(path: str, flag: str) -> List[str]:
     local = os.path.expanduser(path)
-    if not os.path.isfile(local):
-        raise SystemExit(f"{flag} {path} does not exist; pass a text file (one text per line) or an empty string")
-    lines = [line.strip() for line in decode_utf8(Path(local).read_bytes(), path, flag).split("\n")]
+    lines = [t.strip() for t in decode_utf8(Path(local).read_bytes(), path, flag).split("\n")] if os.path.isfile(local) else []
     if not any(lines):
-        raise SystemExit(f"{flag} {path} has no text; pass a text file (one text per line) or an empty string")
-    return [line for line in lines if line]
+        raise SystemExit(f"{flag} {path} {'has no text' if os.path.isfile(local) else 'does not exist'}; pass a text file "
+                         f"(one text per line) or an empty string")
+    return [t for t in lines if t]
 
 
 def render_chat(tokenizer, messages: List[dict], add_generation_prompt: bool) -> str:
@@ -517,67 +511,142 @@ def sft_example(tokenizer, messages: List[dict]):
     for k, m in enumerate(messages):
         if m["role"] == "assistant":
             start = len(encode(tokenizer, render_chat(tokenizer, messages[:k], True)))
-            end = len(encode(tokenizer, render_chat(tokenizer, messages[:k + 1], False)))
-            mask[start:min(end, len(ids))] = [True] * (min(end, len(ids)) - start)
+            end = min(len(encode(tokenizer, render_chat(tokenizer, messages[:k + 1], False))), len(ids))
+            mask[start:end] = [True] * (end - start)
     return ids, mask
-
-
-@torch.no_grad()
-def generate(model, prompt_ids: List[int], n: int, max_new_tokens: int, temperature: float, top_p: float,
-             eos_ids: List[int], pad_id: int, generator: Optional[torch.Generator], device):
-    """n outputs for one prompt with a KV cache and our own generator (temperature 0: greedy), so a
-    prompt group is reproducible from its seed whatever the number of ranks.
-    Returns tokens [n, R] (pad after the first EOS) and mask [n, R] (True up to and incl. EOS)."""
-    out = model(input_ids=torch.tensor([prompt_ids] * n, device=device), use_cache=True, logits_to_keep=1)
-    eos = torch.tensor(eos_ids, device=device)
-    done = torch.zeros(n, dtype=torch.bool, device=device)
-    tokens = []
-    for _ in range(max_new_tokens):
-        logits = out.logits[:, -1].float()
-        if temperature <= 0:
-            nxt = logits.argmax(-1)
-        else:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            if top_p < 1.0:
-                sp, order = probs.sort(-1, descending=True)
-                sp = sp.masked_fill(sp.cumsum(-1) - sp > top_p, 0.0)  # smallest set reaching top_p
-                probs = torch.zeros_like(probs).scatter(-1, order, sp)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        tokens.append(nxt)
-        done = done | torch.isin(nxt, eos)
-        if bool(done.all()):
-            break
-        out = model(input_ids=nxt[:, None], past_key_values=out.past_key_values, use_cache=True)
-    tokens = torch.stack(tokens, 1)
-    is_eos = torch.isin(tokens, eos).long()
-    return tokens, (torch.cumsum(is_eos, 1) - is_eos) == 0
-
-
-def response_logits(model, prompt_ids: List[int], tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Logits that predict each output token: [K, R] -> [K, R, V] (logits[:, t-1] predicts t)."""
-    K, R = tokens.shape
-    prompt = torch.tensor(prompt_ids, device=tokens.device).expand(K, -1)
-    attn = torch.cat([torch.ones_like(prompt), mask.long()], 1)
-    return model(input_ids=torch.cat([prompt, tokens], 1), attention_mask=attn, logits_to_keep=R + 1).logits[:, :-1]
-
-
-def group_seed(seed: int, step: int, prompt_index: int) -> int:
-    return (seed * 1_000_003 + step) * 1_000_033 + prompt_index
 
 
 def step_prompt_indices(n: int, seed: int, step: int, per_step: int) -> List[int]:
     """Global prompt indices of `step` (1-based): a fresh seeded permutation every epoch."""
-    out = []
-    for k in range((step - 1) * per_step, step * per_step):
-        epoch, pos = divmod(k, n)
-        out.append(int(np.random.default_rng([seed, epoch]).permutation(n)[pos]))
-    return out
+    return [int(np.random.default_rng([seed, k // n]).permutation(n)[k % n]) for k in range((step - 1) * per_step, step * per_step)]
 
 
-# ----------------------------------------------------------------------------------------------
-# Embedder, loading, checkpoints, logging
-# ----------------------------------------------------------------------------------------------
+# ---- Rollout: one batched generation; swap this block for an inference server to scale further ----
+def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """[B, V] -> [B, V] float64 log-probs of softmax(logits / T), -inf outside the top-p nucleus: the
+    smallest set of most likely words whose mass reaches top_p (a word stays while the mass ranked
+    before it is below top_p, as in HF's TopPLogitsWarper)."""
+    logp = torch.log_softmax(logits.double() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_logp, order = logp.sort(dim=-1, descending=True, stable=True)
+        p = sorted_logp.exp()
+        drop = torch.zeros_like(p, dtype=torch.bool).scatter(-1, order, p.cumsum(-1) - p >= top_p)
+        logp = logp.masked_fill(drop, -math.inf)
+    return logp
+
+
+M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijection of 32-bit words held in int64 (multiply-xorshift, "lowbias32" constants). Both
+    multipliers are below 2^31, so no product of a 32-bit word overflows int64."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & M32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & M32
+    return x ^ (x >> 15)
+
+
+def keyed_gumbel(keys: Sequence[Sequence[int]], position: int, vocab: int, device) -> torch.Tensor:
+    """Rows of integer keys, a position -> [N, V] float64 standard Gumbel noise, a pure function of
+    (key, position, word). Two 32-bit hash lanes chain the key's 32-bit words and the position, then
+    mix in the word's index; 20 + 32 of their bits give k < 2^52 and u = (2k + 1) / 2^53 in (0, 1)."""
+    words = torch.tensor([[w for k in row for w in (k & M32, (k >> 32) & M32)] for row in keys], device=device)
+    v = torch.arange(vocab, dtype=torch.int64, device=device)
+    lanes = []
+    for h0 in (0x243F6A88, 0x85A308D3):
+        h = torch.full(words.shape[:1], h0, dtype=torch.int64, device=device)
+        for j in range(words.shape[1]):
+            h = _mix32(h ^ words[:, j])
+        lanes.append(_mix32(_mix32(h ^ (position & M32))[:, None] ^ v))
+    u = (2 * ((lanes[0] >> 12) * 2 ** 32 + lanes[1]) + 1).double() * 2.0 ** -53
+    return -torch.log(-torch.log(u))
+
+
+class KeyedSampler(LogitsProcessor):
+    """Gumbel-max: argmax_w (log p(w) + g_w) with g iid standard Gumbel is an exact sample from p
+    = softmax(logits / T), top-p renormalised (up to the 2^-53 grid of u). Used under greedy
+    decoding: it returns 0 at the drawn word and -inf elsewhere, so `generate` takes that word.
+    The noise depends only on each row's key and the position, never on the batch or the rank."""
+
+    def __init__(self, keys: Sequence[Sequence[int]], prompt_len: int, temperature: float, top_p: float):
+        self.keys, self.prompt_len, self.temperature, self.top_p = keys, prompt_len, temperature, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        g = keyed_gumbel(self.keys, input_ids.shape[1] - self.prompt_len, scores.shape[-1], scores.device)
+        drawn = (sampling_logprobs(scores, self.temperature, self.top_p) + g).argmax(-1, keepdim=True)
+        return torch.full_like(scores, -math.inf).scatter_(1, drawn, 0.0)
+
+
+@torch.no_grad()
+def rollout(model, prompts: List[List[int]], keys: Optional[List[Tuple[int, ...]]], args: Args, eos_ids: List[int],
+            pad_id: int, pad_to: int = 0, max_new_tokens: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """All samples of this rank in ONE `generate` call (issue 13). prompts: token ids per row (a
+    prompt repeated K times gives K rows); keys: one tuple of ints per row (seed, step, prompt,
+    sample) that fixes its sampling noise, or None: greedy decoding (evaluation). Returns tokens
+    [N, R] (pad after the first EOS) and mask [N, R] (True up to and including the first EOS).
+    pad_to: left-pad prompts to this length so that a static cache keeps one shape across steps."""
+    device = next(model.parameters()).device
+    P = max(pad_to, max(len(p) for p in prompts))
+    ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts], device=device)
+    attn = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=device)
+    static = device.type == "cuda" and args.compile_rollout and not args.fsdp and keys is not None
+    gen = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens or args.max_new_tokens, eos_token_id=eos_ids,
+                           pad_token_id=pad_id, cache_implementation="static" if static else None)
+    sampler = [] if keys is None else [KeyedSampler(keys, P, args.temperature, args.top_p)]
+    saved, model.generation_config = model.generation_config, GenerationConfig()  # no hub defaults (penalties, top-k)
+    try:
+        out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen,
+                             logits_processor=LogitsProcessorList(sampler))
+    finally:
+        model.generation_config = saved
+    tokens = out[:, P:]
+    is_eos = torch.isin(tokens, torch.tensor(eos_ids, device=device))
+    mask = (torch.cumsum(is_eos.long(), 1) - is_eos.long()) == 0
+    return torch.where(mask, tokens, pad_id), mask
+
+
+def response_states(model, prompt_ids, tokens: torch.Tensor, mask: torch.Tensor, fused: bool):
+    """What predicts each response token (position t-1 predicts t): [G, R] -> final hidden states
+    [G, R, D] (after the last norm) when `fused`, else logits [G, R, V]. prompt_ids: one prompt
+    (a list) shared by the G rows, or one equally long prompt per row. Goes through the model's
+    own forward, so DDP's and FSDP's hooks run."""
+    G, R = tokens.shape
+    prompt = torch.tensor(prompt_ids, device=tokens.device).expand(G, -1)
+    attn = torch.cat([torch.ones_like(prompt), mask.long()], 1)
+    out = model(input_ids=torch.cat([prompt, tokens], 1), attention_mask=attn, output_hidden_states=fused,
+                logits_to_keep=1 if fused else R + 1)
+    return out.hidden_states[-1][:, -R - 1:-1] if fused else out.logits[:, :-1]
+
+
+def lm_head(model, like: torch.Tensor) -> torch.Tensor:
+    """The LM-head weight [V, D] (gathered if FSDP holds it sharded), in the hidden states' dtype:
+    what autocast or FSDP's bf16 compute gives the head; the kernel still makes float32 logits.
+    Under PEFT it is the base model's (no LoRA on it): frozen unless --lora-r 0."""
+    w = model.get_output_embeddings().weight
+    return (w.full_tensor() if hasattr(w, "full_tensor") else w).to(like.dtype)
+
+
+def head_kw(model) -> dict:
+    """Final-logit transforms the kernel applies as the model does: Gemma 2's soft-cap, Cohere's scale."""
+    return {"softcap": getattr(model.config, "final_logit_softcapping", None), "logit_scale": getattr(model.config, "logit_scale", None)}
+
+
+def token_terms(args: Args, model, policy, ref, ref_ctx, prompt_ids, tokens, mask, temperature: float, estimator: str):
+    """token_kl of the policy (through `model`: DDP/FSDP hooks run) against a reference (no grad, under
+    ref_ctx: PEFT's disable_adapter when ref is the policy itself); fused: from hidden states + LM heads."""
+    with torch.no_grad(), ref_ctx():
+        ref_x = response_states(ref, prompt_ids, tokens, mask, args.fused_linear)
+    x = response_states(model, prompt_ids, tokens, mask, args.fused_linear)
+    heads = None
+    if args.fused_linear:
+        w = lm_head(policy, x)
+        heads = dict(weight=w, ref_weight=w.detach() if ref is policy else lm_head(ref, ref_x), **head_kw(policy))
+    return token_kl(x, ref_x, tokens, mask, temperature, estimator, heads)
+
+
+# ---- Embedder, loading, sharding -----------------------------------------------------------------
 EmbedFn = Callable[[List[str]], torch.Tensor]  # texts -> [N, D] unit vectors
 
 
@@ -594,7 +663,7 @@ def check_model_path(path: str, flag: str, marker: str = "config.json"):
 
 class Embedder:
     """A sentence-transformers model (a plain HF encoder gets mean pooling from sentence-transformers'
-    modules) on the policy's device: batched, no_grad, unit vectors."""
+    modules) on the policy's device, replicated on every rank: batched, no_grad, unit vectors."""
 
     def __init__(self, path: str, device, batch_size: int):
         from sentence_transformers import SentenceTransformer
@@ -604,8 +673,7 @@ class Embedder:
         try:
             if os.path.isdir(local) and not os.path.exists(os.path.join(local, "modules.json")):
                 enc = Transformer(local)
-                self.model = SentenceTransformer(modules=[enc, Pooling(enc.get_embedding_dimension(), "mean")],
-                                                 device=str(device))
+                self.model = SentenceTransformer(modules=[enc, Pooling(enc.get_embedding_dimension(), "mean")], device=str(device))
             else:
                 self.model = SentenceTransformer(local, device=str(device))
         except (OSError, ValueError) as e:
@@ -620,14 +688,20 @@ class Embedder:
                                  normalize_embeddings=True, show_progress_bar=False).float()
 
 
-def embedder_report(embed: EmbedFn, held: List[dict], graded: List[dict]) -> Dict[str, float]:
-    """retrieval_<lang>: share of held-out sources whose nearest target (among that language's pairs)
-    is their own translation; spearman_<lang>: rank correlation of cosine with graded equivalence."""
-    from scipy.stats import spearmanr
+def retrieval_by_language(embed: EmbedFn, pairs: List[dict]) -> Dict[str, Tuple[float, int]]:
+    """Per language of the (source, target) pairs: the share of sources whose nearest target among that
+    language's pairs is their own translation, and the number of pairs."""
     res = {}
-    for lang in sorted({r["lang"] for r in held}):
-        rows = [r for r in held if r["lang"] == lang]
-        res[f"retrieval_{lang}"] = retrieval_accuracy(embed([r["source"] for r in rows]), embed([r["target"] for r in rows]))
+    for lang in sorted({r["lang"] for r in pairs}):
+        rows = [r for r in pairs if r["lang"] == lang]
+        res[lang] = (retrieval_accuracy(embed([r["source"] for r in rows]), embed([r["target"] for r in rows])), len(rows))
+    return res
+
+
+def embedder_report(embed: EmbedFn, held: List[dict], graded: List[dict]) -> Dict[str, float]:
+    """retrieval_<lang> on held-out pairs; spearman_<lang>: rank correlation of cosine with graded equivalence."""
+    from scipy.stats import spearmanr
+    res = {f"retrieval_{lang}": acc for lang, (acc, _) in retrieval_by_language(embed, held).items()}
     sims = cosine(embed([r["a"] for r in graded]), embed([r["b"] for r in graded])).tolist() if graded else []
     for lang in sorted({r["lang"] for r in graded}) + ["all"] * (len({r["lang"] for r in graded}) > 1):
         idx = [i for i, r in enumerate(graded) if lang in ("all", r["lang"])]
@@ -638,25 +712,18 @@ def embedder_report(embed: EmbedFn, held: List[dict], graded: List[dict]) -> Dic
 MULTILINGUAL_MIN_RETRIEVAL = 0.8  # ours: see README, "Is the embedder multilingual?"
 
 
-def data_languages(rows: List[dict]) -> List[str]:
-    """The target languages of the data: each row's `lang`, else what py3langid finds in its reference."""
-    return sorted({r["lang"] or identify_language(r["reference"]) for r in rows})
-
-
 def embedder_language_warnings(embed: EmbedFn, path: str, langs: Sequence[str], pairs: List[dict]) -> List[str]:
     """One warning per non-English data language on which --embedder does not match the held-out
     translation pairs of that language (an English-only embedder scores words and names, not meaning)."""
-    out = []
+    found, out = retrieval_by_language(embed, [r for r in pairs if r["lang"] in langs]), []
     for lang in [g for g in langs if g != "en"]:
-        rows = [r for r in pairs if r["lang"] == lang]
-        if len(rows) < 2:
+        acc, n = found.get(lang, (None, 0))
+        if n < 2:
             out.append(f"warning: cannot check --embedder {path} on {lang} (no {lang} pairs in --parallel-eval-data); "
                        f"make sure it is multilingual, or train it with `grpo_semantic.py train-embedder`")
-            continue
-        acc = retrieval_accuracy(embed([r["source"] for r in rows]), embed([r["target"] for r in rows]))
-        if acc < MULTILINGUAL_MIN_RETRIEVAL:
+        elif acc < MULTILINGUAL_MIN_RETRIEVAL:
             out.append(f"warning: --embedder {path} does not look multilingual on {lang}: it finds the translation of "
-                       f"{acc:.0%} of {len(rows)} held-out {lang} sentences (< {MULTILINGUAL_MIN_RETRIEVAL:.0%}); R_sim "
+                       f"{acc:.0%} of {n} held-out {lang} sentences (< {MULTILINGUAL_MIN_RETRIEVAL:.0%}); R_sim "
                        f"will score shared words, not meaning. Pass a multilingual embedder, or train one on more pairs "
                        f"with `grpo_semantic.py train-embedder`")
     return out
@@ -678,103 +745,323 @@ def load_tokenizer(path: str, flag: str):
     return tok
 
 
-def load_lm(path: str, flag: str, device):
-    return load(AutoModelForCausalLM, path, flag, dtype=torch.float32).to(device).eval()  # eval: no dropout unless asked
+def load_lm(path: str, flag: str, device, dtype=torch.float32):
+    return load(AutoModelForCausalLM, path, flag, dtype=dtype).to(device).eval()  # eval: no dropout unless asked
 
 
-def save_checkpoint(out: Path, step: int, policy, tok, optimizer, extra: dict, merged_dtype: Optional[torch.dtype]):
-    """checkpoint-<step>/: PEFT adapter (--lora-r 0: the whole model), tokenizer, trainer state, and
-    merged/ when merged_dtype is given; written under a temporary name and renamed: never half-written."""
-    final, tmp = out / f"checkpoint-{step}", out / f".tmp-checkpoint-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if merged_dtype is not None:
-        save_merged(tmp / "merged", policy, tok, merged_dtype)
-    torch.save({"optimizer": optimizer.state_dict(), "step": step, "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "numpy_rng": np.random.get_state(), "python_rng": random.getstate(), **extra}, tmp / "trainer_state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(tmp, final)
+def saved_dtype(path: str) -> torch.dtype:
+    """The dtype a model was published in (sft/ and merged/ are written in it, not in fp32 copies)."""
+    d = getattr(AutoConfig.from_pretrained(os.path.expanduser(path)), "dtype", None)
+    return getattr(torch, d) if isinstance(d, str) else d or torch.float32
 
 
-def latest_checkpoint(out: Path) -> Optional[Path]:
-    done = [p for p in out.glob("checkpoint-*") if (p / "trainer_state.pt").exists() and p.name[11:].isdigit()]
-    return max(done, key=lambda p: int(p.name[11:])) if done else None
+def shard(model, args: Args, device, frozen: bool):
+    """FSDP2 (issue 12): fully_shard each decoder layer (the model's `_no_split_modules`), then the
+    root; a PEFT model's frozen base and trainable adapters share these groups. On GPUs: bf16
+    compute, fp32 gradient reduction (trained weights stay fp32); on CPU fp32 throughout, so CPU
+    tests compare exactly. --ref-offload keeps a frozen model's shards in CPU memory between forwards."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    bf16 = device.type == "cuda" and args.bf16
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 and not frozen \
+        else MixedPrecisionPolicy()
+    offload = CPUOffloadPolicy() if frozen and args.ref_offload and device.type == "cuda" else OffloadPolicy()  # CPU: nowhere to go
+    layers = [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or [])]
+    if not layers:
+        raise SystemExit(f"--fsdp: {type(model).__name__} names no decoder layer class (_no_split_modules); run without --fsdp")
+    for layer in layers:
+        fully_shard(layer, mp_policy=mp, offload_policy=offload, reshard_after_forward=True)
+    fully_shard(model, mp_policy=mp, offload_policy=offload)
+    return model
 
 
-def truncate_jsonl(path: Path, last_step: int):
-    """Drop lines a crashed run wrote after its last checkpoint, so a resumed run appends cleanly."""
-    if path.exists():
-        keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= last_step]
-        path.write_text("".join(l + "\n" for l in keep))
+@contextlib.contextmanager
+def gathered(model, fsdp: bool):
+    """Generation under FSDP2 (issue 12.3): all-gather every layer ONCE and keep it gathered for the
+    whole `generate` (a per-token all-gather of every layer would cost ~100x the decode time).
+    Needs the full model's parameters in the compute dtype (2 bytes per parameter in bf16) plus the
+    KV cache on each GPU, while it lasts."""
+    from torch.distributed.fsdp import FSDPModule
+
+    mods = [m for m in model.modules() if isinstance(m, FSDPModule)] if fsdp else []
+    for m in mods:
+        if m is not model:  # the root never reshards after forward (FSDP2's default for it)
+            m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.reshard()
+            if m is not model:
+                m.set_reshard_after_forward(True, recurse=False)
+
+
+def lockstep(batches: List[list], fsdp: bool, device) -> List[list]:
+    """Every rank makes the same number of calls that synchronise the ranks (a forward of an FSDP module
+    all-gathers; generate() under FSDP syncs at every token): pad the shorter lists of batches with empty
+    ones (the caller runs a dummy call for those)."""
+    if fsdp:
+        n = torch.tensor([len(batches)], device=device)
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+        batches = batches + [[]] * (int(n) - len(batches))
+    return batches
+
+
+def local_bytes(tensors) -> int:
+    """Bytes this rank holds (the local shard of a DTensor)."""
+    return sum((t.to_local() if hasattr(t, "to_local") else t).nbytes for t in tensors if torch.is_tensor(t))
+
+
+def gather(obj, world: int) -> list:
+    """Every rank's object, in rank order (a one-element list with one process)."""
+    if world == 1:
+        return [obj]
+    objs = [None] * world
+    dist.all_gather_object(objs, obj)
+    return objs
+
+
+# ---- Output folder, checkpoints, logs ------------------------------------------------------------
+LOGS = ("metrics.jsonl", "samples.jsonl", "eval.jsonl")  # every log a run appends to
+
+
+def prepare_output_dir(args: Args, rank: int, world: int) -> Tuple[Path, Optional[Path]]:
+    """A folder that holds a run is never mixed with another (issue 10): without --resume it is
+    refused, --overwrite deletes it, --resume checks that no flag which changes results differs and
+    cuts the logs back to the newest checkpoint (step 0 when there is none yet)."""
+    name = [args.output_dir or f"runs/grpo_semantic-{time.strftime('%Y%m%d-%H%M%S')}"]
+    if world > 1:
+        dist.broadcast_object_list(name, src=0)  # ranks may disagree on the clock
+    out = Path(name[0])
+    is_run = (out / "args.json").exists()
+    if out.is_dir() and any(out.iterdir()) and not is_run:
+        raise SystemExit(f"--output-dir {out} is not empty and holds no run (no args.json); pass a new or empty folder")
+    if is_run and not (args.resume or args.overwrite):
+        raise SystemExit(f"--output-dir {out} holds a previous run; pass --resume to continue it or --overwrite to replace it")
+    ckpt, changed = None, {}
+    if args.resume and is_run:
+        try:
+            saved = json.loads((out / "args.json").read_text())
+        except ValueError:
+            raise SystemExit(f"{out}/args.json is corrupt, so --resume cannot check the flags; fix it or pass --overwrite")
+        for k, v in asdict(args).items():
+            if k in saved and saved[k] != v and k not in ("resume", "overwrite"):
+                if k not in RESUME_MAY_CHANGE:
+                    raise SystemExit(f"--resume: --{k.replace('_', '-')} is {v!r} but the run in {out} used {saved[k]!r} "
+                                     f"(args.json); pass the same value, or --overwrite to start over")
+                changed[k] = [saved[k], v]
+        ckpt = latest_checkpoint(out)
+    if world > 1:
+        dist.barrier()  # every rank has read the folder before rank 0 changes it
+    if rank == 0:
+        if args.overwrite and is_run:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        for tmp in out.glob(".tmp-*"):  # what a kill during a save left behind
+            shutil.rmtree(tmp, ignore_errors=True)
+        if args.resume and is_run:
+            step = int(ckpt.name.split("-")[1]) if ckpt else 0
+            for log in LOGS:
+                trim_jsonl(out / log, step)
+            saved.setdefault("_resumed", []).append({"step": step, "changed": changed})
+            atomic_write(out / "args.json", json.dumps(saved, indent=2))
+            print(f"resuming {out} from " + (f"{ckpt.name}" if ckpt else "step 0 (no checkpoint yet)")
+                  + (f"; changed flags: {changed}" if changed else ""))
+        else:
+            atomic_write(out / "args.json", json.dumps(asdict(args), indent=2))
+    if world > 1:
+        dist.barrier()
+    return out, ckpt
+
+
+def atomic_write(path: Path, text: str):
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def trim_jsonl(path: Path, last_step: int):
+    """Keep the rows of steps <= last_step. A torn last line (a kill or a full disk mid-write) is
+    dropped; a corrupt line elsewhere stops the run rather than silently losing what follows."""
+    if not path.exists():
+        return
+    lines = path.read_bytes().split(b"\n")
+    keep = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if any(rest.strip() for rest in lines[i:]):
+                raise SystemExit(f"{path} line {i} is corrupt; fix or delete that line, then --resume again")
+            break
+        if row.get("step", 0) <= last_step:
+            keep.append(line.decode("utf-8") + "\n")
+    atomic_write(path, "".join(keep))
+
+
+def finite_or_none(x):
+    """JSON has no NaN: a value that does not exist is null (issue 10, item 9)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, (list, tuple)):
+        return [finite_or_none(v) for v in x]
+    return {k: finite_or_none(v) for k, v in x.items()} if isinstance(x, dict) else x
 
 
 def dumps(obj) -> str:
-    """One strict-JSON line: non-finite floats become null (a NaN would break strict readers)."""
-    clean = lambda x: {k: clean(v) for k, v in x.items()} if isinstance(x, dict) else [clean(v) for v in x] \
-        if isinstance(x, (list, tuple)) else None if isinstance(x, float) and not math.isfinite(x) else x  # noqa: E731
-    return json.dumps(clean(obj), ensure_ascii=False, allow_nan=False)
+    """One strict-JSON line: non-finite floats become null."""
+    return json.dumps(finite_or_none(obj), ensure_ascii=False, allow_nan=False)
 
 
-def reporter(kind: str, out: Path, args: Args) -> Callable[[dict], None]:
-    """log(metrics) to tensorboard or wandb (rank 0), when installed; a no-op for "none"."""
+def append_jsonl(path: Path, rows: List[dict]):
+    with open(path, "a", encoding="utf-8") as f:
+        f.writelines(dumps(r) + "\n" for r in rows)
+
+
+def save_hf(path: Path, policy, tok, dtype: torch.dtype, rank: int):
+    """Consolidated Hugging Face folder in `dtype` (all ranks take part; rank 0 writes); a PEFT model
+    is written merged: sft/ and --save-merged's merged/."""
+    full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        model = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+        first = {}  # tied weights (embeddings = LM head) once: FSDP's gathered copies no longer share storage
+        tied = {n for n, p in model.named_parameters(remove_duplicate=False) if first.setdefault(id(p), n) != n}
+        model.save_pretrained(path, state_dict={k: v.to(dtype) for k, v in merged_state_dict(policy, full).items()
+                                                if k not in tied})
+        config = type(model.config).from_dict(model.config.to_dict())
+        config.dtype = dtype  # save_pretrained wrote the training dtype; config.json must say what the files hold
+        config.save_pretrained(path)
+        tok.save_pretrained(path)
+
+
+TRAINABLE = StateDictOptions(ignore_frozen_params=True)  # under PEFT: the adapters only
+
+
+def save_checkpoint(out: Path, step: int, policy, tok, optimizer, state: dict, args: Args, dtype, rank: int, world: int):
+    """checkpoint-<step>/: the PEFT adapter (--lora-r 0: a Hugging Face folder in the model's dtype),
+    merged/ with --save-merged, trainer/ (torch.distributed.checkpoint: the trainable weights in fp32
+    and the optimizer, sharded under FSDP), rng_state_<rank>.pth for every rank, trainer_state.json.
+    Written as .tmp-checkpoint-<step> and renamed, so it is never half-written; a full disk removes
+    the temporary folder and says so."""
+    final, tmp = out / f"checkpoint-{step}", out / f".tmp-checkpoint-{step}"
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        if world > 1:
+            dist.barrier()
+        if args.lora_r:
+            adapter = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                            ignore_frozen_params=True))
+            if rank == 0:
+                policy.save_pretrained(tmp, state_dict=adapter)
+                tok.save_pretrained(tmp)
+        if args.save_merged or not args.lora_r:
+            save_hf(tmp / "merged" if args.lora_r else tmp, policy, tok, dtype, rank)
+        dcp.save({"model": get_model_state_dict(policy, options=TRAINABLE),
+                  "optimizer": get_optimizer_state_dict(policy, optimizer)}, checkpoint_id=str(tmp / "trainer"))
+        torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+                   tmp / f"rng_state_{rank}.pth")
+        if rank == 0:
+            atomic_write(tmp / "trainer_state.json", json.dumps({"step": step, "world_size": world, **state}))
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or "unexpected pos" in str(e):
+            prev = latest_checkpoint(out)
+            raise SystemExit(f"no space left in {out} while writing checkpoint-{step}; free space and run again with "
+                             f"--resume ({prev.name + ' is intact' if prev else 'no earlier checkpoint'})")
+        raise
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        done = sorted((p for p in out.glob("checkpoint-*") if p.name[11:].isdigit()), key=lambda p: int(p.name[11:]))
+        for old in done[:-args.save_total_limit] if args.save_total_limit else []:
+            shutil.rmtree(old)
+    if world > 1:
+        dist.barrier()
+
+
+def load_checkpoint(ckpt: Path, policy, optimizer, rank: int) -> dict:
+    """Trainable weights and optimizer from trainer/ (resharded to this run's layout), this rank's RNG."""
+    state = {"model": get_model_state_dict(policy, options=TRAINABLE), "optimizer": get_optimizer_state_dict(policy, optimizer)}
+    dcp.load(state, checkpoint_id=str(ckpt / "trainer"))
+    set_model_state_dict(policy, state["model"], options=StateDictOptions(strict=False))  # the frozen base is not in it
+    set_optimizer_state_dict(policy, optimizer, state["optimizer"])
+    rng_file = ckpt / f"rng_state_{rank}.pth"
+    if not rng_file.exists():  # more processes than the run that wrote it
+        print(f"rank {rank}: {ckpt} has no RNG state of this rank; using rank 0's")
+        rng_file = ckpt / "rng_state_0.pth"
+    rng = torch.load(rng_file, weights_only=False)
+    torch.set_rng_state(rng["torch"]), np.random.set_state(rng["numpy"]), random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return json.loads((ckpt / "trainer_state.json").read_text())
+
+
+def latest_checkpoint(out: Path) -> Optional[Path]:
+    done = [p for p in out.glob("checkpoint-*") if (p / "trainer_state.json").exists() and p.name[11:].isdigit()]
+    return max(done, key=lambda p: int(p.name[11:])) if done else None
+
+
+def make_reporter(kind: str, out: Path, args: Args) -> Callable[[dict], None]:
+    """The metrics dict of each step (its finite numbers) to tensorboard or wandb."""
     try:
         if kind == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(str(out / "tb"))
-            return lambda m: [writer.add_scalar(k, v, m["step"]) for k, v in m.items() if isinstance(v, (int, float))]
+            tb = SummaryWriter(str(out / "tb"))
+            return lambda m: [tb.add_scalar(k, v, m["step"]) for k, v in m.items() if isinstance(v, (int, float))]
         if kind == "wandb":
             import wandb
             run = wandb.init(project="lowres-align", name=out.name, config=asdict(args), resume="allow")
-            return lambda m: run.log(m, step=m["step"])
+            return lambda m: run.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=m["step"])
     except ImportError:
         raise SystemExit(f"--report-to {kind} needs `pip install {kind}`; or pass --report-to none")
     return lambda m: None
 
 
-def eos_of(model, tok) -> List[int]:
-    gen_eos = model.generation_config.eos_token_id
-    return sorted({tok.eos_token_id, *([gen_eos] if isinstance(gen_eos, int) else gen_eos or [])})
-
-
-def gather(obj, ddp: bool) -> list:
-    """Every rank's object, in rank order (a one-element list without DDP)."""
-    if not ddp:
-        return [obj]
-    objs = [None] * dist.get_world_size()
-    dist.all_gather_object(objs, obj)
-    return objs
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation
-# ----------------------------------------------------------------------------------------------
+# ---- Evaluation ----------------------------------------------------------------------------------
 @torch.no_grad()
-def greedy_outputs(policy, tok, rows: List[dict], max_new_tokens: int, eos_ids, rank, world, ddp, device) -> List[str]:
-    """Greedy output of every row; rows are split rank-strided and gathered in order."""
-    mine = {}
-    for i in range(rank, len(rows), world):
-        tokens, mask = generate(policy, rows[i]["ids"], 1, max_new_tokens, 0.0, 1.0, eos_ids, tok.pad_token_id, None, device)
-        mine[i] = tok.decode(tokens[0, : int(mask[0].sum())].tolist(), skip_special_tokens=True).strip()
-    merged = {k: v for part in gather(mine, ddp) for k, v in part.items()}
+def greedy_outputs(args: Args, ctx, policy, gen, tok, rows: List[dict], eos_ids) -> List[str]:
+    """Greedy output of every row: rank-strided, left-padded batches of --eval-batch-size through plain
+    `generate` (on `gen`, the policy's own model; gathered once under FSDP), returned in row order.
+    Under FSDP generate() syncs the ranks at every token (transformers' synced_gpus): as many calls on
+    every rank, an empty batch decodes a dummy row."""
+    mine, bs, texts = list(range(ctx.rank, len(rows), ctx.world)), args.eval_batch_size, {}
+    policy.eval()
+    with gathered(policy, args.fsdp), ctx.autocast():
+        for idx in lockstep([mine[b:b + bs] for b in range(0, len(mine), bs)], args.fsdp, ctx.device):
+            tokens, mask = rollout(gen, [rows[i]["ids"] for i in idx] or [rows[0]["ids"]], None, args, eos_ids,
+                                   tok.pad_token_id, max_new_tokens=args.eval_max_new_tokens)
+            texts.update({i: tok.decode(t[m].tolist(), skip_special_tokens=True).strip() for i, t, m in zip(idx, tokens, mask)})
+    merged = {k: v for part in gather(texts, ctx.world) for k, v in part.items()}
     return [merged[i] for i in range(len(rows))]
 
 
 @torch.no_grad()
-def alignment_tax_probe(policy, base, tok, lines: List[Tuple[str, str]], rank, world, ddp, device) -> Dict[str, float]:
+def alignment_tax_probe(args: Args, ctx, policy, base, tok, lines: List[Tuple[str, str]]) -> Dict[str, float]:
     """Per-token NLL of the policy and full-vocabulary KL(policy || base) on (language, text) lines
-    (temperature 1), over all tokens, and per language when there are several."""
-    mine = {}
-    for i in range(rank, len(lines), world):
-        ids = tok(lines[i][1])["input_ids"]
-        if len(ids) >= 2:
-            x = torch.tensor([ids], device=device)
-            out = fused_logprob_kl(policy(input_ids=x).logits[:, :-1], base(input_ids=x).logits[:, :-1], x[:, 1:])
-            mine[i] = ((-out.logp[0]).tolist(), out.kl[0].tolist())
-    merged = {k: v for part in gather(mine, ddp) for k, v in part.items()}
-    langs = sorted({lang for lang, _ in lines})
-    res = {}
+    (temperature 1), over all tokens, and per language when there are several. Rank-strided,
+    right-padded batches, as many on every rank (the models may be sharded)."""
+    ids = {i: tok(lines[i][1])["input_ids"] for i in range(ctx.rank, len(lines), ctx.world)}
+    mine, bs, vals = [i for i in ids if len(ids[i]) >= 2], args.eval_batch_size, {}
+    for batch in lockstep([mine[b:b + bs] for b in range(0, len(mine), bs)], args.fsdp, ctx.device):
+        rows = [ids[i] for i in batch] or [[tok.pad_token_id] * 2]  # an empty batch: a dummy forward
+        L = max(map(len, rows))
+        tokens = torch.tensor([r[1:] + [tok.pad_token_id] * (L - len(r)) for r in rows], device=ctx.device)
+        mask = torch.tensor([[True] * (len(r) - 1) + [False] * (L - len(r)) for r in rows], device=ctx.device)
+        with ctx.autocast():
+            logp, _, kl, _ = token_terms(args, policy, policy, base, contextlib.nullcontext, [r[:1] for r in rows],
+                                         tokens, mask, 1.0, "full")
+        vals.update({i: ((-logp[k, :len(ids[i]) - 1]).tolist(), kl[k, :len(ids[i]) - 1].tolist()) for k, i in enumerate(batch)})
+    merged = {k: v for part in gather(vals, ctx.world) for k, v in part.items()}
+    langs, res = sorted({lang for lang, _ in lines}), {}
     for lang in [None] + (langs if len(langs) > 1 else []):
         keep = [i for i in sorted(merged) if lang in (None, lines[i][0])]
         prefix = "probe" if lang is None else f"probe_{lang}"
@@ -784,14 +1071,12 @@ def alignment_tax_probe(policy, base, tok, lines: List[Tuple[str, str]], rank, w
     return res
 
 
-def evaluate(args: Args, policy, tok, rows, general, embed: EmbedFn, eos_ids, rank, world, ddp, device) -> dict:
+def evaluate(args: Args, ctx, policy, gen, tok, rows, general, embed: EmbedFn, eos_ids) -> dict:
     import sacrebleu
 
-    was_training = policy.training
-    policy.eval()
-    res: dict = {}
+    was_training, res = policy.training, {}
     if rows:
-        hyps = greedy_outputs(policy, tok, rows, args.eval_max_new_tokens, eos_ids, rank, world, ddp, device)
+        hyps = greedy_outputs(args, ctx, policy, gen, tok, rows, eos_ids)
         refs = [r["reference"] for r in rows]
         sims = cosine(embed(hyps), embed(refs)).tolist()
         split = (lambda s: [c for c in s if not c.isspace()]) if args.rouge_tokens == "char" else str.split
@@ -807,16 +1092,16 @@ def evaluate(args: Args, policy, tok, rows, general, embed: EmbedFn, eos_ids, ra
                "outputs": [{"prompt": r["prompt"], "reference": r["reference"], "output": h, "similarity": s, "r_lang": g}
                            for r, h, s, g in zip(rows, hyps, sims, lang)]}
     if general:
-        base = load_lm(args.model, "--model", device)  # the untouched base model, loaded for the probe only
-        res.update(alignment_tax_probe(policy, base, tok, general, rank, world, ddp, device))
+        base = load_frozen(args.model, args, ctx)  # the untouched base model, loaded for the probe only
+        res.update(alignment_tax_probe(args, ctx, policy, base, tok, general))
         del base
+    if args.fsdp:
+        policy.reshard()  # the root keeps its parameters gathered after a forward; an optimizer built next needs the shards
     policy.train(was_training)
     return res
 
 
-# ----------------------------------------------------------------------------------------------
-# Stage 0: the semantic encoder (§3.4, §4.1)
-# ----------------------------------------------------------------------------------------------
+# ---- Stage 0: the semantic encoder (§3.4, §4.1) --------------------------------------------------
 def train_embedder(args: Args):
     """Make --embedder a sentence encoder of translation equivalence: MultipleNegativesRankingLoss on
     (source, target) pairs in both directions (each source must pick its translation among the batch's
@@ -834,6 +1119,10 @@ def train_embedder(args: Args):
     if len(pairs) < 2:
         raise SystemExit(f"--parallel-data {args.parallel_data} has {len(pairs)} pair; in-batch negatives need at least 2")
     out = Path(args.output_dir or f"runs/grpo_semantic-embedder-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.is_dir() and any(out.iterdir()):  # the trainers' rule: a previous result is never mixed with a new one
+        if not (args.overwrite and (out / "embedder_eval.json").exists()):
+            raise SystemExit(f"--output-dir {out} is not empty; pass a new folder, or --overwrite to replace an encoder written here")
+        shutil.rmtree(out)
     torch.manual_seed(args.seed)
     embed = Embedder(args.embedder, "cuda" if torch.cuda.is_available() else "cpu", args.embed_batch_size)
     report = {"before": embedder_report(embed, held, graded)}
@@ -849,7 +1138,7 @@ def train_embedder(args: Args):
     report["after"] = embedder_report(embed, held, graded)
     embed.model.save(str(out))
     shutil.rmtree(out / "trainer", ignore_errors=True)
-    (out / "embedder_eval.json").write_text(dumps(report) + "\n")  # a Spearman of constant scores is null
+    atomic_write(out / "embedder_eval.json", dumps(report) + "\n")  # a Spearman of constant scores is null
     print(f"{'metric':<16}{'before':>8}{'after':>8}")
     for k in report["before"]:
         print(f"{k:<16}{report['before'][k]:>8.3f}{report['after'][k]:>8.3f}")
@@ -857,9 +1146,7 @@ def train_embedder(args: Args):
     return report
 
 
-# ----------------------------------------------------------------------------------------------
-# Stages 1 and 2: cold-start SFT and GRPO
-# ----------------------------------------------------------------------------------------------
+# ---- Stages 1 and 2: cold-start SFT and GRPO -----------------------------------------------------
 def main(argv: Optional[List[str]] = None, embed_fn: Optional[EmbedFn] = None):
     """embed_fn(texts) -> [N, D] unit vectors replaces the sentence-transformers embedder when given."""
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
@@ -882,7 +1169,7 @@ def load_data(args: Args, tok, say):
                              f"--train-data rows; lower it or pass a number")
         train_rows, held_out = train_rows[:-args.tau_holdout], train_rows[-args.tau_holdout:]
     eval_rows, n_eval = load_pairs(args, args.eval_data, "--eval-data", tok) if args.eval_data else ([], 0)
-    langs = data_languages(train_rows + held_out)
+    langs = sorted({r["lang"] or identify_language(r["reference"]) for r in train_rows + held_out})  # else py3langid's
     unknown = sorted({r["lang"] for r in train_rows + eval_rows if r["lang"] and language_prob("", r["lang"]) is None})
     if args.lang_id and unknown:
         say(f"py3langid does not know {', '.join(unknown)}: R_lang checks the script only for those rows")
@@ -899,19 +1186,30 @@ def load_data(args: Args, tok, say):
     return train_rows, held_out, eval_rows, general, langs, {"train": n_train, "eval": n_eval, "probe": n_probe}
 
 
-def sample_groups(args: Args, policy, rows, indices, tok, eos_ids, step: int, device, autocast) -> List[dict]:
-    """K outputs for each prompt index, each group from its own seeded generator."""
-    policy.eval()  # no dropout while sampling
-    groups = []
-    for g in indices:
-        gen = torch.Generator(device=device).manual_seed(group_seed(args.seed, step, g))
-        with autocast():
-            tokens, mask = generate(policy, rows[g]["ids"], args.group_size, args.max_new_tokens, args.temperature,
-                                    args.top_p, eos_ids, tok.pad_token_id, gen, device)
-        texts = [tok.decode(tokens[i, : int(mask[i].sum())].tolist(), skip_special_tokens=True).strip()
-                 for i in range(len(tokens))]
-        groups.append({"row": rows[g], "tokens": tokens, "mask": mask, "texts": texts})
-    return groups
+def build_policy(path: str, args: Args, ctx):
+    """The trained model: PEFT LoRA on a frozen base (in the frozen models' dtype: bf16 under FSDP on
+    GPUs; PEFT keeps the adapters fp32), or with --lora-r 0 the whole model in fp32; sharded under --fsdp."""
+    model = load_lm(path, "--model", ctx.load_device, ctx.frozen_dtype if args.lora_r else torch.float32)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = add_lora(model, args)
+    if args.fsdp:
+        shard(policy, args, ctx.device, frozen=False)
+        with torch.no_grad():  # FSDP2 sets itself up in the root's first forward; PEFT's generate() skips the root
+            policy(input_ids=torch.zeros(1, 1, dtype=torch.long, device=ctx.device))
+        policy.reshard()  # the root keeps its parameters gathered after a forward; the optimizer needs the shards
+    return policy
+
+
+def load_frozen(path: str, args: Args, ctx):
+    """A frozen model (--lora-r 0's pi_ref, the probe's base): in bf16 and sharded under FSDP on GPUs."""
+    model = load_lm(path, "--model", ctx.load_device, ctx.frozen_dtype).requires_grad_(False)
+    return shard(model, args, ctx.device, frozen=True) if args.fsdp else model.to(ctx.device)
+
+
+def eos_of(model, tok) -> List[int]:
+    gen_eos = model.generation_config.eos_token_id
+    return sorted({tok.eos_token_id, *([gen_eos] if isinstance(gen_eos, int) else gen_eos or [])} - {None})
 
 
 def score_groups(args: Args, groups: List[dict], embed: EmbedFn, tau: float):
@@ -926,36 +1224,39 @@ def score_groups(args: Args, groups: List[dict], embed: EmbedFn, tau: float):
     return sims, r_script, r_lang, rewards
 
 
-def policy_update(args: Args, groups, adv, policy, model, reference, optimizer, params, world, ddp, device, autocast):
-    """--num-iterations updates of eq. (7), one prompt group at a time; returns sums for the log."""
+def policy_update(args: Args, ctx, groups, adv, policy, model, ref, ref_ctx, optimizer, params):
+    """--num-iterations updates of eq. (7), one prompt group per forward/backward, gradients synced on the
+    last group; returns sums for the log, the gradient norm and the number of skipped (non-finite) updates."""
     n_seq = args.prompts_per_step * args.group_size  # N in eq. (7), all ranks
-    if args.num_iterations > 1:  # pi_old: the sampling policy's log-probs, once per batch
-        for gr in groups:
-            with torch.no_grad(), autocast():
-                logits = response_logits(policy, gr["row"]["ids"], gr["tokens"], gr["mask"])
-                gr["old_logp"] = fused_logprob(logits, gr["tokens"], temperature=args.temperature)
-    policy.train()
-    ref_model, adapters_off = reference
+    if args.num_iterations > 1:  # pi_old: the sampling policy's log-probs (no dropout), once per batch
+        with torch.no_grad(), ctx.autocast():
+            for gr in groups:
+                x = response_states(policy, gr["row"]["ids"], gr["tokens"], gr["mask"], args.fused_linear)
+                gr["old_logp"] = fused_linear_logprob(x, lm_head(policy, x), gr["tokens"], args.temperature, **head_kw(policy)) \
+                    if args.fused_linear else fused_logprob(x, gr["tokens"], temperature=args.temperature)
+    policy.train()  # LoRA dropout (App. A.1); gradient checkpointing needs train mode
     sums, skipped, grad_norm = torch.zeros(5, dtype=torch.float64), 0, torch.tensor(0.0)
     for _ in range(args.num_iterations):
         optimizer.zero_grad(set_to_none=True)
         for k, gr in enumerate(groups):
-            sync = contextlib.nullcontext() if not ddp or k == len(groups) - 1 else model.no_sync()
+            last = k == len(groups) - 1
+            sync = model.no_sync() if ctx.ddp and not args.fsdp and not last else contextlib.nullcontext()
+            if args.fsdp:
+                policy.set_requires_gradient_sync(last)
             tokens, mask = gr["tokens"], gr["mask"]
-            with sync, autocast():
-                with torch.no_grad(), adapters_off():  # recomputed, not stored: [K, R, V] each
-                    ref_logits = response_logits(ref_model, gr["row"]["ids"], tokens, mask)
-                logits = response_logits(model, gr["row"]["ids"], tokens, mask)
-                logp, kl_term, kl_full, ent = token_terms(logits, ref_logits, tokens, mask, args.temperature, args.kl_estimator)
+            with sync, ctx.autocast():
+                logp, kl_term, kl_full, ent = token_terms(args, model, policy, ref, ref_ctx, gr["row"]["ids"], tokens, mask,
+                                                          args.temperature, args.kl_estimator)
                 old = gr["old_logp"] if args.num_iterations > 1 else logp.detach()
-                loss, clipped = grpo_loss(logp, old, kl_term, adv[k].to(device), mask, args.clip_eps, args.beta, n_seq)
-                (loss * world).backward()  # DDP averages over ranks; eq. (7) wants the sum
+                loss, clipped = grpo_loss(logp, old, kl_term, adv[k].to(ctx.device), mask, args.clip_eps, args.beta, n_seq)
+                (loss * ctx.world).backward()  # DDP and FSDP average over ranks; eq. (7) wants the sum
             lens = mask.sum(-1).clamp(min=1).double()
             seq_mean = lambda x: (torch.where(mask, x.detach(), 0.0).sum(-1).double() / lens).sum().item()  # noqa: E731
             sums += torch.tensor([loss.item(), seq_mean(kl_full), seq_mean(ent), mask.sum().item(),
                                   clipped.sum().item()], dtype=torch.float64) / args.num_iterations
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        if torch.isfinite(grad_norm):  # gradients are already all-reduced: every rank agrees
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        if torch.isfinite(grad_norm):  # gradients are already reduced: every rank agrees
             optimizer.step()
         else:
             optimizer.zero_grad(set_to_none=True)
@@ -964,8 +1265,10 @@ def policy_update(args: Args, groups, adv, policy, model, reference, optimizer, 
 
 
 def train(args: Args, embed_fn: Optional[EmbedFn] = None):
-    # ==== PLUMBING: processes, output folder, data, embedder ======================================
+    # ---- PLUMBING: processes, data, output folder, embedder -------------------------------------
     ddp = "RANK" in os.environ
+    if args.fsdp and not ddp:
+        raise SystemExit("--fsdp needs torchrun (any --nproc_per_node, 1 included)")
     if ddp:
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")  # CPU tensors (metrics) too
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
@@ -974,163 +1277,139 @@ def train(args: Args, embed_fn: Optional[EmbedFn] = None):
         torch.cuda.set_device(device)
     if args.prompts_per_step % world:
         raise SystemExit(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {world} processes")
-    out_name = [args.output_dir or f"runs/grpo_semantic-{time.strftime('%Y%m%d-%H%M%S')}"]
-    if ddp:
-        dist.broadcast_object_list(out_name, src=0)  # ranks may disagree on the clock
-    out = Path(out_name[0])
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(asdict(args), indent=2))
-    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" and args.bf16 \
-        else contextlib.nullcontext
     say = print if rank == 0 else (lambda *a: None)
-
     tok = load_tokenizer(args.model, "--model")
     train_rows, held_out, eval_rows, general, langs, skipped = load_data(args, tok, say)
-    steps = args.steps or math.ceil(len(train_rows) / args.prompts_per_step)
+    out, ckpt = prepare_output_dir(args, rank, world)
+    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+    bf16 = device.type == "cuda" and args.bf16
+    ctx = SimpleNamespace(rank=rank, world=world, ddp=ddp, device=device,
+                          autocast=(lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext,
+                          load_device=torch.device("cpu") if args.fsdp else device,  # fully_shard moves each shard to its GPU
+                          frozen_dtype=torch.bfloat16 if args.fsdp and bf16 else torch.float32)
+    dtype, steps = saved_dtype(args.model), args.steps or math.ceil(len(train_rows) / args.prompts_per_step)
     embed = embed_fn or Embedder(args.embedder, device, args.embed_batch_size)
     if args.parallel_eval_data and rank == 0:  # optional: a run from another folder may not have the bundled file
         pairs = read_fields(args.parallel_eval_data, "--parallel-eval-data", ("source", "target")) \
             if os.path.exists(os.path.expanduser(args.parallel_eval_data)) else []
         for warning in embedder_language_warnings(embed, args.embedder, langs, pairs):
             print(warning)
-    ckpt = latest_checkpoint(out) if args.resume else None
-    if ckpt is None and rank == 0:  # a fresh start in an existing --output-dir replaces its logs
-        for name in ("metrics.jsonl", "samples.jsonl", "eval.jsonl"):
-            (out / name).unlink(missing_ok=True)
+    log = out / "eval.jsonl"  # cut back to the checkpoint (a torn last line dropped) by prepare_output_dir
+    evals = {(r["stage"], r["step"]) for r in map(json.loads, log.read_text().splitlines())} if log.exists() else set()
 
-    def run_eval(stage: str, step: int, policy):
-        if not (eval_rows or general):
+    def run_eval(stage: str, step: int, policy, gen, eos_ids):
+        if not (eval_rows or general) or (stage, step) in evals:  # done before a kill: never twice
             return
-        res = evaluate(args, policy, tok, eval_rows, general, embed, eos_of(policy, tok), rank, world, ddp, device)
+        res = evaluate(args, ctx, policy, gen, tok, eval_rows, general, embed, eos_ids)
         if rank == 0:
             outputs = res.pop("outputs", [])
             res.update(eval_prompts_skipped=skipped["eval"], probe_lines_skipped=skipped["probe"])
-            with open(out / "eval.jsonl", "a") as f:
-                f.write(dumps({"stage": stage, "step": step, **res}) + "\n")
-            with open(out / f"eval_outputs-{stage}.jsonl", "w") as f:
-                f.writelines(dumps(o) + "\n" for o in outputs)
+            append_jsonl(log, [{"stage": stage, "step": step, **res}])
+            atomic_write(out / f"eval_outputs-{stage}.jsonl", "".join(dumps(o) + "\n" for o in outputs))
             print(f"eval ({stage}): " + ", ".join(f"{k}={v:.4g}" for k, v in res.items()))
 
-    # ==== ALGO: stage 1, cold-start SFT (skipped when its result exists); its weights are pi_ref ===
-    sft_dir, start_path = out / "sft", args.model
-    if args.sft_data:
-        if not (sft_dir / "config.json").exists():
-            if ckpt is not None:
-                raise SystemExit(f"{sft_dir} is missing, so the reference model cannot be rebuilt; start a new --output-dir")
-            policy = add_lora(load_lm(args.model, "--model", device), args)
-            if args.eval_base:
-                run_eval("base", 0, policy)  # the model before the cold start: the reference for the SFT's tax
-            run_sft(args, policy, tok, device, rank, world, ddp, autocast)
-            if rank == 0:  # the SFT LoRA merged into its base (float32): the base of GRPO's adapters
-                shutil.rmtree(out / ".tmp-sft", ignore_errors=True)
-                (policy.merge_and_unload() if args.lora_r else policy).save_pretrained(out / ".tmp-sft")
-                tok.save_pretrained(out / ".tmp-sft")
-                os.rename(out / ".tmp-sft", sft_dir)
-            if ddp:
-                dist.barrier()
-            del policy
-        start_path = str(sft_dir)
-
-    # ==== PLUMBING: policy, pi_ref, optimizer, resume, tau ========================================
-    policy = add_lora(load_lm(start_path, "--model", device), args)
-    if args.lora_r:  # pi_ref: the same weights with the adapters switched off
-        reference = (policy, policy.disable_adapter)
-    else:
-        reference = (copy.deepcopy(policy).requires_grad_(False), contextlib.nullcontext)
-    merged_dtype = None
-    if args.save_merged:  # the dtype the model is published in (its config); float32 when it says nothing
-        merged_dtype = getattr(AutoConfig.from_pretrained(os.path.expanduser(args.model)), "dtype", None) or torch.float32
-        merged_dtype = getattr(torch, merged_dtype) if isinstance(merged_dtype, str) else merged_dtype
-    eos_ids = eos_of(policy, tok)
-    model = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None) if ddp else policy
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    start, skipped_steps = 0, 0
-    if ckpt is not None:
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-        if args.lora_r:
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-            set_peft_model_state_dict(policy, load_file(ckpt / "adapter_model.safetensors"))
-        else:
-            policy.load_state_dict(load_lm(str(ckpt), "--resume checkpoint", device).state_dict())
-        optimizer.load_state_dict(state["optimizer"])
-        start, skipped_steps, tau = state["step"], state["skipped_steps"], state["tau"]
-        torch.set_rng_state(state["torch_rng"]), np.random.set_state(state["numpy_rng"]), random.setstate(state["python_rng"])
-        if state["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+    # ---- ALGO: stage 1, cold-start SFT (once; a saved sft/ is reused); its merged weights are pi_ref
+    sft_dir = out / "sft"
+    if args.sft_data and not (sft_dir / "config.json").exists():
+        if ckpt is not None:
+            raise SystemExit(f"{sft_dir} is missing, so the reference model cannot be rebuilt; start over with --overwrite")
+        policy = build_policy(args.model, args, ctx)
+        gen = policy.get_base_model() if args.lora_r else policy
+        if args.eval_base:
+            run_eval("base", 0, policy, gen, eos_of(gen, tok))  # the model before the cold start
+        run_sft(args, ctx, policy, tok)
         if rank == 0:
-            for name in ("metrics.jsonl", "samples.jsonl"):
-                truncate_jsonl(out / name, start)
-        say(f"resuming from {ckpt} (step {start})")
-    elif args.tau == "auto":
-        hyps = greedy_outputs(policy, tok, held_out, args.eval_max_new_tokens, eos_ids, rank, world, ddp, device)
-        tau = min(float(np.mean(cosine(embed(hyps), embed([r["reference"] for r in held_out])).tolist())), 0.99)
-        say(f"--tau auto: mean similarity of the cold-start policy on {len(held_out)} held-out rows = {tau:.4f}")
-    else:
-        tau = float(args.tau)
-    report = reporter(args.report_to, out, args) if rank == 0 else None
-    if ckpt is None:
-        run_eval("start", 0, policy)
+            shutil.rmtree(out / ".tmp-sft", ignore_errors=True)
+        save_hf(out / ".tmp-sft", policy, tok, dtype, rank)  # merged, in the model's dtype
+        if rank == 0:
+            os.rename(out / ".tmp-sft", sft_dir)
+        if ddp:
+            dist.barrier()
+        del policy, gen
 
-    bar = tqdm(range(start + 1, steps + 1), initial=start, total=steps, disable=rank != 0)
+    # ---- PLUMBING: policy (from the SAVED sft/, so a run resumed from it is the same run), pi_ref, resume, tau
+    start = str(sft_dir) if args.sft_data else args.model
+    policy = build_policy(start, args, ctx)
+    gen = policy.get_base_model() if args.lora_r else policy  # PEFT's generate() would keep rollout's GenerationConfig
+    ref, ref_ctx = (policy, policy.disable_adapter) if args.lora_r else (load_frozen(start, args, ctx), contextlib.nullcontext)
+    eos_ids, K = eos_of(gen, tok), args.group_size
+    model = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None) if ddp and not args.fsdp else policy
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)  # constant lr (App. A.3): no scheduler state
+    state = {"skipped_steps": 0, "tau": None if args.tau == "auto" else float(args.tau)}
+    if ckpt is not None:
+        state.update(load_checkpoint(ckpt, policy, optimizer, rank))
+    elif args.tau == "auto":
+        hyps = greedy_outputs(args, ctx, policy, gen, tok, held_out, eos_ids)
+        state["tau"] = min(float(np.mean(cosine(embed(hyps), embed([r["reference"] for r in held_out])).tolist())), 0.99)
+        say(f"--tau auto: mean similarity of the cold-start policy on {len(held_out)} held-out rows = {state['tau']:.4f}")
+    tau, first = state["tau"], state.pop("step", 0) + 1
+    state.pop("world_size", None)
+    report = make_reporter(args.report_to, out, args) if rank == 0 else None
+    run_eval("start", 0, policy, gen, eos_ids)
+    pad_to = max(len(r["ids"]) for r in train_rows) if device.type == "cuda" and args.compile_rollout and not args.fsdp else 0
+
+    bar = tqdm(range(first, steps + 1), initial=first - 1, total=steps, disable=rank != 0)
     for step in bar:
         t0 = time.time()
-        # ==== ALGO: one GRPO step: sample, score (eqs. 1-4), advantages (5), update (7) ==========
+        # ---- ALGO: 1. K outputs per prompt, all of this rank's in one generation, keyed (seed, step, prompt, sample)
         mine = step_prompt_indices(len(train_rows), args.seed, step, args.prompts_per_step)[rank::world]
-        groups = sample_groups(args, policy, train_rows, mine, tok, eos_ids, step, device, autocast)
+        policy.eval()  # no dropout while sampling
+        with gathered(policy, args.fsdp), ctx.autocast():
+            tokens, mask = rollout(gen, [train_rows[g]["ids"] for g in mine for _ in range(K)],
+                                   [(args.seed, step, g, i) for g in mine for i in range(K)], args, eos_ids,
+                                   tok.pad_token_id, pad_to)
+        groups = []
+        for k, g in enumerate(mine):
+            t, m = tokens[k * K:(k + 1) * K], mask[k * K:(k + 1) * K]
+            R = max(int(m.sum(-1).max()), 1)  # this group's longest output
+            groups.append({"row": train_rows[g], "tokens": t[:, :R], "mask": m[:, :R],
+                           "texts": [tok.decode(x[y].tolist(), skip_special_tokens=True).strip() for x, y in zip(t, m)]})
+        # ---- ALGO: 2. rewards (eqs. 1-4), group-relative advantages (eq. 5), updates of eq. (7) ----
         sims, r_script, r_lang, rewards = score_groups(args, groups, embed, tau)
         adv = group_advantages(rewards)
-        sums, grad_norm, skipped_now = policy_update(args, groups, adv, policy, model, reference, optimizer, params,
-                                                     world, ddp, device, autocast)
-        skipped_steps += skipped_now
+        sums, grad_norm, skipped_now = policy_update(args, ctx, groups, adv, policy, model, ref, ref_ctx, optimizer, params)
+        if args.fsdp and ref is not policy:
+            ref.reshard()  # FSDP2 keeps a root gathered after a no-grad forward
+        state["skipped_steps"] += skipped_now
 
-        # ==== PLUMBING: metrics, samples, checkpoint ==========================================
+        # ---- PLUMBING: metrics, samples, checkpoint -----------------------------------------------
         stats = torch.stack([sims, r_script, r_lang, shaped_similarity(sims, tau), (adv == 0).flatten().double()]).sum(-1).double()
         if ddp:
             dist.all_reduce(sums), dist.all_reduce(stats)
         r_mean, r_std = mean_std(rewards, ddp)
         loss_s, kl_s, ent_s, ntok, nclip = sums.tolist()
-        n_seq = args.prompts_per_step * args.group_size
+        n_seq = args.prompts_per_step * K
         sim_s, script_s, lang_s, rsim_s, nzero = (x / n_seq for x in stats.tolist())
         metrics = {"step": step, "reward_mean": r_mean, "reward_std": r_std, "similarity": sim_s, "r_sim": rsim_s,
                    "r_lang": lang_s, "r_script": script_s, "kl": kl_s / n_seq, "entropy": ent_s / n_seq,
                    "response_len": ntok / n_seq, "loss": loss_s, "clip_frac": nclip / ntok if ntok else None,
-                   "grad_norm": grad_norm, "frac_zero_adv": nzero, "tau": tau, "skipped_steps": skipped_steps,
-                   "prompts_skipped": skipped["train"], "tokens_per_s": ntok / (time.time() - t0)}
+                   "grad_norm": grad_norm, "frac_zero_adv": nzero, "tau": tau, "skipped_steps": state["skipped_steps"],
+                   "prompts_skipped": skipped["train"], "param_bytes": local_bytes(policy.parameters()),
+                   "optimizer_bytes": local_bytes(v for s in optimizer.state.values() for v in s.values()),
+                   "tokens_per_s": ntok / (time.time() - t0)}
         if rank == 0:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(dumps(metrics) + "\n")
-            if args.sample_every > 0 and step % args.sample_every == 0:
-                with open(out / "samples.jsonl", "a") as f:
-                    for k, gr in enumerate(groups[: args.samples_logged]):
-                        f.write(dumps({"step": step, "prompt": gr["row"]["prompt"], "reference": gr["row"]["reference"],
-                                       "outputs": gr["texts"], "rewards": rewards[k].tolist()}) + "\n")
-            report(metrics)
+            append_jsonl(out / "metrics.jsonl", [metrics])
+            if args.sample_every and step % args.sample_every == 0:
+                append_jsonl(out / "samples.jsonl", [{"step": step, "prompt": gr["row"]["prompt"], "reference": gr["row"]["reference"],
+                                                      "outputs": gr["texts"], "rewards": rewards[k].tolist()}
+                                                     for k, gr in enumerate(groups[: args.samples_logged])])
+            report(finite_or_none(metrics))
             bar.set_postfix({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if k != "step"})
         if step % args.save_every == 0 or step == steps:
-            if rank == 0:
-                save_checkpoint(out, step, policy, tok, optimizer, {"skipped_steps": skipped_steps, "tau": tau,
-                                "data_position": step * args.prompts_per_step}, merged_dtype)
-            if ddp:
-                dist.barrier()
-    policy.eval()
-    final_done = (out / "eval.jsonl").exists() and any(
-        json.loads(line).get("stage") == "final" and json.loads(line).get("step") == steps
-        for line in (out / "eval.jsonl").read_text().splitlines() if line.strip())
-    if not gather(final_done, ddp)[0]:  # also after a kill between the last checkpoint and this evaluation
-        run_eval("final", steps, policy)
+            save_checkpoint(out, step, policy, tok, optimizer, state, args, dtype, rank, world)
+    run_eval("final", steps, policy, gen, eos_ids)  # also after a kill between the last checkpoint and here
     say(f"outputs in {out}/: args.json, metrics.jsonl, samples.jsonl, eval.jsonl, checkpoint-{steps}/")
     if ddp:
+        dist.barrier()  # a rank that tears gloo down while rank 0 still writes can abort it
         dist.destroy_process_group()
     return policy
 
 
-def run_sft(args: Args, policy, tok, device, rank: int, world: int, ddp: bool, autocast):
-    """Stage 1: next-token loss on assistant tokens only, normalised by the global number of
-    assistant tokens in each batch; AdamW with cosine decay after a linear warm-up (App. A.2)."""
+def run_sft(args: Args, ctx, policy, tok):
+    """Stage 1: next-token loss on assistant tokens only (log-probs from hidden states, kernels/),
+    normalised by the global number of assistant tokens in each batch; AdamW with cosine decay after
+    a linear warm-up (App. A.2)."""
     from transformers import get_cosine_schedule_with_warmup
     examples, too_long = [], 0
     for where, row in read_rows(args.sft_data, "--sft-data"):
@@ -1148,7 +1427,8 @@ def run_sft(args: Args, policy, tok, device, rank: int, world: int, ddp: bool, a
         examples.append((ids, mask))
     if not examples:
         raise SystemExit(f"--sft-data {args.sft_data}: every example exceeds --max-prompt-len + --max-new-tokens; raise them")
-    model = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None) if ddp else policy
+    rank, world, device = ctx.rank, ctx.world, ctx.device
+    model = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None) if ctx.ddp and not args.fsdp else policy
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.sft_lr, weight_decay=0.0)
     B = max(args.sft_batch_size - args.sft_batch_size % world, world)
@@ -1168,18 +1448,19 @@ def run_sft(args: Args, policy, tok, device, rank: int, world: int, ddp: bool, a
             amask = torch.tensor([[1] * len(x) + [0] * (L - len(x)) for x, _ in mine], device=device)
             lmask = torch.tensor([m + [False] * (L - len(m)) for _, m in mine], device=device)[:, 1:]
             n_tok = torch.tensor(float(lmask.sum()) * weight, device=device)
-            if ddp:
+            if ctx.ddp:
                 dist.all_reduce(n_tok)
-            with autocast():
-                logits = model(input_ids=ids, attention_mask=amask).logits[:, :-1]
-                loss = masked_nll(fused_logprob(logits, ids[:, 1:]), lmask, int(n_tok.item())) * weight
+            with ctx.autocast():
+                h = model(input_ids=ids, attention_mask=amask, output_hidden_states=True, logits_to_keep=1).hidden_states[-1][:, :-1]
+                logp = fused_linear_logprob(h, lm_head(policy, h), ids[:, 1:], **head_kw(policy))
+                loss = -torch.where(lmask, logp, 0.0).sum() / max(n_tok.item(), 1.0) * weight
                 (loss * world).backward()
             torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             loss = loss.detach()
-            if ddp:
+            if ctx.ddp:
                 dist.all_reduce(loss)
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=round(loss.item(), 4), lr=sched.get_last_lr()[0], skipped_too_long=too_long)

@@ -7,6 +7,7 @@ import json
 import math
 import random
 import re
+import shutil
 import statistics
 from pathlib import Path
 
@@ -174,13 +175,13 @@ def test_full_kl_term_is_the_exact_full_vocabulary_kl():
     tokens = torch.randint(0, 11, (2, 3), generator=g)
     T = 0.8
     mask = torch.ones(2, 3, dtype=torch.bool)
-    logp, kl_term, kl_full, ent = gs.token_terms(logits, ref, tokens, mask, T, "full")
+    logp, kl_term, kl_full, ent = gs.token_kl(logits, ref, tokens, mask, T, "full")
     for i, t in itertools.product(range(2), range(3)):
         p = torch.softmax(logits[i, t].double() / T, -1)
         q = torch.softmax(ref[i, t].double() / T, -1)
         assert float(kl_term[i, t]) == pytest.approx(float((p * (p.log() - q.log())).sum()), rel=1e-4, abs=1e-6)
         assert float(logp[i, t]) == pytest.approx(float(p[tokens[i, t]].log()), rel=1e-5)
-    _, k3, _, _ = gs.token_terms(logits, ref, tokens, mask, T, "k3")
+    _, k3, _, _ = gs.token_kl(logits, ref, tokens, mask, T, "k3")
     lq = torch.log_softmax(ref.double() / T, -1).gather(-1, tokens[..., None])[..., 0]
     lpp = torch.log_softmax(logits.double() / T, -1).gather(-1, tokens[..., None])[..., 0]
     assert torch.allclose(k3.double(), torch.exp(lq - lpp) - (lq - lpp) - 1, atol=1e-5)
@@ -397,6 +398,175 @@ def test_resume_runs_the_final_evaluation_a_kill_left_out(tmp_path, tiny_lm_dir)
     assert len(log.read_text().splitlines()) == 2
 
 
+# ---------------------------------------------------------------------------------- runs are never lost or mixed (issue 10)
+def test_a_folder_with_a_previous_run_is_refused_and_overwrite_replaces_it(tmp_path, tiny_lm_dir):
+    train, out = write_rows(tmp_path / "train.jsonl", 4), tmp_path / "run"
+    gs.main(base_flags(tiny_lm_dir, out, train, steps=1), embed_fn=toy_embedder)
+    with pytest.raises(SystemExit, match="holds a previous run; pass --resume to continue it or --overwrite to replace it"):
+        gs.main(base_flags(tiny_lm_dir, out, train, steps=1), embed_fn=toy_embedder)
+    (out / "stale.txt").write_text("from the old run")
+    gs.main(base_flags(tiny_lm_dir, out, train, steps=1) + ["--overwrite", "true"], embed_fn=toy_embedder)
+    assert not (out / "stale.txt").exists() and [m["step"] for m in read_metrics(out)] == [1]
+    other = tmp_path / "notarun"
+    other.mkdir()
+    (other / "thesis.tex").write_text("keep me")
+    with pytest.raises(SystemExit, match="is not empty and holds no run"):
+        gs.main(base_flags(tiny_lm_dir, other, train, steps=1) + ["--overwrite", "true"], embed_fn=toy_embedder)
+    assert (other / "thesis.tex").exists()
+
+
+def test_resume_without_a_checkpoint_starts_clean_and_never_duplicates_steps_or_evaluations(tmp_path, tiny_lm_dir):
+    train, ev, out = write_rows(tmp_path / "train.jsonl", 4), write_rows(tmp_path / "eval.jsonl", 2), tmp_path / "run"
+    flags = base_flags(tiny_lm_dir, out, train, steps=2, **{"eval-data": ev})
+    gs.main(flags, embed_fn=toy_embedder)
+    for p in out.glob("checkpoint-*"):  # a run killed before its first checkpoint
+        shutil.rmtree(p)
+    gs.main(flags + ["--resume", "true"], embed_fn=toy_embedder)
+    assert [m["step"] for m in read_metrics(out)] == [1, 2]
+    assert [(r["stage"], r["step"]) for r in map(json.loads, (out / "eval.jsonl").read_text().splitlines())] == \
+        [("start", 0), ("final", 2)]
+    assert json.loads((out / "args.json").read_text())["_resumed"] == [{"step": 0, "changed": {}}]
+
+
+def test_resume_refuses_a_flag_that_changes_results_and_records_one_that_does_not(tmp_path, tiny_lm_dir):
+    train, out = write_rows(tmp_path / "train.jsonl", 4), tmp_path / "run"
+    gs.main(base_flags(tiny_lm_dir, out, train, steps=1), embed_fn=toy_embedder)
+    with pytest.raises(SystemExit, match=r"--resume: --lora-alpha is 16.0 but the run in .* used 8.0 \(args.json\)"):
+        gs.main(base_flags(tiny_lm_dir, out, train, steps=2, **{"lora-alpha": 16}) + ["--resume", "true"], embed_fn=toy_embedder)
+    gs.main(base_flags(tiny_lm_dir, out, train, steps=2, **{"save-every": 7}) + ["--resume", "true"], embed_fn=toy_embedder)
+    saved = json.loads((out / "args.json").read_text())
+    assert saved["steps"] == 1 and saved["_resumed"] == [{"step": 1, "changed": {"steps": [1, 2], "save_every": [100, 7]}}]
+
+
+def test_resume_drops_torn_last_lines_of_every_log_and_refuses_a_corrupt_middle_one(tmp_path, tiny_lm_dir):
+    """A kill or a full disk leaves half a line in metrics.jsonl, samples.jsonl or eval.jsonl: it is
+    dropped (also the final-evaluation check reads eval.jsonl without choking); a corrupt line in the
+    middle stops the run instead of silently losing what follows."""
+    train, ev, out = write_rows(tmp_path / "train.jsonl", 4), write_rows(tmp_path / "eval.jsonl", 2), tmp_path / "run"
+    gs.main(base_flags(tiny_lm_dir, out, train, steps=1, **{"eval-data": ev}), embed_fn=toy_embedder)
+    for name in ("metrics.jsonl", "samples.jsonl", "eval.jsonl"):
+        with open(out / name, "a") as f:
+            f.write('{"step": 2, "stage": "fin')
+    gs.main(base_flags(tiny_lm_dir, out, train, steps=2, **{"eval-data": ev}) + ["--resume", "true"], embed_fn=toy_embedder)
+    assert [m["step"] for m in read_metrics(out)] == [1, 2]
+    assert [json.loads(l)["step"] for l in (out / "samples.jsonl").read_text().splitlines()] == [1, 1, 2, 2]
+    assert [(r["stage"], r["step"]) for r in map(json.loads, (out / "eval.jsonl").read_text().splitlines())] == \
+        [("start", 0), ("final", 1), ("final", 2)]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text(lines[0][:-5] + "\n" + lines[1] + "\n")
+    with pytest.raises(SystemExit, match="metrics.jsonl line 1 is corrupt; fix or delete that line"):
+        gs.main(base_flags(tiny_lm_dir, out, train, steps=3, **{"eval-data": ev}) + ["--resume", "true"], embed_fn=toy_embedder)
+
+
+def test_a_full_disk_while_saving_leaves_no_temporary_folder_and_earlier_checkpoints_intact(tmp_path, tiny_lm_dir, monkeypatch):
+    train, out = write_rows(tmp_path / "train.jsonl", 4), tmp_path / "run"
+    gs.main(base_flags(tiny_lm_dir, out, train, steps=1, **{"save-every": 1}), embed_fn=toy_embedder)
+    real_save = gs.torch.save
+
+    def full_disk(obj, f, *a, **k):
+        if "rng_state" in str(f):
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4480 vs 4374")
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(gs.torch, "save", full_disk)
+    with pytest.raises(SystemExit, match=r"no space left in .* while writing checkpoint-2; .*checkpoint-1 is intact"):
+        gs.main(base_flags(tiny_lm_dir, out, train, steps=2, **{"save-every": 1}) + ["--resume", "true"], embed_fn=toy_embedder)
+    assert not list(out.glob(".tmp-*")) and (out / "checkpoint-1" / "trainer_state.json").exists()
+
+
+def test_save_total_limit_keeps_the_newest_checkpoints(tmp_path, tiny_lm_dir):
+    train, out = write_rows(tmp_path / "train.jsonl", 4), tmp_path / "run"
+    gs.main(base_flags(tiny_lm_dir, out, train, steps=3, **{"save-every": 1, "save-total-limit": 2}), embed_fn=toy_embedder)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_full_fine_tuning_checkpoint_is_a_hub_folder_in_the_models_dtype_with_the_trained_weights(tmp_path, tiny_tokenizer):
+    """--lora-r 0 on a bfloat16 model: checkpoint-1/ loads with from_pretrained, in bfloat16, and holds
+    the fp32 master weights of trainer/ (DCP) rounded to bfloat16, which moved away from the start."""
+    import torch.distributed.checkpoint as dcp
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tmp_path / "bf16"
+    make_tiny_llama(len(tiny_tokenizer), dtype=torch.bfloat16).to(torch.bfloat16).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    gs.main(base_flags(model_dir, tmp_path / "run", write_rows(tmp_path / "train.jsonl", 4), steps=1, **{"lora-r": 0, "lr": 1e-3}),
+            embed_fn=toy_embedder)
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoint-1")
+    assert all(p.dtype == torch.bfloat16 for p in saved.parameters())
+    start = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
+    trained = {k: v.clone() for k, v in start.items()}
+    dcp.load({"model": trained}, checkpoint_id=str(tmp_path / "run" / "checkpoint-1" / "trainer"))
+    assert all(torch.equal(v, trained[k].to(torch.bfloat16)) for k, v in saved.state_dict().items())
+    assert any(not torch.equal(trained[k], v) for k, v in start.items())
+
+
+# ---------------------------------------------------------------------------------- rollouts (issue 13), fused linear (issue 15)
+def test_rollout_masks_end_at_the_first_eos_and_greedy_batches_equal_rows_alone(tiny_lm_dir):
+    """Sampled rows of very different lengths: mask True up to and including the first EOS, pad after;
+    greedy decoding (keys None, evaluation) of left-padded prompts of two lengths = each prompt alone."""
+    model = gs.load_lm(str(tiny_lm_dir), "--model", "cpu")
+    args = gs.Args(max_new_tokens=12, temperature=1.0, top_p=1.0)
+    eos = [5, 9, 2]  # frequent "EOS" tokens so that some rows stop early
+    prompts = [[1, 40, 41]] * 8 + [[1, 40, 41, 50, 60, 70, 80]] * 8
+    tokens, mask = gs.rollout(model, prompts, [(0, 1, i // 8, i) for i in range(16)], args, eos, 0)
+    lengths = set()
+    for row, m in zip(tokens.tolist(), mask.tolist()):
+        first = next((t for t, x in enumerate(row) if x in eos), len(row) - 1)
+        lengths.add(first)
+        assert m == [t <= first for t in range(len(row))] and all(x == 0 for x in row[first + 1:])
+    assert len(lengths) >= 3  # rows of very different lengths
+    batch, _ = gs.rollout(model, [[1, 40, 41], [1, 60, 61, 62, 63, 64]], None, args, [2], 0, max_new_tokens=6)
+    for i, p in enumerate([[1, 40, 41], [1, 60, 61, 62, 63, 64]]):
+        alone, _ = gs.rollout(model, [p], None, args, [2], 0, max_new_tokens=6)
+        with torch.no_grad():  # greedy written out: argmax of one plain forward per token
+            ids = list(p)
+            for _ in range(6):
+                ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+        want = [t if 2 not in ids[len(p):len(p) + k] else 0 for k, t in enumerate(ids[len(p):])]  # pad after EOS
+        n = alone.shape[1]  # generation stops when every row of the call has ended
+        assert alone[0].tolist() == want[:n] and batch[i, :n].tolist() == want[:n] and not batch[i, n:].any()
+
+
+@pytest.mark.parametrize("estimator", ["full", "k3"])
+def test_token_kl_from_hidden_states_equals_the_materialised_logits_path(estimator):
+    g = torch.Generator().manual_seed(9)
+    N, T, D, V = 2, 5, 16, 67
+    h = torch.randn(N, T, D, generator=g, dtype=torch.float64).requires_grad_()
+    w = torch.randn(V, D, generator=g, dtype=torch.float64).requires_grad_()
+    ref_h, ref_w = torch.randn(N, T, D, generator=g, dtype=torch.float64), torch.randn(V, D, generator=g, dtype=torch.float64)
+    tokens, mask = torch.randint(0, V, (N, T), generator=g), torch.rand(N, T, generator=g) > 0.3
+    fused = gs.token_kl(h, ref_h, tokens, mask, 0.9, estimator, dict(weight=w, ref_weight=ref_w, softcap=None, logit_scale=None))
+    plain = gs.token_kl(h @ w.T, ref_h @ ref_w.T, tokens, mask, 0.9, estimator)
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    upstream = torch.randn(N, T, generator=g, dtype=torch.float64)
+    ga = torch.autograd.grad(((fused[0] + fused[1]) * upstream).sum(), [h, w])
+    gb = torch.autograd.grad(((plain[0] + plain[1]) * upstream).sum(), [h, w])
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_fused_and_materialised_runs_agree(tmp_path, tiny_lm_dir):
+    """The whole run, --no-fused-linear against the default: the exact KL in the loss, pi_old of
+    --num-iterations 2, the alignment-tax probe."""
+    train, ev = write_rows(tmp_path / "train.jsonl", 4), write_rows(tmp_path / "eval.jsonl", 2)
+    gen = tmp_path / "general.txt"
+    gen.write_text("The quick brown fox jumps over the lazy dog.\nComputers store numbers as zeros and ones.\n")
+    flags = lambda out: base_flags(tiny_lm_dir, out, train, steps=2, **{  # noqa: E731
+        "kl-estimator": "full", "num-iterations": 2, "eval-data": ev, "general-text": gen})
+    gs.main(flags(tmp_path / "fused"), embed_fn=toy_embedder)
+    gs.main(flags(tmp_path / "plain") + ["--fused-linear", "false"], embed_fn=toy_embedder)
+    ma, mb = read_metrics(tmp_path / "fused"), read_metrics(tmp_path / "plain")
+    assert ma[1]["kl"] > 1e-6 and ma[1]["clip_frac"] is not None
+    for x, y in zip(ma, mb):
+        for k in ("reward_mean", "kl", "entropy", "loss", "grad_norm", "clip_frac"):
+            assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), k
+    ea, eb = ([json.loads(l) for l in (tmp_path / d / "eval.jsonl").read_text().splitlines()] for d in ("fused", "plain"))
+    assert ea[-1]["probe_kl_mean"] > 1e-6
+    for x, y in zip(ea, eb):
+        for k in ("probe_nll_mean", "probe_kl_mean", "similarity"):
+            assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-7), k
+
+
 # ---------------------------------------------------------------------------------- issue 11: numerics, templates
 def test_reward_std_is_exact_for_a_small_spread_around_a_large_mean():
     """Issue 11.10: rewards 2 + 1e-4 k in float32; E[r^2] - E[r]^2 in float32 loses the spread."""
@@ -556,11 +726,11 @@ def test_train_embedder_raises_held_out_retrieval_accuracy_on_a_tiny_encoder(tmp
     graded = tmp_path / "graded.jsonl"  # score = number of shared words (translated)
     graded.write_text("".join(json.dumps({"a": " ".join(f"a{w}" for w in s), "score": k, "b": " ".join(
         [f"b{w}" for w in s[:k]] + [f"b{(w + 7) % n_words}" for w in s[k:]])}) + "\n" for s in sentences[96:] for k in range(4)))
-    report = gs.main(["train-embedder", "--embedder", tmp_path / "bert", "--output-dir", tmp_path / "enc",
-                      "--parallel-data", write(tmp_path / "train.jsonl", sentences[:96]),
-                      "--parallel-eval-data", write(tmp_path / "test.jsonl", sentences[96:]),
-                      "--graded-data", graded, "--embedder-epochs", 8, "--embedder-lr", 3e-3,
-                      "--embedder-batch-size", 16, "--seed", 0])
+    flags = ["train-embedder", "--embedder", tmp_path / "bert", "--output-dir", tmp_path / "enc",
+             "--parallel-data", write(tmp_path / "train.jsonl", sentences[:96]),
+             "--parallel-eval-data", write(tmp_path / "test.jsonl", sentences[96:]),
+             "--graded-data", graded, "--embedder-epochs", 8, "--embedder-lr", 3e-3, "--embedder-batch-size", 16, "--seed", 0]
+    report = gs.main(flags)
     before, after = report["before"]["retrieval_xx"], report["after"]["retrieval_xx"]
     assert after >= before + 0.3 and after >= 0.6, (before, after)
     assert -1 <= report["before"]["spearman_all"] <= 1 and report["after"]["spearman_all"] > report["before"]["spearman_all"]
@@ -569,6 +739,8 @@ def test_train_embedder_raises_held_out_retrieval_accuracy_on_a_tiny_encoder(tmp
     rows = [json.loads(l) for l in (tmp_path / "test.jsonl").read_text().splitlines()]
     assert gs.retrieval_accuracy(emb([r["source"] for r in rows]), emb([r["target"] for r in rows])) == pytest.approx(after)
     assert json.loads((tmp_path / "enc" / "embedder_eval.json").read_text())["after"]["retrieval_xx"] == pytest.approx(after)
+    with pytest.raises(SystemExit, match="enc is not empty; pass a new folder, or --overwrite to replace an encoder"):
+        gs.main(flags)  # a second run never mixes its files with the first one's
 
 
 # ---------------------------------------------------------------------------------- bad input (issue 10)
@@ -585,12 +757,22 @@ def test_train_embedder_raises_held_out_retrieval_accuracy_on_a_tiny_encoder(tmp
     ("top-p", 1.5, r"--top-p must be in \(0, 1\]"),
     ("lr", 0, "--lr must be > 0"),
     ("beta", -0.1, "--beta must be >= 0"),
-    ("kl-estimator", "k2", '--kl-estimator must be one of k3, full, got "k2"'),
+    ("kl-estimator", "k2", "--kl-estimator must be one of k3, full, got 'k2'"),
     ("tau", "often", '--tau must be a number in'),
+    ("save-total-limit", 0, "--save-total-limit must be >= 1, got 0"),
+    ("eval-batch-size", 0, "--eval-batch-size must be > 0, got 0"),
 ])
 def test_bad_flags_are_refused_in_one_line_before_anything_loads(tmp_path, flag, value, message):
     with pytest.raises(SystemExit, match=re.escape(message) if "(" in message and "\\" not in message else message):
         gs.main(["--model", tmp_path / "no-model-here", f"--{flag}", value])
+
+
+def test_resume_with_overwrite_and_fsdp_without_torchrun_are_refused(tmp_path):
+    with pytest.raises(SystemExit, match="--resume continues the run in --output-dir and --overwrite deletes it; pass one"):
+        gs.main(["--model", tmp_path / "no-model-here", "--resume", "true", "--overwrite", "true"])
+    with pytest.raises(SystemExit, match=r"--fsdp needs torchrun \(any --nproc_per_node, 1 included\)"):
+        gs.main(["--model", tmp_path / "no-model-here", "--fsdp", "true", "--output-dir", tmp_path / "o"])
+    assert not (tmp_path / "o").exists()
 
 
 def test_bad_data_files_get_one_line_naming_file_and_line(tmp_path):
@@ -668,3 +850,94 @@ def test_two_processes_match_one_process(tmp_path, tiny_lm_dir, cpu_only):
             assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), k
     start, sft = load_file(Path(tiny_lm_dir) / "model.safetensors"), load_file(tmp_path / "one" / "sft" / "model.safetensors")
     assert any(not torch.allclose(start[k], sft[k]) for k in sft if k in start)  # the cold start moved the weights
+
+
+# ---------------------------------------------------------------------------------- FSDP2 (issue 12)
+def test_fsdp_two_processes_match_one_process_and_hold_half_the_state(tmp_path, tiny_lm_dir, cpu_only):
+    """SFT + GRPO with LoRA under FSDP2 on 2 gloo processes = 1 process: sft/, the adapter and merged/
+    after two optimizer steps, the metrics, and every evaluation (3 rows and 3 probe lines: 2 on rank 0, 1 on
+    rank 1, one per batch, so the generate() calls and the probe's forwards must be padded to lockstep,
+    or the run hangs). Rank 0 holds about half of the parameters (with LoRA mostly the frozen base) and
+    half of the optimizer state (the adapters' AdamW moments: the trainable state is small)."""
+    from safetensors.torch import load_file
+
+    ev, gen = tmp_path / "eval.jsonl", tmp_path / "general.txt"
+    ev.write_text("".join((ROOT / "data" / "semantic_eval.jsonl").read_text().splitlines(True)[:3]))
+    gen.write_text("The quick brown fox jumps over the lazy dog.\nComputers store numbers as zeros and ones.\n"
+                   "Rivers carry water from the mountains to the sea.\n")
+    flags = lambda out: base_flags(tiny_lm_dir, out, ROOT / "data" / "semantic_train.jsonl", steps=2, **{  # noqa: E731
+        "sft-data": ROOT / "data" / "semantic_sft.jsonl", "sft-epochs": 1, "sft-batch-size": 4, "sft-lr": 1e-3,
+        "max-new-tokens": 4, "group-size": 2, "tau": "auto", "tau-holdout": 3, "eval-data": ev, "general-text": gen,
+        "eval-batch-size": 1, "eval-max-new-tokens": 4, "save-every": 1, "save-merged": "true"})
+    gs.main(flags(tmp_path / "one"))
+    run_torchrun("grpo_semantic.py", flags(tmp_path / "two") + ["--fsdp", "true"], nproc=2)
+    for name in ("sft/model.safetensors", "checkpoint-2/merged/model.safetensors", "checkpoint-2/adapter_model.safetensors"):
+        a, b = load_file(tmp_path / "one" / name), load_file(tmp_path / "two" / name)
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a), name  # Adam: noise ~ lr/100
+    assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)
+    ma, mb = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert ma[1]["kl"] > 0 and ma[0]["frac_zero_adv"] < 1  # the second step starts from moved weights
+    for x, y in zip(ma, mb):
+        for k in ("reward_mean", "reward_std", "similarity", "kl", "entropy", "loss", "response_len", "grad_norm", "tau"):
+            assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), k
+        assert y["param_bytes"] == pytest.approx(x["param_bytes"] / 2, rel=0.05)  # rank 0's shards
+        assert y["optimizer_bytes"] == pytest.approx(x["optimizer_bytes"] / 2, rel=0.05)
+    ea, eb = ([json.loads(l) for l in (tmp_path / d / "eval.jsonl").read_text().splitlines()] for d in ("one", "two"))
+    assert [(r["stage"], r["step"]) for r in eb] == [("base", 0), ("start", 0), ("final", 2)]
+    for x, y in zip(ea, eb):
+        assert y["probe_tokens"] == x["probe_tokens"] > 0
+        for k in ("similarity", "chrf", "probe_nll_mean", "probe_kl_mean", "probe_nll_p90"):
+            assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), k
+
+
+def test_fsdp_full_fine_tuning_matches_one_process(tmp_path, tiny_lm_dir, cpu_only):
+    """--lora-r 0 under FSDP2: every weight trains (the tied embedding and the norms sit in the root's
+    group), pi_ref is a sharded frozen copy, the exact KL with --num-iterations 2. The probe of the model
+    before SFT runs a forward of the root first, after which FSDP keeps the root's parameters gathered:
+    an optimizer built then would hold the gathered copies (sft/ then differed by 2e-3)."""
+    from safetensors.torch import load_file
+
+    gen = tmp_path / "general.txt"
+    gen.write_text("The quick brown fox jumps over the lazy dog.\nComputers store numbers as zeros and ones.\n")
+    flags = lambda out: base_flags(tiny_lm_dir, out, ROOT / "data" / "semantic_train.jsonl", steps=2, **{  # noqa: E731
+        "sft-data": ROOT / "data" / "semantic_sft.jsonl", "sft-epochs": 1, "sft-batch-size": 4, "sft-lr": 1e-3,
+        "max-new-tokens": 4, "group-size": 2, "lora-r": 0, "lr": 1e-3, "kl-estimator": "full", "num-iterations": 2,
+        "general-text": gen})
+    gs.main(flags(tmp_path / "one"))
+    run_torchrun("grpo_semantic.py", flags(tmp_path / "two") + ["--fsdp", "true", "--ref-offload", "true"], nproc=2)
+    for name in ("sft/model.safetensors", "checkpoint-2/model.safetensors"):
+        a, b = load_file(tmp_path / "one" / name), load_file(tmp_path / "two" / name)
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a), name  # Adam: noise ~ lr/100
+    ma, mb = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert ma[1]["kl"] > 1e-6 and ma[1]["clip_frac"] > 0
+    for x, y in zip(ma, mb):
+        for k in ("reward_mean", "kl", "loss", "grad_norm", "clip_frac"):
+            assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), k
+    ea, eb = ([json.loads(l) for l in (tmp_path / d / "eval.jsonl").read_text().splitlines()] for d in ("one", "two"))
+    assert [x["probe_kl_mean"] for x in ea] == pytest.approx([y["probe_kl_mean"] for y in eb], rel=1e-4, abs=1e-8)
+
+
+def test_fsdp_kill_and_resume_equals_the_uninterrupted_run_on_every_rank(tmp_path, tiny_lm_dir):
+    """LoRA dropout 0.1 draws from each rank's own RNG: a resume that restored rank 0's state on rank 1
+    would differ. The cut run is the uninterrupted one as a kill while writing checkpoint-2 leaves it
+    (.tmp-checkpoint-2, the logs of step 2, a torn line); --resume, with --gradient-checkpointing
+    switched on (a flag that may change), must give the same metrics and the same adapter bits."""
+    from safetensors.torch import load_file
+
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    flags = lambda out: base_flags(tiny_lm_dir, out, ROOT / "data" / "semantic_train.jsonl", steps=2, **{  # noqa: E731
+        "max-new-tokens": 4, "group-size": 2, "lora-dropout": 0.1, "save-every": 1, "fsdp": "true"})
+    run_torchrun("grpo_semantic.py", flags(full), nproc=2)
+    shutil.copytree(full, cut)
+    (cut / "checkpoint-2").rename(cut / ".tmp-checkpoint-2")
+    with open(cut / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "rew')
+    run_torchrun("grpo_semantic.py", flags(cut) + ["--resume", "true", "--gradient-checkpointing", "true"], nproc=2)
+    rng = [torch.load(full / "checkpoint-1" / f"rng_state_{r}.pth", weights_only=False)["torch"] for r in (0, 1)]
+    assert not torch.equal(*rng)  # the ranks' streams differ, so the check below would see rank 0's on rank 1
+    drop = lambda m: {k: v for k, v in m.items() if k != "tokens_per_s"}  # noqa: E731
+    assert [drop(m) for m in read_metrics(cut)] == [drop(m) for m in read_metrics(full)]
+    a, b = load_file(full / "checkpoint-2" / "adapter_model.safetensors"), load_file(cut / "checkpoint-2" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a) and not list(cut.glob(".tmp-*"))
+    changed = json.loads((cut / "args.json").read_text())["_resumed"][0]["changed"]
+    assert changed.keys() == {"output_dir", "gradient_checkpointing"}
