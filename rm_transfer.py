@@ -39,13 +39,10 @@ by s, so (7) carries the same s (README derives it; a test enumerates a 3-token 
 E[-grad((5) + (7))] = grad J at rho = 1, gamma = lambda = 1, no whitening).
 
 Scale (issues 12, 13, 15): DDP by default; --fsdp shards the trained models (train-rm: the RM; rl: policy
-and value model), their optimizers and the frozen ones (reference, RM) with FSDP2; --gradient-checkpointing,
---ref-offload. rl samples all of a rank's prompts of an iteration in one `generate` (static cache + compiled
-decoding on CUDA) by Gumbel-max with noise keyed by (seed, global sample index): exact, and the same on any
-number of processes. Log-probs and the full KL come from the training forward's final hidden states and
-the LM head, float32 logits in chunks (--no-fused-linear: from logits). checkpoint-<step>/ is a Hugging
-Face folder in the model's dtype (rl: the policy, and value/), trainer/ (torch.distributed.checkpoint:
-weights and optimizers), rng_state_<rank>.pth and trainer_state.json (step, LR schedulers).
+and value model), their optimizers and the frozen ones (reference, RM) with FSDP2. rl samples a rank's prompts
+in one `generate` with the project's keyed Gumbel-max sampler (exact, the same on any number of processes);
+log-probs and KL come from final hidden states (--no-fused-linear: from logits). Outputs and checkpoints
+(rl: the policy, and value/) are as README's "What every script shares" describes.
 
 Run (CPU or GPU; `torchrun --nproc_per_node=N` works for every stage, plain `python` is 1 process):
   python rm_transfer.py train-rm --model $MODEL_DIR --train-data data/prefs_en_train.jsonl \
@@ -411,8 +408,8 @@ def parse_prefs(rows: list[tuple[str, dict]], path: str, flag: str, a: Args, los
         raise SystemExit(f'{flag} {path} {rows[0][0]} has neither "{a.chosen_field}"/"{a.rejected_field}" nor '
                          f'"{a.response_field}"/"{a.label_field}"; pass --chosen-field/--rejected-field or '
                          f"--response-field/--label-field")
-    texts = [(a.prompt_field, "--prompt-field")] + ([(a.chosen_field, "--chosen-field"), (a.rejected_field, "--rejected-field")]
-                                                    if kind == "pairwise" else [(a.response_field, "--response-field")])
+    names = ["prompt_field"] + (["chosen_field", "rejected_field"] if kind == "pairwise" else ["response_field"])
+    texts = [(getattr(a, n), "--" + n.replace("_", "-")) for n in names]
     items, skipped = [], {"empty": 0, "identical": 0}
     for where, r in rows:
         for k, fl in texts + ([] if kind == "pairwise" else [(a.label_field, "--label-field")]):
@@ -472,14 +469,13 @@ def pad(seqs: list[list[int]], pad_id: int, side: str, length: int = 0):
 
 def check_model_path(path: str, flag: str):
     """One line, before anything loads, for a model path that cannot work; hub names pass through."""
-    p = Path(path).expanduser()
+    p, fix = Path(path).expanduser(), "pass a folder written by save_pretrained, or a hub name"
     if p.is_dir() and not (p / "config.json").is_file():
-        raise SystemExit(f"{flag} {path} is a folder without a model (no config.json); pass a folder written by "
-                         "save_pretrained, or a hub name")
+        raise SystemExit(f"{flag} {path} is a folder without a model (no config.json); {fix}")
     if p.is_file():
-        raise SystemExit(f"{flag} {path} is a file, not a model folder; pass a folder written by save_pretrained, or a hub name")
-    if not p.exists() and (path.startswith((".", "/", "~")) or Path(path.split("/")[0]).exists() or path.count("/") > 1):
-        raise SystemExit(f"{flag} {path} does not exist; pass a folder written by save_pretrained, or a hub name (org/name)")
+        raise SystemExit(f"{flag} {path} is a file, not a model folder; {fix}")
+    if not p.exists() and (path[:1] in (".", "/", "~") or Path(path.split("/")[0]).exists() or path.count("/") > 1):
+        raise SystemExit(f"{flag} {path} does not exist; {fix} (org/name)")
 
 
 def from_pretrained(cls, path: str, flag: str, **kw):
@@ -628,7 +624,7 @@ def local_bytes(tensors) -> int:
     return sum((t.to_local() if hasattr(t, "to_local") else t).nbytes for t in tensors if torch.is_tensor(t))
 
 
-# ---------------------------------------------------------------- rollout: one batched generation (swap this block for an inference server)
+# ---------------------------------------------------------------- rollout (swap this block for an inference server)
 def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """[B, V] -> [B, V] float64 log-probs of softmax(logits / T), -inf outside the top-p nucleus: the
     smallest set of most likely words whose mass reaches top_p (a word stays while the mass ranked
@@ -761,8 +757,7 @@ def prepare_output_dir(a: Args, rank: int, world: int) -> Tuple[Path, Optional[P
                                      f"(args.json); pass the same value, or --overwrite to start over")
                 changed[k] = [saved[k], v]
         ckpt = latest_checkpoint(out)
-    if world > 1:
-        dist.barrier()  # every rank has read the folder before rank 0 changes it
+    barrier(world)  # every rank has read the folder before rank 0 changes it
     if rank == 0:
         if overwrite and is_run:
             shutil.rmtree(out)
@@ -779,8 +774,7 @@ def prepare_output_dir(a: Args, rank: int, world: int) -> Tuple[Path, Optional[P
                   + (f"; changed flags: {changed}" if changed else ""))
         else:
             atomic_write(out / "args.json", json.dumps(asdict(a), indent=2))
-    if world > 1:
-        dist.barrier()
+    barrier(world)
     return out, ckpt
 
 
@@ -855,8 +849,7 @@ def writing(out: Path, name: str, rank: int, world: int):
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
-        if world > 1:
-            dist.barrier()
+        barrier(world)
         yield tmp
     except (OSError, RuntimeError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -865,14 +858,12 @@ def writing(out: Path, name: str, rank: int, world: int):
             raise SystemExit(f"no space left in {out} while writing {name}; free space and run again with "
                              f"--resume ({prev.name + ' is intact' if prev else 'no earlier checkpoint'})")
         raise
-    if world > 1:
-        dist.barrier()
+    barrier(world)
     if rank == 0:
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
-    if world > 1:
-        dist.barrier()
+    barrier(world)
 
 
 def trainer_state_dict(trained: dict) -> dict:
@@ -901,8 +892,7 @@ def save_checkpoint(out: Path, step: int, trained: dict, folders: dict, tok, sta
         done = sorted((p for p in out.glob("checkpoint-*") if p.name[11:].isdigit()), key=lambda p: int(p.name[11:]))
         for old in done[:-a.save_total_limit]:
             shutil.rmtree(old)
-    if world > 1:
-        dist.barrier()
+    barrier(world)
 
 
 def load_checkpoint(ckpt: Path, trained: dict, rank: int) -> dict:
@@ -961,6 +951,11 @@ class Reporter:
 
 
 # ---------------------------------------------------------------- utilities shared by the stages
+def barrier(world: int):
+    if world > 1:
+        dist.barrier()
+
+
 def all_sum(x: float, device) -> float:
     if not dist.is_initialized():
         return x
@@ -1178,8 +1173,7 @@ def train_rm(a: Args, rank: int, world: int, device, ddp: bool):
     if rank == 0:
         print(f"train-rm: final/ = step {best[1] or total}, " + (f"the lowest validation loss ({best[0]:.4f} on "
               f"{evals[sel][0]})" if best[1] else f"the last one (no --eval-data set of the {kind} kind to select on)"))
-    if world > 1:
-        dist.barrier()
+    barrier(world)
 
 
 def eval_rm(a: Args, rank: int, world: int, device, ddp: bool):
@@ -1237,9 +1231,9 @@ def eval_rm(a: Args, rank: int, world: int, device, ddp: bool):
             md += f"Skipped as longer than --max-length {a.max_length}: {json.dumps(skipped_long)}\n"
         print(md)
         atomic_write(out / "accuracy.md", md)
-        atomic_write(out / "accuracy.json", dumps({"columns": cols, "rows": {k: {c: row.get(c) for c in cols} for k, row in table.items()},
-                                                  "rules": rules, "skipped_long": skipped_long,
-                                                  "skipped_rows": {n: sk for n, _, _, sk in sets}}, indent=1))
+        atomic_write(out / "accuracy.json", dumps({
+            "columns": cols, "rows": {k: {c: row.get(c) for c in cols} for k, row in table.items()}, "rules": rules,
+            "skipped_long": skipped_long, "skipped_rows": {n: sk for n, _, _, sk in sets}}, indent=1))
     return table
 
 
@@ -1293,10 +1287,9 @@ def rl(a: Args, rank: int, world: int, device, ddp: bool):
     if a.fsdp:
         for m, frozen in ((policy, False), (value, False), (ref, True), (rm, True)):
             shard(m, a, device, frozen)
-    wrap = lambda m: DDP(m, device_ids=[device.index] if device.type == "cuda" else None) if ddp and not a.fsdp else m  # noqa: E731
-    policy_d, value_d = wrap(policy), wrap(value)
-    opt_pi = torch.optim.AdamW(policy.parameters(), lr=a.lr, weight_decay=a.weight_decay)
-    opt_v = torch.optim.AdamW(value.parameters(), lr=a.lr, weight_decay=a.weight_decay)
+    policy_d, value_d = (DDP(m, device_ids=[device.index] if device.type == "cuda" else None) if ddp and not a.fsdp
+                         else m for m in (policy, value))
+    opt_pi, opt_v = (torch.optim.AdamW(m.parameters(), lr=a.lr, weight_decay=a.weight_decay) for m in (policy, value))
     sch_pi, sch_v = warmup_constant(opt_pi, a.warmup_steps), warmup_constant(opt_v, a.warmup_steps)
     trained = {"policy": (policy, opt_pi), "value": (value, opt_v)}
     state = load_checkpoint(ckpt, trained, rank) if ckpt else {"step": 0}
@@ -1307,10 +1300,10 @@ def rl(a: Args, rank: int, world: int, device, ddp: bool):
     eos_ids = sorted({tok.eos_token_id, *([gen_eos] if isinstance(gen_eos, int) else gen_eos or [])} - {None})
     pad_id = tok.pad_token_id
     pad_to = max(len(e) for _, e in enc) if device.type == "cuda" and a.compile_rollout else 0  # one static-cache shape
-    heads = lambda x, ref_x: dict(  # noqa: E731 - the LM heads for the fused kernel; softcap: Gemma 2, logit_scale: Cohere
-        weight=lm_head(policy, x), ref_weight=None if ref_x is None else lm_head(ref, ref_x),
-        softcap=getattr(policy.config, "final_logit_softcapping", None),
-        logit_scale=getattr(policy.config, "logit_scale", None)) if a.fused_linear else None
+    def heads(x, ref_x):  # the LM heads for the fused kernel; softcap: Gemma 2, logit_scale: Cohere
+        return dict(weight=lm_head(policy, x), ref_weight=None if ref_x is None else lm_head(ref, ref_x),
+                    softcap=getattr(policy.config, "final_logit_softcapping", None),
+                    logit_scale=getattr(policy.config, "logit_scale", None)) if a.fused_linear else None
     for step in range(state["step"] + 1, total + 1):
         t0 = time.time()
         # ---- ALGO: 1. rollout: this rank's prompts in ONE generate call. Sample k of the prompt stream is
@@ -1325,7 +1318,7 @@ def rl(a: Args, rank: int, world: int, device, ddp: bool):
         ids, mask = torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1)
         # ---- ALGO: 2. log-probs, KL (3), values and RM scores of the rollout, from the training forwards
         with torch.no_grad(), autocast(device, a):
-            x, ref_x = response_states(policy, ids, mask, R, a.fused_linear), response_states(ref, ids, mask, R, a.fused_linear)
+            x, ref_x = (response_states(m, ids, mask, R, a.fused_linear) for m in (policy, ref))
             old_logp, kl_full, entropy, ref_logp = token_logprob_kl(x, ref_x, r_ids, a.temperature, heads(x, ref_x))
             kl = kl_full if a.kl_estimator == "full" else old_logp - ref_logp
             del x, ref_x
