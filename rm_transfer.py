@@ -66,7 +66,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -156,9 +156,8 @@ class Args:
                   ("lam", "in [0, 1]", lambda v: 0 <= v <= 1), ("dropout", "in [0, 1)", lambda v: 0 <= v < 1),
                   ("missing_eos_penalty", "> 0 (or unset)", lambda v: v is None or v > 0),
                   ("save_total_limit", ">= 1 (or unset)", lambda v: v is None or v >= 1)]
-        rules += [(n, f"one of {', '.join(c)}", lambda v, c=c: v in c) for n, c in (("stage", STAGES),
-                  ("loss", ("auto", "pairwise", "pointwise")), ("kl_estimator", ("full", "k1")),
-                  ("report_to", ("none", "tensorboard", "wandb")))]
+        rules += [(f.name, f"one of {', '.join(f.metadata['choices'])}", lambda v, c=f.metadata["choices"]: v in c)
+                  for f in fields(self) if "choices" in f.metadata]
         for name, want, ok in rules:
             if not ok(getattr(self, name)):
                 raise SystemExit(f"--{name.replace('_', '-')} must be {want}, got {getattr(self, name)!r}")
@@ -523,14 +522,14 @@ def load_scorer(path: str, tok, device, flag: str = "--reward-model", dropout: f
     """AutoModelForSequenceClassification(num_labels=1) in a TokenScorer; pad_token_id set when the config
     lacks it; dropout (train-rm, App. B) set on the config's dropout fields."""
     config = from_pretrained(AutoConfig, path, flag, num_labels=1)
-    fields = set_dropout(config, dropout) if dropout is not None else []
+    dropout_fields = set_dropout(config, dropout) if dropout is not None else []
     m = from_pretrained(AutoModelForSequenceClassification, path, flag, config=config, dtype=dtype)
     if m.config.pad_token_id is None:
         m.config.pad_token_id = tok.pad_token_id
     if not hasattr(m, "score"):
         raise SystemExit(f"{flag} {path}: {type(m).__name__} has no per-token `score` head; use a decoder backbone (Llama, Qwen2, ...)")
     scorer = TokenScorer(m).to(device)
-    scorer.dropout_fields = fields
+    scorer.dropout_fields = dropout_fields
     return scorer
 
 
@@ -874,11 +873,10 @@ def trainer_state_dict(trained: dict) -> dict:
     return sd
 
 
-def save_checkpoint(out: Path, step: int, trained: dict, folders: dict, tok, state: dict, a: Args, rank: int, world: int):
-    """checkpoint-<step>/: a Hugging Face folder per trained model (folders: {subfolder: (model, dtype)},
-    "" = the checkpoint folder itself) in its own dtype (from_pretrained, vLLM); trainer/
-    (torch.distributed.checkpoint: fp32 weights and optimizer of each of `trained`); rng_state_<rank>.pth for
-    every rank; trainer_state.json (step, LR schedulers). --save-total-limit prunes the oldest."""
+def save_checkpoint(out: Path, step: int, trained, folders, tok, scheds, a: Args, rank: int, world: int):
+    """checkpoint-<step>/ as README describes: a Hugging Face folder per model of folders ({subfolder: (model,
+    dtype)}, "" = the checkpoint itself), trainer/ (each of `trained`), rng_state_<rank>.pth, trainer_state.json
+    (step, the LR schedulers `scheds`). --save-total-limit prunes the oldest."""
     with writing(out, f"checkpoint-{step}", rank, world) as tmp:
         for sub, (model, dtype) in folders.items():
             save_hf(tmp / sub, model, tok, dtype, rank)
@@ -887,7 +885,8 @@ def save_checkpoint(out: Path, step: int, trained: dict, folders: dict, tok, sta
                     "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
                    tmp / f"rng_state_{rank}.pth")
         if rank == 0:
-            atomic_write(tmp / "trainer_state.json", json.dumps({"step": step, "world_size": world, **state}))
+            state = {"step": step, "world_size": world, **{k: sch.state_dict() for k, sch in scheds.items()}}
+            atomic_write(tmp / "trainer_state.json", json.dumps(state))
     if rank == 0 and a.save_total_limit:
         done = sorted((p for p in out.glob("checkpoint-*") if p.name[11:].isdigit()), key=lambda p: int(p.name[11:]))
         for old in done[:-a.save_total_limit]:
@@ -895,8 +894,8 @@ def save_checkpoint(out: Path, step: int, trained: dict, folders: dict, tok, sta
     barrier(world)
 
 
-def load_checkpoint(ckpt: Path, trained: dict, rank: int) -> dict:
-    """Weights and optimizers from trainer/ (resharded to this run's layout), this rank's RNG."""
+def load_checkpoint(ckpt: Path, trained: dict, scheds: dict, rank: int) -> dict:
+    """Weights and optimizers from trainer/ (resharded to this run's layout), the LR schedulers, this rank's RNG."""
     sd = trainer_state_dict(trained)
     dcp.load(sd, checkpoint_id=str(ckpt / "trainer"))
     for name, (model, opt) in trained.items():
@@ -910,7 +909,10 @@ def load_checkpoint(ckpt: Path, trained: dict, rank: int) -> dict:
     torch.set_rng_state(rng["torch"]), np.random.set_state(rng["numpy"]), random.setstate(rng["python"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-    return json.loads((ckpt / "trainer_state.json").read_text())
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    for k, sch in scheds.items():
+        sch.load_state_dict(state[k])
+    return state
 
 
 def latest_checkpoint(out: Path) -> Optional[Path]:
@@ -1104,9 +1106,7 @@ def train_rm(a: Args, rank: int, world: int, device, ddp: bool):
     model = DDP(scorer, device_ids=[device.index] if device.type == "cuda" else None) if ddp and not a.fsdp else scorer
     opt = torch.optim.AdamW(scorer.parameters(), lr=a.lr, weight_decay=a.weight_decay)
     sched = warmup_constant(opt, a.warmup_steps)
-    state = load_checkpoint(ckpt, {"model": (scorer, opt)}, rank) if ckpt else {"step": 0}
-    if ckpt:
-        sched.load_state_dict(state["scheduler"])
+    state = load_checkpoint(ckpt, {"model": (scorer, opt)}, {"scheduler": sched}, rank) if ckpt else {"step": 0}
     best = best_so_far(out)  # (lowest validation loss, its step)
     info = {"kind": kind, "train_data": a.train_data, "langs": langs}
     reporter = Reporter(a, out, rank, state["step"], total)
@@ -1162,7 +1162,7 @@ def train_rm(a: Args, rank: int, world: int, device, ddp: bool):
         reporter.log(m)
         if (a.save_every and step % a.save_every == 0) or step == total:
             save_checkpoint(out, step, {"model": (scorer, opt)}, {"": (scorer, dtype)}, tok,
-                            {"scheduler": sched.state_dict()}, a, rank, world)
+                            {"scheduler": sched}, a, rank, world)
     reporter.close()
     if best[1] is None:  # no validation set of the training kind: final/ = the last step
         with writing(out, "final", rank, world) as tmp:
@@ -1255,16 +1255,16 @@ def rl(a: Args, rank: int, world: int, device, ddp: bool):
     if load_tokenizer(a.reward_model[0], "--reward-model").get_vocab() != tok.get_vocab():
         raise SystemExit("the reward model's tokenizer differs from the policy's; the value model scores policy "
                          "tokens, so train the RM from the policy's backbone (train-rm --model POLICY)")
-    enc = [(p, prompt_ids(tok, p)) for p in prompts]
+    enc = [prompt_ids(tok, p) for p in prompts]
     room = a.max_length - a.max_new_tokens
-    skipped_long = sum(len(e) > room for _, e in enc)
+    skipped_long = sum(len(e) > room for e in enc)
     if skipped_long == len(enc):
-        raise SystemExit(f"every prompt of --prompts {a.prompts} is too long: the shortest has {min(len(e) for _, e in enc)} "
+        raise SystemExit(f"every prompt of --prompts {a.prompts} is too long: the shortest has {min(map(len, enc))} "
                          f"tokens, and --max-length {a.max_length} minus --max-new-tokens {a.max_new_tokens} leaves {room}; "
                          "raise --max-length (within the model's context) or lower --max-new-tokens")
     if skipped_long and rank == 0:
         print(f"rl: skipped {skipped_long} of {len(enc)} prompts longer than --max-length minus --max-new-tokens ({room} tokens)")
-    enc = [(p, e) for p, e in enc if len(e) <= room]
+    enc = [e for e in enc if len(e) <= room]
     total = a.steps or math.ceil(len(enc) / a.rollout_batch_size)
     out, ckpt = prepare_output_dir(a, rank, world)
 
@@ -1292,14 +1292,13 @@ def rl(a: Args, rank: int, world: int, device, ddp: bool):
     opt_pi, opt_v = (torch.optim.AdamW(m.parameters(), lr=a.lr, weight_decay=a.weight_decay) for m in (policy, value))
     sch_pi, sch_v = warmup_constant(opt_pi, a.warmup_steps), warmup_constant(opt_v, a.warmup_steps)
     trained = {"policy": (policy, opt_pi), "value": (value, opt_v)}
-    state = load_checkpoint(ckpt, trained, rank) if ckpt else {"step": 0}
-    if ckpt:
-        sch_pi.load_state_dict(state["sch_pi"]), sch_v.load_state_dict(state["sch_v"])
+    scheds = {"sch_pi": sch_pi, "sch_v": sch_v}
+    state = load_checkpoint(ckpt, trained, scheds, rank) if ckpt else {"step": 0}
     reporter = Reporter(a, out, rank, state["step"], total)
     gen_eos = policy.generation_config.eos_token_id
     eos_ids = sorted({tok.eos_token_id, *([gen_eos] if isinstance(gen_eos, int) else gen_eos or [])} - {None})
     pad_id = tok.pad_token_id
-    pad_to = max(len(e) for _, e in enc) if device.type == "cuda" and a.compile_rollout else 0  # one static-cache shape
+    pad_to = max(map(len, enc)) if device.type == "cuda" and a.compile_rollout else 0  # one static-cache shape
     def heads(x, ref_x):  # the LM heads for the fused kernel; softcap: Gemma 2, logit_scale: Cohere
         return dict(weight=lm_head(policy, x), ref_weight=None if ref_x is None else lm_head(ref, ref_x),
                     softcap=getattr(policy.config, "final_logit_softcapping", None),
@@ -1309,7 +1308,7 @@ def rl(a: Args, rank: int, world: int, device, ddp: bool):
         # ---- ALGO: 1. rollout: this rank's prompts in ONE generate call. Sample k of the prompt stream is
         # prompt order(epoch)[pos], (epoch, pos) = divmod(k, #prompts); its noise is keyed by (seed, k)
         ks = list(range((step - 1) * a.rollout_batch_size, step * a.rollout_batch_size))[rank::world]
-        p_list = [enc[data_order(a.seed, k // len(enc), len(enc))[k % len(enc)]][1] for k in ks]
+        p_list = [enc[data_order(a.seed, k // len(enc), len(enc))[k % len(enc)]] for k in ks]
         policy.eval(), value.eval()
         with gathered(policy, a.fsdp), autocast(device, a):
             r_ids, r_mask = rollout(policy, p_list, [(a.seed, k) for k in ks], a, eos_ids, pad_id, pad_to)
@@ -1346,7 +1345,7 @@ def rl(a: Args, rank: int, world: int, device, ddp: bool):
         # forwards and backwards on every rank (FSDP all-gathers in each), one optimizer step per backward.
         update_policy = step > a.value_warmup_steps
         policy.train(a.gradient_checkpointing), value.train(a.gradient_checkpointing)
-        stats = {"loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0, "n_tok": 0.0, "skipped_nonfinite": 0}
+        stats, n_tok_sum = {"loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0, "skipped_nonfinite": 0}, 0.0
         for ep in range(a.ppo_epochs):
             perm = torch.randperm(B, generator=torch.Generator().manual_seed(a.seed * 100003 + (step - 1) * 101 + ep)).tolist()
             for mb0 in range(0, B, a.minibatch_size):
@@ -1372,7 +1371,7 @@ def rl(a: Args, rank: int, world: int, device, ddp: bool):
                 (loss_sum / n_tok * world).backward()
                 stats["skipped_nonfinite"] += grad_step(value.parameters(), opt_v, a.max_grad_norm)[1]
                 stats["value_loss"] += all_sum(loss_sum.item(), device)
-                stats["n_tok"] += n_tok
+                n_tok_sum += n_tok
         # ---- PLUMBING: schedulers, metrics, samples, checkpoint
         lr = sch_pi.get_last_lr()[0] if update_policy else None  # null: no policy step (value warm-up)
         if update_policy:  # the policy's warm-up starts when it starts moving
@@ -1384,8 +1383,8 @@ def rl(a: Args, rank: int, world: int, device, ddp: bool):
             "kl": seq_kl.mean().item(), "reward_total": (score_pen - a.beta * seq_kl).mean().item(),
             "no_eos_frac": (~has_eos(g["r_ids"], m_, eos_ids)).float().mean().item(),
             "entropy": (g["entropy"].sum() / m_.sum()).item(), "response_len": m_.sum(1).mean().item(),
-            "loss": stats["loss"] / stats["n_tok"] if update_policy else None, "value_loss": stats["value_loss"] / stats["n_tok"],
-            "clipfrac": stats["clipfrac"] / stats["n_tok"] if update_policy else None, "policy_updated": int(update_policy),
+            "loss": stats["loss"] / n_tok_sum if update_policy else None, "value_loss": stats["value_loss"] / n_tok_sum,
+            "clipfrac": stats["clipfrac"] / n_tok_sum if update_policy else None, "policy_updated": int(update_policy),
             "skipped_nonfinite": stats["skipped_nonfinite"], "skipped_long": skipped_long, "lr": lr,
             "param_bytes": local_bytes([*policy.parameters(), *value.parameters()]),
             "optimizer_bytes": local_bytes(v for o in (opt_pi, opt_v) for s in o.state.values() for v in s.values()),
@@ -1396,8 +1395,7 @@ def rl(a: Args, rank: int, world: int, device, ddp: bool):
                  "response": tok.decode(g["r_ids"][i][m_[i].bool()], skip_special_tokens=True),
                  "rm_score": g["score"][i].item(), "kl": seq_kl[i].item()} for i in range(min(3, B))])
         if (a.save_every and step % a.save_every == 0) or step == total:
-            save_checkpoint(out, step, trained, dtypes, tok, {"sch_pi": sch_pi.state_dict(), "sch_v": sch_v.state_dict()},
-                            a, rank, world)
+            save_checkpoint(out, step, trained, dtypes, tok, scheds, a, rank, world)
     reporter.close()
 
 
