@@ -30,13 +30,10 @@ Equations (numbering ours). r(x, y) = the RM head read at the last non-padding t
   (7) L_KL = beta s sum_t KL_t(theta)   (full only, differentiable; the policy's loss is (5) + (7))
   (5)-(7) are summed over the response tokens of a minibatch and divided by its token count.
 
-Why (7). PPO maximises J = E_y[r] - beta KL(pi || pi_SFT) (§2), the sequence KL is E_y[sum_t KL_t(s_t)], and
-KL_t depends on theta through the state s_t (a) and directly (b):
-  grad J = E[sum_t grad log pi(y_t|s_t) (r - beta sum_{t'>t} KL_t')] - beta E[sum_t grad_theta KL_t(s_t)]
-full: KL_t in the reward (3) makes (5) give (a) only, (7) gives (b) only; without (7) the penalty does not
-regularise a one-token response at all. k1: (5) alone gives all of grad J, so no (7). Whitening scales (5)
-by s, so (7) carries the same s (README derives it; a test enumerates a 3-token chain and checks
-E[-grad((5) + (7))] = grad J at rho = 1, gamma = lambda = 1, no whitening).
+Why (7). PPO maximises J = E_y[r] - beta KL(pi || pi_SFT) (§2); KL_t depends on theta through the state s_t
+(a) and directly (b). full: KL_t in the reward (3) makes (5) give (a) only, (7) gives (b) (without it the
+penalty does not regularise a one-token response at all); k1: (5) alone gives all of grad J, so no (7). (7)
+carries the whitening scale s of (5). README derives it; a test checks E[-grad((5) + (7))] = grad J exactly.
 
 Scale (issues 12, 13, 15): DDP by default; --fsdp shards the trained models (train-rm: the RM; rl: policy
 and value model), their optimizers and the frozen ones (reference, RM) with FSDP2. rl samples a rank's prompts
@@ -518,7 +515,7 @@ def disable_dropout(model):
             m.attention_dropout = 0.0
 
 
-def load_scorer(path: str, tok, device, flag: str = "--reward-model", dropout: float | None = None, dtype=torch.float32):
+def load_scorer(path: str, tok, device, flag="--reward-model", dropout: float | None = None, dtype=torch.float32):
     """AutoModelForSequenceClassification(num_labels=1) in a TokenScorer; pad_token_id set when the config
     lacks it; dropout (train-rm, App. B) set on the config's dropout fields."""
     config = from_pretrained(AutoConfig, path, flag, num_labels=1)
@@ -554,7 +551,7 @@ def autocast(device, a: Args):
 
 
 @torch.no_grad()
-def score_sequences(scorer, seqs: list[list[int]], pad_id: int, device, a: Args, lockstep: bool = False) -> torch.Tensor:
+def score_sequences(scorer, seqs: list[list[int]], pad_id: int, device, a: Args, lockstep: bool = False):
     """r(x, y) of each sequence [N] float32, in input order, from right-padded batches of similar length
     (sorted; --eval-batch-size sequences each). lockstep (FSDP): every rank runs the same number of
     forwards (each all-gathers the layers), padded with dummy batches."""
@@ -727,10 +724,8 @@ def lm_head(model, like: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- output folder, checkpoints, logs
 def prepare_output_dir(a: Args, rank: int, world: int) -> Tuple[Path, Optional[Path]]:
-    """A folder that holds a run is never mixed with another (issue 10): without --resume it is refused,
-    --overwrite deletes it, --resume checks that no flag which changes results differs and cuts the logs
-    back to the newest checkpoint (step 0 when there is none yet). eval-rm writes whole files and never
-    appends, so it replaces an earlier eval-rm in the same folder (but refuses any other run)."""
+    """README's output-folder rules (issue 10) -> (folder, newest checkpoint or None). eval-rm writes whole files
+    and never appends, so it replaces an earlier eval-rm in the same folder (but refuses any other run)."""
     name = [a.output_dir or f"runs/rm_transfer-{a.stage}-{time.strftime('%Y%m%d-%H%M%S')}"]
     if world > 1:
         dist.broadcast_object_list(name, src=0)  # ranks may disagree on the clock
@@ -1054,8 +1049,8 @@ def best_so_far(out: Path) -> Tuple[float, Optional[int]]:
     """(lowest validation loss, its step) as recorded in best-<step>/ or final/ (their config.json), so a
     resumed run goes on from the model it has on disk; (inf, None) when there is none."""
     found = [(math.inf, None)]
-    for p in [*out.glob("best-*"), out / "final"]:
-        info = json.loads((p / "config.json").read_text()).get("rm_transfer", {}) if (p / "config.json").exists() else {}
+    for cfg in [*out.glob("best-*/config.json"), out / "final" / "config.json"]:
+        info = json.loads(cfg.read_text()).get("rm_transfer", {}) if cfg.exists() else {}
         if info.get("eval_loss") is not None:
             found.append((info["eval_loss"], info["step"]))
     return min(found, key=lambda b: b[0])
@@ -1079,7 +1074,8 @@ def train_rm(a: Args, rank: int, world: int, device, ddp: bool):
     tok = load_tokenizer(a.model, "--model")
     enc, _, skipped_long = encode_items(kind, items, tok, a.max_length)
     if not enc:
-        shortest = min(max(len(sequence_ids(tok, it[0], r)) for r in (it[1:] if kind == "pairwise" else it[1:2])) for it in items)
+        shortest = min(max(len(sequence_ids(tok, it[0], r)) for r in (it[1:] if kind == "pairwise" else it[1:2]))
+                       for it in items)
         raise SystemExit(f"every training example is longer than --max-length {a.max_length} (the shortest has "
                          f"{shortest} tokens); raise --max-length")
     if a.batch_size % world or len(enc) < a.batch_size:
@@ -1152,8 +1148,8 @@ def train_rm(a: Args, rank: int, world: int, device, ddp: bool):
                 if i == sel and res["loss"] is not None and res["loss"] < best[0]:  # same on every rank (all-reduced)
                     best = (res["loss"], step)
                     with writing(out, f"best-{step}", rank, world) as tmp:
-                        save_hf(tmp, scorer, tok, dtype, rank, {"rm_transfer": {**info, "step": step, "selected_on": name,
-                                                                                "eval_loss": best[0]}})
+                        save_hf(tmp, scorer, tok, dtype, rank,
+                                {"rm_transfer": {**info, "step": step, "selected_on": name, "eval_loss": best[0]}})
                     for old in out.glob("best-*") if rank == 0 else []:
                         if old.name != f"best-{step}":
                             shutil.rmtree(old)
@@ -1410,7 +1406,7 @@ def main(argv: list[str] | None = None):
     if a.fsdp and not ddp:
         raise SystemExit("--fsdp needs torchrun (any --nproc_per_node, 1 included)")
     if ddp:
-        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")  # CPU tensors (metrics) too
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")  # CPU tensors too
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
