@@ -563,8 +563,7 @@ def score_sequences(scorer, seqs: list[list[int]], pad_id: int, device, a: Args,
         batches += [[]] * (int(n) - len(batches))
     out = torch.zeros(len(seqs))
     for b in batches:
-        ids, mask = pad([seqs[i] for i in b] or [[pad_id]], pad_id, "right")
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = (t.to(device) for t in pad([seqs[i] for i in b] or [[pad_id]], pad_id, "right"))
         with autocast(device, a):
             r = read_last(scorer(ids, mask), mask).float().cpu()
         if b:
@@ -1335,7 +1334,7 @@ def rl(a: Args, rank: int, world: int, device, ddp: bool):
         adv, returns = gae(rewards, g["old_values"], m_, a.gamma, a.lam)
         adv, adv_scale = masked_whiten(adv, m_)
         ids_all, mask_all = torch.cat([g["p_ids"], g["r_ids"]], 1), torch.cat([g["p_mask"], m_.long()], 1)
-        Rg, B = m_.shape[1], m_.shape[0]
+        B, Rg = m_.shape
         # ---- ALGO: 4. PPO epochs over minibatches, (5) + (7) and (6); the value model trains alone during
         # warm-up. Every rank takes minibatch_size / world rows of each minibatch: the same number of
         # forwards and backwards on every rank (FSDP all-gathers in each), one optimizer step per backward.
