@@ -869,6 +869,8 @@ def train(args: Args, reward_fn: Optional[RewardFn] = None):
 
     # ---- PLUMBING: models. Stage 1 (English SFT) runs once; its result is the reference -------
     disable_dropout(policy)
+    logit_transform = {"softcap": getattr(policy.config, "final_logit_softcapping", None),  # Gemma 2
+                       "logit_scale": getattr(policy.config, "logit_scale", None)}  # Cohere
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ref = None if args.sft_data else copy.deepcopy(policy).to(frozen_dtype)
@@ -878,7 +880,7 @@ def train(args: Args, reward_fn: Optional[RewardFn] = None):
     if args.sft_data and not (sft_dir / "config.json").exists():
         if ckpt is not None:
             raise SystemExit(f"{sft_dir} is missing, so the reference model cannot be rebuilt; start over with --overwrite")
-        run_sft(args, policy, tok, device, rank, world, ddp, autocast)
+        run_sft(args, policy, tok, device, rank, world, ddp, autocast, logit_transform)
         save_hf(out / ".tmp-sft", policy, tok, dtype, rank)
         if rank == 0:
             os.rename(out / ".tmp-sft", sft_dir)
@@ -918,8 +920,6 @@ def train(args: Args, reward_fn: Optional[RewardFn] = None):
     pad_id = tok.pad_token_id
     n_seq, G = args.prompts_per_step * args.group_size, args.group_size  # N in eq. (4), all ranks
     pad_to = max(len(p["ids"]) for p in prompts) if device.type == "cuda" and args.compile_rollout else 0
-    logit_transform = {"softcap": getattr(policy.config, "final_logit_softcapping", None),  # Gemma 2
-                       "logit_scale": getattr(policy.config, "logit_scale", None)}  # Cohere
 
     bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, disable=rank != 0)
     for step in bar:
@@ -1018,7 +1018,7 @@ def train(args: Args, reward_fn: Optional[RewardFn] = None):
         dist.destroy_process_group()
 
 
-def run_sft(args: Args, policy, tok, device, rank: int, world: int, ddp: bool, autocast):
+def run_sft(args: Args, policy, tok, device, rank: int, world: int, ddp: bool, autocast, logit_transform: dict):
     """Stage 1: next-token loss on assistant tokens of English dialogues, normalised by the global
     number of assistant tokens in each batch."""
     rows = read_rows(args.sft_data, "--sft-data")
@@ -1043,7 +1043,6 @@ def run_sft(args: Args, policy, tok, device, rank: int, world: int, ddp: bool, a
     B = max(args.sft_batch_size - args.sft_batch_size % world, world)
     n_batches = math.ceil(len(examples) / B)
     policy.train(args.gradient_checkpointing)
-    softcap, scale = getattr(policy.config, "final_logit_softcapping", None), getattr(policy.config, "logit_scale", None)
     bar = tqdm(total=args.sft_epochs * n_batches, desc="sft", disable=rank != 0)
     for epoch in range(args.sft_epochs):
         order = np.random.default_rng([args.seed, 10_000 + epoch]).permutation(len(examples)).tolist()
@@ -1061,7 +1060,7 @@ def run_sft(args: Args, policy, tok, device, rank: int, world: int, ddp: bool, a
             with autocast():
                 out = model(input_ids=ids, attention_mask=amask.long(), output_hidden_states=True, logits_to_keep=1)
                 h = out.hidden_states[-1][:, :-1]
-                logp = fused_linear_logprob(h, lm_head(policy, h), ids[:, 1:], softcap=softcap, logit_scale=scale)
+                logp = fused_linear_logprob(h, lm_head(policy, h), ids[:, 1:], **logit_transform)
                 loss = -torch.where(lmask, logp, 0.0).sum() / max(int(n_tok.item()), 1) * weight  # assistant tokens
                 (loss * world).backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
