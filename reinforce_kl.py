@@ -185,10 +185,9 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 def token_kl(states: torch.Tensor, ref_states: torch.Tensor, tokens: torch.Tensor, temperature: float,
              estimator: str, heads: Optional[dict] = None):
-    """-> (logp, kl_term, kl_full, entropy), each [N, T] float32. kl_term enters the loss (eq. 3 or
-    k1/k3, see docstring); kl_full is eq. (3), detached. states: logits [N, T, V], or final hidden
-    states [N, T, D] when `heads` gives the LM heads (weight, ref_weight, softcap, logit_scale):
-    then the logits are computed in float32 inside the kernel, chunk by chunk (issue 15)."""
+    """-> (logp, kl_term, kl_full, entropy), each [N, T] float32; kl_term enters the loss (eq. 3, k1 or
+    k3), kl_full is eq. (3), detached. states: logits [N, T, V], or final hidden states [N, T, D] when
+    `heads` gives the LM heads (weight, ref_weight, softcap, logit_scale): float32 logits in chunks."""
     if heads is None:
         out = fused_logprob_kl(states, ref_states, tokens, temperature=temperature)
     else:
