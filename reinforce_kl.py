@@ -37,12 +37,9 @@ The logged `kl` is always eq. (3) (free: the fused kernel computes it with the l
 `kl_estimate` is the value of the chosen estimator. `judge_digit_mass` is the judge's probability
 on "1".."9": when it is small, eq. (1) renormalises noise (the embedded 135M judge: 0.2-0.35).
 
-Scale (issue 12): DDP by default; `--fsdp` shards the policy, its optimizer, the reference and an
-in-process judge with FSDP2 (bf16 compute, fp32 master weights and gradient reduction on GPUs);
-`--gradient-checkpointing`, `--ref-offload`. Rollouts (issue 13): all prompts x G of a rank in one
-batched `generate` (static KV cache + compiled decoding on CUDA), sampled by the Gumbel-max trick
-with noise keyed by (seed, step, prompt, sample, position): exact, and the same on any number of
-processes. Log-probs for the loss always come from the training forward.
+Scale: DDP by default, `--fsdp` shards policy, optimizer, reference and an in-process judge (FSDP2).
+Rollouts are one batched `generate` per rank and step, sampled by the Gumbel-max trick with noise
+keyed by (seed, step, prompt, sample, position): exact, and the same on any number of processes.
 
 Run (CPU, embedded SmolLM2-135M-Instruct as policy and judge; `make demo` does this):
   python reinforce_kl.py --model ~/.cache/lowres-align/SmolLM2-135M-Instruct \\
@@ -155,12 +152,11 @@ class Args:
                  ("sample_every", self.sample_every >= 0, ">= 0"), ("samples_logged", self.samples_logged >= 0, ">= 0"),
                  ("kl_estimator", self.kl_estimator in ("full", "k1", "k3"), "full, k1 or k3"),
                  ("reward", self.reward in ("judge", "token-frequency"), "judge or token-frequency"),
-                 ("report_to", self.report_to in ("none", "tensorboard", "wandb"), "none, tensorboard or wandb")]
+                 ("report_to", self.report_to in ("none", "tensorboard", "wandb"), "none, tensorboard or wandb"),
+                 ("group_size", self.group_size >= 2, ">= 2 (group-normalised advantages need two samples per prompt)")]
         for name, ok, need in rules:
             if not ok:
                 raise SystemExit(f"--{name.replace('_', '-')} must be {need}, got {getattr(self, name)!r}")
-        if self.group_size < 2:
-            raise SystemExit(f"--group-size must be >= 2 (group-normalised advantages need two samples per prompt), got {self.group_size}")
         if self.resume and self.overwrite:
             raise SystemExit("--resume continues the run in --output-dir and --overwrite deletes it; pass one of them")
         if self.reward == "token-frequency" and not self.reward_tokens:
@@ -174,9 +170,7 @@ RESUME_MAY_CHANGE = {"resume", "overwrite", "steps", "save_every", "save_total_l
                      "gradient_checkpointing", "compile_rollout", "fused_linear"}
 
 
-# ----------------------------------------------------------------------------------------------
-# Math (pure functions; the tests import these)
-# ----------------------------------------------------------------------------------------------
+# ---- Math (pure functions; the tests import these) -----------------------------------------------
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Eq. (2). [B, G] -> [B, G]. NaN rewards (judge failures) get A = 0 and are left out of their
     group's mean/std; a group with fewer than two scored samples or std <= eps gets A = 0."""
@@ -191,10 +185,9 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 def token_kl(states: torch.Tensor, ref_states: torch.Tensor, tokens: torch.Tensor, temperature: float,
              estimator: str, heads: Optional[dict] = None):
-    """-> (logp, kl_term, kl_full, entropy), each [N, T] float32. kl_term enters the loss (eq. 3 or
-    k1/k3, see docstring); kl_full is eq. (3), detached. states: logits [N, T, V], or final hidden
-    states [N, T, D] when `heads` gives the LM heads (weight, ref_weight, softcap, logit_scale):
-    then the logits are computed in float32 inside the kernel, chunk by chunk (issue 15)."""
+    """-> (logp, kl_term, kl_full, entropy), each [N, T] float32; kl_term enters the loss (eq. 3, k1 or
+    k3), kl_full is eq. (3), detached. states: logits [N, T, V], or final hidden states [N, T, D] when
+    `heads` gives the LM heads (weight, ref_weight, softcap, logit_scale): float32 logits in chunks."""
     if heads is None:
         out = fused_logprob_kl(states, ref_states, tokens, temperature=temperature)
     else:
@@ -230,15 +223,14 @@ def expected_score(digit_logits: torch.Tensor) -> torch.Tensor:
 
 
 def score_from_top_logprobs(top_logprobs) -> Tuple[Optional[float], float]:
-    """Eq. (1) from an OpenAI-style `top_logprobs` list [{"token": str, "logprob": float}, ...] ->
-    (score, probability mass on the digits). Tokens that are a digit 1-9 up to whitespace (" 7",
-    "7") are merged. Anything that is not such a list of finite log-probs <= 0 raises ValueError
-    (a broken server: the caller counts a failure); no digit among the tokens gives (None, 0)."""
+    """Eq. (1) from OpenAI-style `top_logprobs` [{"token": str, "logprob": float}, ...] -> (score, digit
+    mass); " 7" and "7" are merged. Anything but a list of finite log-probs <= 0 raises ValueError (a
+    broken server: the caller counts a failure); no digit among the tokens gives (None, 0)."""
     if not isinstance(top_logprobs, list):
         raise ValueError(f"top_logprobs is a {type(top_logprobs).__name__}, not a list")
     probs = [0.0] * 9
     for entry in top_logprobs:
-        tok, lp = entry.get("token") if isinstance(entry, dict) else None, entry.get("logprob") if isinstance(entry, dict) else None
+        tok, lp = (entry.get("token"), entry.get("logprob")) if isinstance(entry, dict) else (None, None)
         if not isinstance(tok, str) or isinstance(lp, bool) or not isinstance(lp, (int, float)) \
                 or not math.isfinite(lp) or lp > 1e-4:
             raise ValueError(f"unreadable top_logprobs entry {str(entry)[:80]}")
@@ -256,14 +248,7 @@ def token_frequency_reward(response_ids: Sequence[Sequence[int]], target_ids: se
     return [sum(t in target_ids for t in ids) / len(ids) if len(ids) else 0.0 for ids in response_ids]
 
 
-def masked_nll(logp: torch.Tensor, mask: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """SFT loss share: [N, L] log-probs, [N, L] bool mask of assistant tokens -> scalar."""
-    return -torch.where(mask, logp, 0.0).sum() / max(num_tokens, 1)
-
-
-# ----------------------------------------------------------------------------------------------
-# Data, chat formatting
-# ----------------------------------------------------------------------------------------------
+# ---- Data, chat formatting -----------------------------------------------------------------------
 def read_rows(path: str, flag: str) -> List[dict]:
     """Rows of a JSONL (or JSON array) file read directly, or of anything `datasets` loads (a hub
     name, csv, parquet). Bad bytes, bad JSON and non-object rows name the file and line."""
@@ -333,9 +318,7 @@ def step_prompt_indices(n: int, seed: int, step: int, per_step: int) -> List[int
     return [int(np.random.default_rng([seed, k // n]).permutation(n)[k % n]) for k in range((step - 1) * per_step, step * per_step)]
 
 
-# ----------------------------------------------------------------------------------------------
-# Rollout: one batched generation; swap this block for an inference server to scale further
-# ----------------------------------------------------------------------------------------------
+# ---- Rollout: one batched generation; swap this block for an inference server to scale further ----
 def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """[B, V] -> [B, V] float64 log-probs of softmax(logits / T), -inf outside the top-p nucleus: the
     smallest set of most likely words whose mass reaches top_p (a word stays while the mass ranked
@@ -396,11 +379,10 @@ class KeyedSampler(LogitsProcessor):
 @torch.no_grad()
 def rollout(model, prompts: List[List[int]], keys: List[Tuple[int, ...]], args: Args, eos_ids: List[int],
             pad_id: int, pad_to: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """All samples of this rank in ONE `generate` call (issue 13). prompts: token ids per row (a
-    prompt repeated G times gives G rows); keys: one tuple of ints per row (seed, step, prompt,
-    sample) that fixes its sampling noise. Returns tokens [N, R] (pad after the first EOS) and mask
-    [N, R] (True up to and including the first EOS). pad_to: left-pad prompts to this length so
-    that a static cache keeps one shape across steps (compiled once)."""
+    """All samples of this rank in ONE `generate` call. prompts: token ids per row (a prompt repeated
+    G times gives G rows); keys: a tuple of ints per row (seed, step, prompt, sample) fixing its noise.
+    -> tokens [N, R] (pad after the first EOS), mask [N, R] (True up to and including the first EOS).
+    pad_to: left-pad prompts to this length, so a static cache keeps one shape (compiled once)."""
     device = next(model.parameters()).device
     P = max(pad_to, max(len(p) for p in prompts))
     ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts], device=device)
@@ -422,9 +404,8 @@ def rollout(model, prompts: List[List[int]], keys: List[Tuple[int, ...]], args: 
 
 
 def response_states(model, prompt_ids: List[int], tokens: torch.Tensor, mask: torch.Tensor, fused: bool):
-    """What predicts each response token (position t-1 predicts t): [G, R] -> final hidden states
-    [G, R, D] (after the last norm) when `fused`, else logits [G, R, V]. Goes through the model's
-    own forward, so DDP's and FSDP's hooks run."""
+    """[G, R] response -> what predicts each token (t-1 predicts t): final hidden states [G, R, D] when
+    `fused`, else logits [G, R, V]; through the model's own forward, so DDP's and FSDP's hooks run."""
     G, R = tokens.shape
     prompt = torch.tensor(prompt_ids, device=tokens.device).expand(G, -1)
     attn = torch.cat([torch.ones_like(prompt), mask.long()], 1)
@@ -440,9 +421,7 @@ def lm_head(model, like: torch.Tensor) -> torch.Tensor:
     return (w.full_tensor() if hasattr(w, "full_tensor") else w).to(like.dtype)
 
 
-# ----------------------------------------------------------------------------------------------
-# Judges
-# ----------------------------------------------------------------------------------------------
+# ---- Judges --------------------------------------------------------------------------------------
 CONSTITUTION = """You judge answers written by a chatbot. The user wrote in a language that may not be English; \
 the answer must be in the SAME language as the user's message. Judge by these principles, in order:
 1. Language: written in the user's language; an answer in another language is bad.
@@ -461,11 +440,9 @@ Rate the answer from 1 (worst) to 9 (best). Reply with a single digit and nothin
 
 
 def judge_prompt(prompt: str, response: str, reference: Optional[str]) -> str:
-    if reference:
-        return CONSTITUTION.format(prompt=prompt, response=response,
-                                   ref_note=" A reference answer in English is given; the answer need not match its wording.",
-                                   ref_block=f"\n[Reference answer, English]\n{reference}\n")
-    return CONSTITUTION.format(prompt=prompt, response=response, ref_note="", ref_block="")
+    note = " A reference answer in English is given; the answer need not match its wording." if reference else ""
+    block = f"\n[Reference answer, English]\n{reference}\n" if reference else ""
+    return CONSTITUTION.format(prompt=prompt, response=response, ref_note=note, ref_block=block)
 
 
 def digit_token_ids(tokenizer) -> List[int]:
@@ -482,9 +459,8 @@ def digit_token_ids(tokenizer) -> List[int]:
 
 
 class HFJudge:
-    """In-process judge: no-grad forwards over left-padded batches of similar length, reading only
-    the next-token logits of the last position (`logits_to_keep=1`, never [B, L, V]).
-    Returns (scores, digit masses); prompts longer than the judge's context score NaN (counted).
+    """In-process judge: no-grad forwards over left-padded batches of similar length, reading only the
+    last position's logits (`logits_to_keep=1`). Prompts longer than its context score NaN (counted).
     Under FSDP every rank runs the same number of forwards (each all-gathers the judge's layers)."""
 
     def __init__(self, model, tokenizer, batch_size: int, device, lockstep: bool = False):
@@ -517,17 +493,10 @@ class HFJudge:
         return scores, masses
 
 
-class JudgeHTTPError(Exception):
-    def __init__(self, status: int, body: bytes):
-        super().__init__(f"HTTP {status}: {body[:200].decode('utf-8', 'replace')}")
-        self.status = status
-
-
 class HTTPJudge:
-    """OpenAI-compatible /v1/chat/completions with max_tokens=1 and top_logprobs. A request that
-    fails or cannot be read is retried with exponential backoff (not a 4xx other than 408/429:
-    the request itself is wrong), then scored NaN: the sample gets A = 0 and is counted in
-    `judge_failures`. --judge-timeout bounds the whole request, the reply's last byte included."""
+    """OpenAI-compatible /v1/chat/completions, max_tokens=1 with top_logprobs. A failed or unreadable
+    request is retried with exponential backoff (not a 4xx other than 408/429), then scored NaN (A = 0,
+    counted in `judge_failures`). --judge-timeout bounds the whole request, its last byte included."""
 
     def __init__(self, args: Args):
         url = args.judge_url.rstrip("/")
@@ -537,7 +506,7 @@ class HTTPJudge:
         self.api_key = os.environ.get(args.judge_api_key_env, "")
         self.last_error = ""
 
-    def post(self, body: bytes) -> dict:
+    def post(self, body: bytes) -> Tuple[int, bytes]:
         deadline = time.monotonic() + self.args.judge_timeout
         u = urllib.parse.urlsplit(self.url)
         conn = (http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection)(
@@ -559,9 +528,7 @@ class HTTPJudge:
             data = b"".join(chunks)
             if resp.length:  # the server closed the connection before the promised Content-Length
                 raise http.client.IncompleteRead(data, resp.length)
-            if resp.status >= 400:
-                raise JudgeHTTPError(resp.status, data)
-            return json.loads(data)
+            return resp.status, data
         finally:
             conn.close()
 
@@ -572,15 +539,17 @@ class HTTPJudge:
                            "top_logprobs": a.judge_top_logprobs}).encode()
         for attempt in range(a.judge_retries + 1):
             try:
-                reply = self.post(body)
-                score, mass = score_from_top_logprobs(reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"])
-                if score is not None:
-                    return score, mass
-                self.last_error = "no digit 1-9 among the top logprobs"
-            except JudgeHTTPError as e:
-                self.last_error = str(e)
-                if 400 <= e.status < 500 and e.status not in (408, 429):
-                    break
+                status, data = self.post(body)
+                if status >= 400:
+                    self.last_error = f"HTTP {status}: {data[:200].decode('utf-8', 'replace')}"
+                    if status < 500 and status not in (408, 429):
+                        break
+                else:
+                    choice = json.loads(data)["choices"][0]
+                    score, mass = score_from_top_logprobs(choice["logprobs"]["content"][0]["top_logprobs"])
+                    if score is not None:
+                        return score, mass
+                    self.last_error = "no digit 1-9 among the top logprobs"
             except (OSError, http.client.HTTPException, ValueError, LookupError, TypeError, AttributeError) as e:
                 self.last_error = f"{type(e).__name__}: {str(e)[:200]}"  # timeouts, dropped links, bad JSON/types
             if attempt < a.judge_retries:
@@ -594,9 +563,7 @@ class HTTPJudge:
         return [s for s, _ in pairs], [m for _, m in pairs]
 
 
-# ----------------------------------------------------------------------------------------------
-# Loading and sharding
-# ----------------------------------------------------------------------------------------------
+# ---- Loading and sharding ------------------------------------------------------------------------
 def load_lm(path: str, flag: str, device, dtype=torch.float32):
     """(model in eval mode, tokenizer); eval: no dropout while sampling or scoring."""
     local = os.path.expanduser(path)
@@ -617,15 +584,8 @@ def load_lm(path: str, flag: str, device, dtype=torch.float32):
     return model.eval(), tok
 
 
-def saved_dtype(path: str) -> torch.dtype:
-    """The dtype a model was published in (checkpoints are written in it, not in fp32 copies)."""
-    d = getattr(AutoConfig.from_pretrained(os.path.expanduser(path)), "dtype", None)
-    return getattr(torch, d) if isinstance(d, str) else d or torch.float32
-
-
 def disable_dropout(model):
-    """Dropout off everywhere, so a train-mode forward (needed by gradient checkpointing) sees the
-    distribution we sampled from."""
+    """Dropout off, so a train-mode forward (gradient checkpointing) sees the distribution we sampled."""
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
@@ -634,10 +594,9 @@ def disable_dropout(model):
 
 
 def shard(model, args: Args, device, frozen: bool):
-    """FSDP2 (issue 12): fully_shard each decoder layer (the model's `_no_split_modules`), then the
-    root. On GPUs: bf16 compute, fp32 gradient reduction (the trained model keeps fp32 master
-    weights); on CPU fp32 throughout, so CPU tests compare exactly. A frozen model is loaded in
-    its compute dtype; --ref-offload keeps its shards in CPU memory between forwards."""
+    """FSDP2: fully_shard each decoder layer (`_no_split_modules`), then the root. GPUs: bf16 compute,
+    fp32 gradient reduction and master weights; CPU: fp32 throughout (tests compare exactly). A frozen
+    model is loaded in its compute dtype; --ref-offload keeps its shards in CPU memory between forwards."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     bf16 = device.type == "cuda" and args.bf16
@@ -655,10 +614,8 @@ def shard(model, args: Args, device, frozen: bool):
 
 @contextlib.contextmanager
 def gathered(model, fsdp: bool):
-    """Sampling under FSDP2 (issue 12.3): all-gather every layer ONCE and keep it gathered for the
-    whole `generate` (a per-token all-gather of every layer would cost ~100x the decode time).
-    Needs the full model's parameters in the compute dtype (2 bytes per parameter in bf16) plus
-    the KV cache on each GPU, for the length of the rollout."""
+    """Sampling under FSDP2: all-gather every layer ONCE for the whole `generate` (a per-token all-gather
+    costs ~100x the decode time); needs the full model in the compute dtype plus the KV cache per GPU."""
     from torch.distributed.fsdp import FSDPModule
 
     mods = [m for m in model.modules() if isinstance(m, FSDPModule)] if fsdp else []
@@ -680,13 +637,10 @@ def local_bytes(tensors) -> int:
     return sum((t.to_local() if hasattr(t, "to_local") else t).nbytes for t in tensors if torch.is_tensor(t))
 
 
-# ----------------------------------------------------------------------------------------------
-# Output folder, checkpoints, logs
-# ----------------------------------------------------------------------------------------------
+# ---- Output folder, checkpoints, logs ------------------------------------------------------------
 def prepare_output_dir(args: Args, rank: int, world: int) -> Tuple[Path, Optional[Path]]:
-    """A folder that holds a run is never mixed with another (issue 10): without --resume it is
-    refused, --overwrite deletes it, --resume checks that no flag which changes results differs and
-    cuts the logs back to the newest checkpoint (step 0 when there is none yet)."""
+    """Never mix two runs in one folder: refuse it without --resume, delete it with --overwrite; --resume
+    refuses flags that change results and cuts the logs back to the newest checkpoint (or step 0)."""
     name = [args.output_dir or f"runs/reinforce_kl-{time.strftime('%Y%m%d-%H%M%S')}"]
     if world > 1:
         dist.broadcast_object_list(name, src=0)  # ranks may disagree on the clock
@@ -787,14 +741,12 @@ def save_hf(path: Path, model, tok, dtype: torch.dtype, rank: int):
 
 
 def save_checkpoint(out: Path, step: int, model, tok, optimizer, state: dict, args: Args, dtype, rank: int, world: int):
-    """checkpoint-<step>/: a Hugging Face folder in the model's own dtype (from_pretrained, vLLM),
-    trainer/ (torch.distributed.checkpoint: fp32 weights and optimizer, sharded under FSDP),
-    rng_state_<rank>.pth for every rank, trainer_state.json. Written as .tmp-checkpoint-<step> and
-    renamed, so it is never half-written; a full disk removes the temporary folder and says so."""
+    """checkpoint-<step>/: HF folder in the model's dtype, trainer/ (dcp: fp32 weights and optimizer,
+    sharded under FSDP), rng_state_<rank>.pth, trainer_state.json. Written as .tmp-checkpoint-<step>
+    and renamed, so never half-written; a full disk removes the temporary folder and says so."""
     final, tmp = out / f"checkpoint-{step}", out / f".tmp-checkpoint-{step}"
     try:
         if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         if world > 1:
             dist.barrier()
@@ -816,8 +768,6 @@ def save_checkpoint(out: Path, step: int, model, tok, optimizer, state: dict, ar
     if world > 1:
         dist.barrier()
     if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
         os.rename(tmp, final)
         done = sorted((p for p in out.glob("checkpoint-*") if p.name[11:].isdigit()), key=lambda p: int(p.name[11:]))
         for old in done[:-args.save_total_limit] if args.save_total_limit else []:
@@ -864,9 +814,7 @@ def make_reporter(kind: str, out: Path, args: Args) -> Callable[[dict], None]:
     return lambda m: None
 
 
-# ----------------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------------
+# ---- Main ----------------------------------------------------------------------------------------
 RewardFn = Callable[[List[str], List[str], List[List[int]]], List[float]]
 
 
@@ -898,19 +846,20 @@ def train(args: Args, reward_fn: Optional[RewardFn] = None):
     frozen_dtype = torch.bfloat16 if args.fsdp and device.type == "cuda" and args.bf16 else torch.float32
 
     policy, tok = load_lm(args.model, "--model", load_device)
-    dtype = saved_dtype(args.model)
+    dtype = getattr(AutoConfig.from_pretrained(os.path.expanduser(args.model)), "dtype", None)  # checkpoints' dtype
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype or torch.float32
     prompts, too_long = [], 0
     max_len = min(args.max_seq_len, getattr(policy.config, "max_position_embeddings", None) or args.max_seq_len)
     for i, row in enumerate(rows, 1):
-        if not isinstance(row.get(args.prompt_field), str) or not row[args.prompt_field].strip():
+        text, ref = row.get(args.prompt_field), row.get(args.reference_field)
+        if not isinstance(text, str) or not text.strip():
             raise SystemExit(f'--prompts {args.prompts} row {i} has no text field "{args.prompt_field}"; '
                              f"pass --prompt-field NAME")
-        ids = encode(tok, render_chat(tok, [{"role": "user", "content": row[args.prompt_field]}], True))
+        ids = encode(tok, render_chat(tok, [{"role": "user", "content": text}], True))
         if len(ids) + args.max_new_tokens > max_len:
             too_long += 1
             continue
-        ref = row.get(args.reference_field)
-        prompts.append({"text": row[args.prompt_field], "ids": ids, "reference": ref if isinstance(ref, str) and ref.strip() else None})
+        prompts.append({"text": text, "ids": ids, "reference": ref if isinstance(ref, str) and ref.strip() else None})
     if not prompts:
         raise SystemExit(f"--prompts {args.prompts}: all {len(rows)} prompts plus --max-new-tokens {args.max_new_tokens} "
                          f"exceed {max_len} tokens; lower --max-new-tokens or raise --max-seq-len (at most the model's context)")
@@ -919,6 +868,8 @@ def train(args: Args, reward_fn: Optional[RewardFn] = None):
 
     # ---- PLUMBING: models. Stage 1 (English SFT) runs once; its result is the reference -------
     disable_dropout(policy)
+    logit_transform = {"softcap": getattr(policy.config, "final_logit_softcapping", None),  # Gemma 2
+                       "logit_scale": getattr(policy.config, "logit_scale", None)}  # Cohere
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ref = None if args.sft_data else copy.deepcopy(policy).to(frozen_dtype)
@@ -928,9 +879,7 @@ def train(args: Args, reward_fn: Optional[RewardFn] = None):
     if args.sft_data and not (sft_dir / "config.json").exists():
         if ckpt is not None:
             raise SystemExit(f"{sft_dir} is missing, so the reference model cannot be rebuilt; start over with --overwrite")
-        run_sft(args, policy, tok, device, rank, world, ddp, autocast)
-        if rank == 0:
-            shutil.rmtree(out / ".tmp-sft", ignore_errors=True)
+        run_sft(args, policy, tok, device, rank, world, ddp, autocast, logit_transform)
         save_hf(out / ".tmp-sft", policy, tok, dtype, rank)
         if rank == 0:
             os.rename(out / ".tmp-sft", sft_dir)
@@ -943,8 +892,6 @@ def train(args: Args, reward_fn: Optional[RewardFn] = None):
     ref.requires_grad_(False)
     if args.fsdp:
         shard(ref, args, device, frozen=True)
-    elif ref.device != device:
-        ref.to(device)
 
     judge = None
     if reward_fn is None and args.reward == "token-frequency":
@@ -972,8 +919,6 @@ def train(args: Args, reward_fn: Optional[RewardFn] = None):
     pad_id = tok.pad_token_id
     n_seq, G = args.prompts_per_step * args.group_size, args.group_size  # N in eq. (4), all ranks
     pad_to = max(len(p["ids"]) for p in prompts) if device.type == "cuda" and args.compile_rollout else 0
-    logit_transform = {"softcap": getattr(policy.config, "final_logit_softcapping", None),  # Gemma 2
-                       "logit_scale": getattr(policy.config, "logit_scale", None)}  # Cohere
 
     bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, disable=rank != 0)
     for step in bar:
@@ -1072,7 +1017,7 @@ def train(args: Args, reward_fn: Optional[RewardFn] = None):
         dist.destroy_process_group()
 
 
-def run_sft(args: Args, policy, tok, device, rank: int, world: int, ddp: bool, autocast):
+def run_sft(args: Args, policy, tok, device, rank: int, world: int, ddp: bool, autocast, logit_transform: dict):
     """Stage 1: next-token loss on assistant tokens of English dialogues, normalised by the global
     number of assistant tokens in each batch."""
     rows = read_rows(args.sft_data, "--sft-data")
@@ -1097,7 +1042,6 @@ def run_sft(args: Args, policy, tok, device, rank: int, world: int, ddp: bool, a
     B = max(args.sft_batch_size - args.sft_batch_size % world, world)
     n_batches = math.ceil(len(examples) / B)
     policy.train(args.gradient_checkpointing)
-    softcap, scale = getattr(policy.config, "final_logit_softcapping", None), getattr(policy.config, "logit_scale", None)
     bar = tqdm(total=args.sft_epochs * n_batches, desc="sft", disable=rank != 0)
     for epoch in range(args.sft_epochs):
         order = np.random.default_rng([args.seed, 10_000 + epoch]).permutation(len(examples)).tolist()
@@ -1115,8 +1059,8 @@ def run_sft(args: Args, policy, tok, device, rank: int, world: int, ddp: bool, a
             with autocast():
                 out = model(input_ids=ids, attention_mask=amask.long(), output_hidden_states=True, logits_to_keep=1)
                 h = out.hidden_states[-1][:, :-1]
-                logp = fused_linear_logprob(h, lm_head(policy, h), ids[:, 1:], softcap=softcap, logit_scale=scale)
-                loss = masked_nll(logp, lmask, int(n_tok.item())) * weight
+                logp = fused_linear_logprob(h, lm_head(policy, h), ids[:, 1:], **logit_transform)
+                loss = -torch.where(lmask, logp, 0.0).sum() / max(int(n_tok.item()), 1) * weight  # assistant tokens
                 (loss * world).backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
             opt.step()
