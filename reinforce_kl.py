@@ -757,7 +757,7 @@ def save_checkpoint(out: Path, step: int, model, tok, optimizer, state: dict, ar
                     "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
                    tmp / f"rng_state_{rank}.pth")
         if rank == 0:
-            atomic_write(tmp / "trainer_state.json", json.dumps({"step": step, "world_size": world, **state}))
+            atomic_write(tmp / "trainer_state.json", json.dumps({**state, "step": step, "world_size": world}))
     except (OSError, RuntimeError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or "unexpected pos" in str(e):
@@ -918,7 +918,8 @@ def train(args: Args, reward_fn: Optional[RewardFn] = None):
     eos_ids = sorted({tok.eos_token_id, *([gen_eos] if isinstance(gen_eos, int) else gen_eos or [])} - {None})
     pad_id = tok.pad_token_id
     n_seq, G = args.prompts_per_step * args.group_size, args.group_size  # N in eq. (4), all ranks
-    pad_to = max(len(p["ids"]) for p in prompts) if device.type == "cuda" and args.compile_rollout else 0
+    static_cache = device.type == "cuda" and args.compile_rollout and not args.fsdp  # as rollout() decides
+    pad_to = max(len(p["ids"]) for p in prompts) if static_cache else 0  # one compiled shape
 
     bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, disable=rank != 0)
     for step in bar:

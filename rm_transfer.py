@@ -1293,7 +1293,7 @@ def rl(a: Args, rank: int, world: int, device, ddp: bool):
     gen_eos = policy.generation_config.eos_token_id
     eos_ids = sorted({tok.eos_token_id, *([gen_eos] if isinstance(gen_eos, int) else gen_eos or [])} - {None})
     pad_id = tok.pad_token_id
-    pad_to = max(map(len, enc)) if device.type == "cuda" and a.compile_rollout else 0  # one static-cache shape
+    pad_to = max(map(len, enc)) if device.type == "cuda" and a.compile_rollout and not a.fsdp else 0  # static cache
     def heads(x, ref_x):  # the LM heads for the fused kernel; softcap: Gemma 2, logit_scale: Cohere
         return dict(weight=lm_head(policy, x), ref_weight=None if ref_x is None else lm_head(ref, ref_x),
                     softcap=getattr(policy.config, "final_logit_softcapping", None),
