@@ -37,11 +37,8 @@ Equations (as the paper states them; our numbering):
 pi_ref = the policy with its adapters disabled (PEFT's disable_adapter(); no second copy); --lora-r 0
 trains all weights (pi_ref: a frozen copy). checkpoint-N/ holds the PEFT adapter: PeftModel.from_pretrained(
 base, checkpoint-N), base = --model or <output-dir>/sft; --save-merged adds merged/ (a plain HF model).
-Both sft/ and merged/ are in the model's own dtype. Scale (issue 12): DDP, or --fsdp (FSDP2: decoder
-layers + root of the PEFT model, its optimizer, the frozen models; the small embedder stays replicated).
-Rollouts (issue 13): all prompts x K of a rank in one `generate`, sampled by Gumbel-max with noise keyed
-by (seed, step, prompt, sample, position): the same on any number of processes. Log-probs and KL from
-hidden states through kernels.fused_linear_logprob_kl (issue 15). Qwen3 templates get enable_thinking=False.
+DDP or --fsdp (the small embedder stays replicated), keyed rollouts, fused log-probs, the output folder:
+README, "What every script shares".
 
 Run (CPU, embedded all-MiniLM-L6-v2 and SmolLM2-135M-Instruct; README has times and results):
   python grpo_semantic.py train-embedder --output-dir runs/embedder-cpu
@@ -668,17 +665,15 @@ class Embedder:
     def __init__(self, path: str, device, batch_size: int):
         from sentence_transformers import SentenceTransformer
         from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
-        check_model_path(path, "--embedder", "modules.json")
-        local = os.path.expanduser(path)
-        try:
+
+        def build(local: str):
             if os.path.isdir(local) and not os.path.exists(os.path.join(local, "modules.json")):
                 enc = Transformer(local)
-                self.model = SentenceTransformer(modules=[enc, Pooling(enc.get_embedding_dimension(), "mean")], device=str(device))
-            else:
-                self.model = SentenceTransformer(local, device=str(device))
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"--embedder {path} could not be loaded ({type(e).__name__}); check the name, or unset "
-                             f"HF_HUB_OFFLINE to download")
+                pool = Pooling(enc.get_embedding_dimension(), "mean")
+                return SentenceTransformer(modules=[enc, pool], device=str(device))
+            return SentenceTransformer(local, device=str(device))
+
+        self.model = load(build, path, "--embedder", "modules.json")
         self.model.eval()
         self.batch_size = batch_size
 
@@ -729,24 +724,25 @@ def embedder_language_warnings(embed: EmbedFn, path: str, langs: Sequence[str], 
     return out
 
 
-def load(cls, path: str, flag: str, **kw):
-    """cls.from_pretrained(path) with one line for every way it fails."""
-    check_model_path(path, flag)
+def load(make: Callable, path: str, flag: str, marker: str = "config.json", **kw):
+    """make(path, **kw) (a from_pretrained) with one line for every way it fails."""
+    check_model_path(path, flag, marker)
     try:
-        return cls.from_pretrained(os.path.expanduser(path), **kw)
+        return make(os.path.expanduser(path), **kw)
     except (OSError, ValueError) as e:
         raise SystemExit(f"{flag} {path} could not be loaded ({type(e).__name__}); check the name, or unset HF_HUB_OFFLINE to download")
 
 
 def load_tokenizer(path: str, flag: str):
-    tok = load(AutoTokenizer, path, flag)
+    tok = load(AutoTokenizer.from_pretrained, path, flag)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
 def load_lm(path: str, flag: str, device, dtype=torch.float32):
-    return load(AutoModelForCausalLM, path, flag, dtype=dtype).to(device).eval()  # eval: no dropout unless asked
+    model = load(AutoModelForCausalLM.from_pretrained, path, flag, dtype=dtype)
+    return model.to(device).eval()  # eval: no dropout unless asked
 
 
 def saved_dtype(path: str) -> torch.dtype:
@@ -757,9 +753,8 @@ def saved_dtype(path: str) -> torch.dtype:
 
 def shard(model, args: Args, device, frozen: bool):
     """FSDP2 (issue 12): fully_shard each decoder layer (the model's `_no_split_modules`), then the
-    root; a PEFT model's frozen base and trainable adapters share these groups. On GPUs: bf16
-    compute, fp32 gradient reduction (trained weights stay fp32); on CPU fp32 throughout, so CPU
-    tests compare exactly. --ref-offload keeps a frozen model's shards in CPU memory between forwards."""
+    root; a PEFT model's frozen base and trainable adapters share these groups. CPU computes in fp32
+    throughout, so CPU tests compare exactly."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     bf16 = device.type == "cuda" and args.bf16
@@ -941,11 +936,9 @@ TRAINABLE = StateDictOptions(ignore_frozen_params=True)  # under PEFT: the adapt
 
 
 def save_checkpoint(out: Path, step: int, policy, tok, optimizer, state: dict, args: Args, dtype, rank: int, world: int):
-    """checkpoint-<step>/: the PEFT adapter (--lora-r 0: a Hugging Face folder in the model's dtype),
-    merged/ with --save-merged, trainer/ (torch.distributed.checkpoint: the trainable weights in fp32
-    and the optimizer, sharded under FSDP), rng_state_<rank>.pth for every rank, trainer_state.json.
-    Written as .tmp-checkpoint-<step> and renamed, so it is never half-written; a full disk removes
-    the temporary folder and says so."""
+    """checkpoint-<step>/ as README's "What every script shares" describes it, with the PEFT adapter
+    (--lora-r 0: a Hugging Face folder in the model's dtype) and merged/ with --save-merged; a full disk
+    removes the temporary folder and says so."""
     final, tmp = out / f"checkpoint-{step}", out / f".tmp-checkpoint-{step}"
     try:
         if rank == 0:
@@ -1030,9 +1023,8 @@ def make_reporter(kind: str, out: Path, args: Args) -> Callable[[dict], None]:
 @torch.no_grad()
 def greedy_outputs(args: Args, ctx, policy, gen, tok, rows: List[dict], eos_ids) -> List[str]:
     """Greedy output of every row: rank-strided, left-padded batches of --eval-batch-size through plain
-    `generate` (on `gen`, the policy's own model; gathered once under FSDP), returned in row order.
-    Under FSDP generate() syncs the ranks at every token (transformers' synced_gpus): as many calls on
-    every rank, an empty batch decodes a dummy row."""
+    `generate` (on `gen`, the policy's own model; gathered once under FSDP), returned in row order; as
+    many calls on every rank (see lockstep), an empty batch decodes a dummy row."""
     mine, bs, texts = list(range(ctx.rank, len(rows), ctx.world)), args.eval_batch_size, {}
     policy.eval()
     with gathered(policy, args.fsdp), ctx.autocast():
@@ -1078,16 +1070,13 @@ def evaluate(args: Args, ctx, policy, gen, tok, rows, general, embed: EmbedFn, e
     if rows:
         hyps = greedy_outputs(args, ctx, policy, gen, tok, rows, eos_ids)
         refs = [r["reference"] for r in rows]
-        sims = cosine(embed(hyps), embed(refs)).tolist()
+        sims, script, lang = (x.tolist() for x in reward_terms(args, hyps, rows, embed))
         split = (lambda s: [c for c in s if not c.isspace()]) if args.rouge_tokens == "char" else str.split
-        lang = [language_reward(h, r["script"], args.script_threshold, r["lang"] if args.lang_id else "", args.lang_min_prob)
-                for h, r in zip(hyps, rows)]
         res = {"bleu": sacrebleu.corpus_bleu(hyps, [refs], tokenize=args.bleu_tokenize).score,
                "chrf": sacrebleu.corpus_chrf(hyps, [refs]).score,
                "rouge_l": 100 * float(np.mean([rouge_l(split(h), split(r)) for h, r in zip(hyps, refs)])),
                "similarity": float(np.mean(sims)),
-               "script_consistency": float(np.mean([script_reward(h, r["script"], args.script_threshold)
-                                                    for h, r in zip(hyps, rows)])),
+               "script_consistency": float(np.mean(script)),
                "language_consistency": float(np.mean(lang)),
                "outputs": [{"prompt": r["prompt"], "reference": r["reference"], "output": h, "similarity": s, "r_lang": g}
                            for r, h, s, g in zip(rows, hyps, sims, lang)]}
@@ -1212,16 +1201,13 @@ def eos_of(model, tok) -> List[int]:
     return sorted({tok.eos_token_id, *([gen_eos] if isinstance(gen_eos, int) else gen_eos or [])} - {None})
 
 
-def score_groups(args: Args, groups: List[dict], embed: EmbedFn, tau: float):
-    """Eqs. (1)-(4): [B*K] similarities, script checks and R_lang, and [B, K] rewards."""
-    texts = [t for gr in groups for t in gr["texts"]]
-    rows = [gr["row"] for gr in groups for _ in gr["texts"]]
+def reward_terms(args: Args, texts: List[str], rows: List[dict], embed: EmbedFn):
+    """Eqs. (1) and (3) of each output against its row: [N] similarities, script checks and R_lang."""
     sims = cosine(embed(texts), embed([r["reference"] for r in rows])).cpu()
     r_script = torch.tensor([script_reward(t, r["script"], args.script_threshold) for t, r in zip(texts, rows)])
     r_lang = torch.tensor([language_reward(t, r["script"], args.script_threshold, r["lang"] if args.lang_id else "",
                                            args.lang_min_prob) for t, r in zip(texts, rows)])
-    rewards = semantic_reward(sims, r_lang, tau, args.lambda_sim, args.lambda_lang).view(len(groups), args.group_size)
-    return sims, r_script, r_lang, rewards
+    return sims, r_script, r_lang
 
 
 def policy_update(args: Args, ctx, groups, adv, policy, model, ref, ref_ctx, optimizer, params):
@@ -1318,8 +1304,6 @@ def train(args: Args, embed_fn: Optional[EmbedFn] = None):
         if args.eval_base:
             run_eval("base", 0, policy, gen, eos_of(gen, tok))  # the model before the cold start
         run_sft(args, ctx, policy, tok)
-        if rank == 0:
-            shutil.rmtree(out / ".tmp-sft", ignore_errors=True)
         save_hf(out / ".tmp-sft", policy, tok, dtype, rank)  # merged, in the model's dtype
         if rank == 0:
             os.rename(out / ".tmp-sft", sft_dir)
@@ -1366,7 +1350,9 @@ def train(args: Args, embed_fn: Optional[EmbedFn] = None):
             groups.append({"row": train_rows[g], "tokens": t[:, :R], "mask": m[:, :R],
                            "texts": [tok.decode(x[y].tolist(), skip_special_tokens=True).strip() for x, y in zip(t, m)]})
         # ---- ALGO: 2. rewards (eqs. 1-4), group-relative advantages (eq. 5), updates of eq. (7) ----
-        sims, r_script, r_lang, rewards = score_groups(args, groups, embed, tau)
+        texts = [t for gr in groups for t in gr["texts"]]
+        sims, r_script, r_lang = reward_terms(args, texts, [gr["row"] for gr in groups for _ in gr["texts"]], embed)
+        rewards = semantic_reward(sims, r_lang, tau, args.lambda_sim, args.lambda_lang).view(len(groups), K)
         adv = group_advantages(rewards)
         sums, grad_norm, skipped_now = policy_update(args, ctx, groups, adv, policy, model, ref, ref_ctx, optimizer, params)
         if args.fsdp and ref is not policy:
