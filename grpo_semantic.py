@@ -822,9 +822,7 @@ LOGS = ("metrics.jsonl", "samples.jsonl", "eval.jsonl")  # every log a run appen
 
 
 def prepare_output_dir(args: Args, rank: int, world: int) -> Tuple[Path, Optional[Path]]:
-    """A folder that holds a run is never mixed with another (issue 10): without --resume it is
-    refused, --overwrite deletes it, --resume checks that no flag which changes results differs and
-    cuts the logs back to the newest checkpoint (step 0 when there is none yet)."""
+    """The run's folder and the checkpoint to resume from (None: step 0), by README's "Output folder" rules."""
     name = [args.output_dir or f"runs/grpo_semantic-{time.strftime('%Y%m%d-%H%M%S')}"]
     if world > 1:
         dist.broadcast_object_list(name, src=0)  # ranks may disagree on the clock
@@ -942,8 +940,7 @@ def save_checkpoint(out: Path, step: int, policy, tok, optimizer, state: dict, a
     final, tmp = out / f"checkpoint-{step}", out / f".tmp-checkpoint-{step}"
     try:
         if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
+            tmp.mkdir()  # prepare_output_dir removed what an earlier kill left
         if world > 1:
             dist.barrier()
         if args.lora_r:
