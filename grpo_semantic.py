@@ -314,10 +314,9 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, kl: torch.Tensor, adv:
 
 def token_kl(states: torch.Tensor, ref_states: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
              temperature: float, estimator: str, heads: Optional[dict] = None):
-    """-> (logp, kl_term, kl_full, entropy), each [N, T] float32; kl_term enters the loss (k3 or the
-    exact KL), kl_full is the exact KL, detached. states: logits [N, T, V], or final hidden states
-    [N, T, D] when `heads` gives the LM heads (weight, ref_weight, softcap, logit_scale): then the
-    logits are made in float32 inside the kernel, chunk by chunk (issue 15)."""
+    """-> (logp, kl_term, kl_full, entropy), each [N, T] float32; kl_term enters the loss (k3 or exact),
+    kl_full is the exact KL, detached. states: logits [N, T, V], or hidden states [N, T, D] when `heads`
+    gives the LM heads (weight, ref_weight, softcap, logit_scale): float32 logits in chunks (issue 15)."""
     if heads is None:
         out = fused_logprob_kl(states, ref_states, tokens, temperature=temperature)
     else:
@@ -501,8 +500,7 @@ def load_pairs(args: Args, path: str, flag: str, tok) -> Tuple[List[dict], int]:
 
 
 def sft_example(tokenizer, messages: List[dict]):
-    """Token ids and a mask, True on assistant tokens (incl. their end-of-turn token), built from
-    template prefixes."""
+    """Token ids and a mask, True on assistant tokens (and their end-of-turn), from template prefixes."""
     ids = encode(tokenizer, render_chat(tokenizer, messages, False))
     mask = [False] * len(ids)
     for k, m in enumerate(messages):
@@ -579,11 +577,10 @@ class KeyedSampler(LogitsProcessor):
 @torch.no_grad()
 def rollout(model, prompts: List[List[int]], keys: Optional[List[Tuple[int, ...]]], args: Args, eos_ids: List[int],
             pad_id: int, pad_to: int = 0, max_new_tokens: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """All samples of this rank in ONE `generate` call (issue 13). prompts: token ids per row (a
-    prompt repeated K times gives K rows); keys: one tuple of ints per row (seed, step, prompt,
-    sample) that fixes its sampling noise, or None: greedy decoding (evaluation). Returns tokens
-    [N, R] (pad after the first EOS) and mask [N, R] (True up to and including the first EOS).
-    pad_to: left-pad prompts to this length so that a static cache keeps one shape across steps."""
+    """All samples of this rank in ONE `generate` call. prompts: token ids per row (a prompt repeated K
+    times gives K rows); keys: a tuple of ints per row (seed, step, prompt, sample) fixing its noise, or
+    None: greedy (evaluation). -> tokens [N, R] (pad after the first EOS), mask [N, R] (True up to and
+    including the first EOS). pad_to: left-pad prompts to this length, so a static cache keeps one shape."""
     device = next(model.parameters()).device
     P = max(pad_to, max(len(p) for p in prompts))
     ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts], device=device)
@@ -605,10 +602,9 @@ def rollout(model, prompts: List[List[int]], keys: Optional[List[Tuple[int, ...]
 
 
 def response_states(model, prompt_ids, tokens: torch.Tensor, mask: torch.Tensor, fused: bool):
-    """What predicts each response token (position t-1 predicts t): [G, R] -> final hidden states
-    [G, R, D] (after the last norm) when `fused`, else logits [G, R, V]. prompt_ids: one prompt
-    (a list) shared by the G rows, or one equally long prompt per row. Goes through the model's
-    own forward, so DDP's and FSDP's hooks run."""
+    """[G, R] response -> what predicts each token (t-1 predicts t): final hidden states [G, R, D] when
+    `fused`, else logits [G, R, V]; through the model's own forward, so DDP's and FSDP's hooks run.
+    prompt_ids: one prompt (a list) shared by the G rows, or one equally long prompt per row."""
     G, R = tokens.shape
     prompt = torch.tensor(prompt_ids, device=tokens.device).expand(G, -1)
     attn = torch.cat([torch.ones_like(prompt), mask.long()], 1)
@@ -618,9 +614,8 @@ def response_states(model, prompt_ids, tokens: torch.Tensor, mask: torch.Tensor,
 
 
 def lm_head(model, like: torch.Tensor) -> torch.Tensor:
-    """The LM-head weight [V, D] (gathered if FSDP holds it sharded), in the hidden states' dtype:
-    what autocast or FSDP's bf16 compute gives the head; the kernel still makes float32 logits.
-    Under PEFT it is the base model's (no LoRA on it): frozen unless --lora-r 0."""
+    """The LM-head weight [V, D], gathered if sharded, in the hidden states' dtype (what autocast or FSDP's
+    bf16 compute gives the head; the kernel still makes float32 logits). PEFT: the base's, frozen."""
     w = model.get_output_embeddings().weight
     return (w.full_tensor() if hasattr(w, "full_tensor") else w).to(like.dtype)
 
@@ -745,16 +740,9 @@ def load_lm(path: str, flag: str, device, dtype=torch.float32):
     return model.to(device).eval()  # eval: no dropout unless asked
 
 
-def saved_dtype(path: str) -> torch.dtype:
-    """The dtype a model was published in (sft/ and merged/ are written in it, not in fp32 copies)."""
-    d = getattr(AutoConfig.from_pretrained(os.path.expanduser(path)), "dtype", None)
-    return getattr(torch, d) if isinstance(d, str) else d or torch.float32
-
-
 def shard(model, args: Args, device, frozen: bool):
-    """FSDP2 (issue 12): fully_shard each decoder layer (the model's `_no_split_modules`), then the
-    root; a PEFT model's frozen base and trainable adapters share these groups. CPU computes in fp32
-    throughout, so CPU tests compare exactly."""
+    """FSDP2: fully_shard each decoder layer (`_no_split_modules`), then the root; a PEFT model's frozen
+    base and adapters share these groups. CPU: fp32 throughout, so CPU tests compare exactly."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     bf16 = device.type == "cuda" and args.bf16
@@ -772,10 +760,8 @@ def shard(model, args: Args, device, frozen: bool):
 
 @contextlib.contextmanager
 def gathered(model, fsdp: bool):
-    """Generation under FSDP2 (issue 12.3): all-gather every layer ONCE and keep it gathered for the
-    whole `generate` (a per-token all-gather of every layer would cost ~100x the decode time).
-    Needs the full model's parameters in the compute dtype (2 bytes per parameter in bf16) plus the
-    KV cache on each GPU, while it lasts."""
+    """Generation under FSDP2: all-gather every layer ONCE for the whole `generate` (a per-token all-gather
+    costs ~100x the decode time); needs the full model in the compute dtype plus the KV cache per GPU."""
     from torch.distributed.fsdp import FSDPModule
 
     mods = [m for m in model.modules() if isinstance(m, FSDPModule)] if fsdp else []
@@ -793,9 +779,8 @@ def gathered(model, fsdp: bool):
 
 
 def lockstep(batches: List[list], fsdp: bool, device) -> List[list]:
-    """Every rank makes the same number of calls that synchronise the ranks (a forward of an FSDP module
-    all-gathers; generate() under FSDP syncs at every token): pad the shorter lists of batches with empty
-    ones (the caller runs a dummy call for those)."""
+    """Under FSDP every rank makes as many synchronising calls (a forward all-gathers, generate() syncs at
+    every token): shorter lists of batches get empty ones (the caller runs a dummy call for those)."""
     if fsdp:
         n = torch.tensor([len(batches)], device=device)
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
@@ -934,9 +919,8 @@ TRAINABLE = StateDictOptions(ignore_frozen_params=True)  # under PEFT: the adapt
 
 
 def save_checkpoint(out: Path, step: int, policy, tok, optimizer, state: dict, args: Args, dtype, rank: int, world: int):
-    """checkpoint-<step>/ as README's "What every script shares" describes it, with the PEFT adapter
-    (--lora-r 0: a Hugging Face folder in the model's dtype) and merged/ with --save-merged; a full disk
-    removes the temporary folder and says so."""
+    """checkpoint-<step>/ (README: "Checkpoints") with the PEFT adapter (--lora-r 0: an HF folder in the
+    model's dtype) and merged/ with --save-merged; a full disk removes the temporary folder and says so."""
     final, tmp = out / f"checkpoint-{step}", out / f".tmp-checkpoint-{step}"
     try:
         if rank == 0:
@@ -968,8 +952,6 @@ def save_checkpoint(out: Path, step: int, policy, tok, optimizer, state: dict, a
     if world > 1:
         dist.barrier()
     if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
         os.rename(tmp, final)
         done = sorted((p for p in out.glob("checkpoint-*") if p.name[11:].isdigit()), key=lambda p: int(p.name[11:]))
         for old in done[:-args.save_total_limit] if args.save_total_limit else []:
@@ -1019,9 +1001,8 @@ def make_reporter(kind: str, out: Path, args: Args) -> Callable[[dict], None]:
 # ---- Evaluation ----------------------------------------------------------------------------------
 @torch.no_grad()
 def greedy_outputs(args: Args, ctx, policy, gen, tok, rows: List[dict], eos_ids) -> List[str]:
-    """Greedy output of every row: rank-strided, left-padded batches of --eval-batch-size through plain
-    `generate` (on `gen`, the policy's own model; gathered once under FSDP), returned in row order; as
-    many calls on every rank (see lockstep), an empty batch decodes a dummy row."""
+    """Greedy output of every row, in row order: rank-strided, left-padded batches through plain `generate`
+    (on `gen`, the policy's own model; gathered once under FSDP), in lockstep."""
     mine, bs, texts = list(range(ctx.rank, len(rows), ctx.world)), args.eval_batch_size, {}
     policy.eval()
     with gathered(policy, args.fsdp), ctx.autocast():
@@ -1035,9 +1016,8 @@ def greedy_outputs(args: Args, ctx, policy, gen, tok, rows: List[dict], eos_ids)
 
 @torch.no_grad()
 def alignment_tax_probe(args: Args, ctx, policy, base, tok, lines: List[Tuple[str, str]]) -> Dict[str, float]:
-    """Per-token NLL of the policy and full-vocabulary KL(policy || base) on (language, text) lines
-    (temperature 1), over all tokens, and per language when there are several. Rank-strided,
-    right-padded batches, as many on every rank (the models may be sharded)."""
+    """Per-token NLL of the policy and full-vocabulary KL(policy || base) on (language, text) lines (T = 1),
+    overall and per language when there are several; rank-strided, right-padded batches, in lockstep."""
     ids = {i: tok(lines[i][1])["input_ids"] for i in range(ctx.rank, len(lines), ctx.world)}
     mine, bs, vals = [i for i in ids if len(ids[i]) >= 2], args.eval_batch_size, {}
     for batch in lockstep([mine[b:b + bs] for b in range(0, len(mine), bs)], args.fsdp, ctx.device):
@@ -1270,7 +1250,9 @@ def train(args: Args, embed_fn: Optional[EmbedFn] = None):
                           autocast=(lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext,
                           load_device=torch.device("cpu") if args.fsdp else device,  # fully_shard moves each shard to its GPU
                           frozen_dtype=torch.bfloat16 if args.fsdp and bf16 else torch.float32)
-    dtype, steps = saved_dtype(args.model), args.steps or math.ceil(len(train_rows) / args.prompts_per_step)
+    steps = args.steps or math.ceil(len(train_rows) / args.prompts_per_step)
+    dtype = getattr(AutoConfig.from_pretrained(os.path.expanduser(args.model)), "dtype", None)  # sft/, merged/ in it
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype or torch.float32
     embed = embed_fn or Embedder(args.embedder, device, args.embed_batch_size)
     if args.parallel_eval_data and rank == 0:  # optional: a run from another folder may not have the bundled file
         pairs = read_fields(args.parallel_eval_data, "--parallel-eval-data", ("source", "target")) \
@@ -1390,9 +1372,8 @@ def train(args: Args, embed_fn: Optional[EmbedFn] = None):
 
 
 def run_sft(args: Args, ctx, policy, tok):
-    """Stage 1: next-token loss on assistant tokens only (log-probs from hidden states, kernels/),
-    normalised by the global number of assistant tokens in each batch; AdamW with cosine decay after
-    a linear warm-up (App. A.2)."""
+    """Stage 1: next-token loss on assistant tokens only, over the global number of assistant tokens in
+    each batch (log-probs from hidden states, kernels/); AdamW, linear warm-up, cosine decay (App. A.2)."""
     from transformers import get_cosine_schedule_with_warmup
     examples, too_long = [], 0
     for where, row in read_rows(args.sft_data, "--sft-data"):
