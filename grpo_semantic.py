@@ -644,12 +644,11 @@ EmbedFn = Callable[[List[str]], torch.Tensor]  # texts -> [N, D] unit vectors
 
 def check_model_path(path: str, flag: str, marker: str = "config.json"):
     """One line for a path that cannot hold a model, before anything tries the hub."""
-    local, parts = Path(os.path.expanduser(path)), Path(path).parts
+    local, parts, fix = Path(os.path.expanduser(path)), Path(path).parts, "pass a folder written by save_pretrained"
     if local.is_dir() and not any((local / m).exists() for m in (marker, "config.json")):
-        raise SystemExit(f"{flag} {path} is a folder without a model (no {marker}); pass a folder written by "
-                         f"save_pretrained, or a hub name")
+        raise SystemExit(f"{flag} {path} is a folder without a model (no {marker}); {fix}, or a hub name")
     if not local.exists() and (path.startswith((".", "/", "~")) or (len(parts) > 1 and os.path.exists(parts[0]))):
-        raise SystemExit(f"{flag} {path} does not exist; pass a folder written by save_pretrained or a hub name "
+        raise SystemExit(f"{flag} {path} does not exist; {fix} or a hub name "
                          f"(`python tools/export_smollm2.py` writes the embedded policy)")
 
 
@@ -793,6 +792,11 @@ def local_bytes(tensors) -> int:
     return sum((t.to_local() if hasattr(t, "to_local") else t).nbytes for t in tensors if torch.is_tensor(t))
 
 
+def barrier(world: int):
+    if world > 1:
+        dist.barrier()
+
+
 def gather(obj, world: int) -> list:
     """Every rank's object, in rank order (a one-element list with one process)."""
     if world == 1:
@@ -830,8 +834,7 @@ def prepare_output_dir(args: Args, rank: int, world: int) -> Tuple[Path, Optiona
                                      f"(args.json); pass the same value, or --overwrite to start over")
                 changed[k] = [saved[k], v]
         ckpt = latest_checkpoint(out)
-    if world > 1:
-        dist.barrier()  # every rank has read the folder before rank 0 changes it
+    barrier(world)  # every rank has read the folder before rank 0 changes it
     if rank == 0:
         if args.overwrite and is_run:
             shutil.rmtree(out)
@@ -848,8 +851,7 @@ def prepare_output_dir(args: Args, rank: int, world: int) -> Tuple[Path, Optiona
                   + (f"; changed flags: {changed}" if changed else ""))
         else:
             atomic_write(out / "args.json", json.dumps(asdict(args), indent=2))
-    if world > 1:
-        dist.barrier()
+    barrier(world)
     return out, ckpt
 
 
@@ -925,8 +927,7 @@ def save_checkpoint(out: Path, step: int, policy, tok, optimizer, state: dict, a
     try:
         if rank == 0:
             tmp.mkdir()  # prepare_output_dir removed what an earlier kill left
-        if world > 1:
-            dist.barrier()
+        barrier(world)
         if args.lora_r:
             adapter = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
                                                                             ignore_frozen_params=True))
@@ -949,15 +950,13 @@ def save_checkpoint(out: Path, step: int, policy, tok, optimizer, state: dict, a
             raise SystemExit(f"no space left in {out} while writing checkpoint-{step}; free space and run again with "
                              f"--resume ({prev.name + ' is intact' if prev else 'no earlier checkpoint'})")
         raise
-    if world > 1:
-        dist.barrier()
+    barrier(world)
     if rank == 0:
         os.rename(tmp, final)
         done = sorted((p for p in out.glob("checkpoint-*") if p.name[11:].isdigit()), key=lambda p: int(p.name[11:]))
         for old in done[:-args.save_total_limit] if args.save_total_limit else []:
             shutil.rmtree(old)
-    if world > 1:
-        dist.barrier()
+    barrier(world)
 
 
 def load_checkpoint(ckpt: Path, policy, optimizer, rank: int) -> dict:
@@ -1069,11 +1068,10 @@ def evaluate(args: Args, ctx, policy, gen, tok, rows, general, embed: EmbedFn, e
 
 # ---- Stage 0: the semantic encoder (§3.4, §4.1) --------------------------------------------------
 def train_embedder(args: Args):
-    """Make --embedder a sentence encoder of translation equivalence: MultipleNegativesRankingLoss on
-    (source, target) pairs in both directions (each source must pick its translation among the batch's
-    targets, and each target its source), with sentence-transformers' trainer; no batch holds the same
-    text twice (NO_DUPLICATES), since a source with two translations would be its own negative. Reports
-    retrieval accuracy and Spearman before and after; saves a folder that --embedder takes."""
+    """Make --embedder an encoder of translation equivalence: MultipleNegativesRankingLoss on (source,
+    target) pairs in both directions (each source picks its translation among the batch's targets, and each
+    target its source); NO_DUPLICATES batches, as a source with two translations would be its own negative.
+    Reports retrieval accuracy and Spearman before and after; saves a folder that --embedder takes."""
     import datasets
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
@@ -1286,8 +1284,7 @@ def train(args: Args, embed_fn: Optional[EmbedFn] = None):
         save_hf(out / ".tmp-sft", policy, tok, dtype, rank)  # merged, in the model's dtype
         if rank == 0:
             os.rename(out / ".tmp-sft", sft_dir)
-        if ddp:
-            dist.barrier()
+        barrier(world)
         del policy, gen
 
     # ---- PLUMBING: policy (from the SAVED sft/, so a run resumed from it is the same run), pi_ref, resume, tau
