@@ -807,9 +807,6 @@ def gather(obj, world: int) -> list:
 
 
 # ---- Output folder, checkpoints, logs ------------------------------------------------------------
-LOGS = ("metrics.jsonl", "samples.jsonl", "eval.jsonl")  # every log a run appends to
-
-
 def prepare_output_dir(args: Args, rank: int, world: int) -> Tuple[Path, Optional[Path]]:
     """The run's folder and the checkpoint to resume from (None: step 0), by README's "Output folder" rules."""
     name = [args.output_dir or f"runs/grpo_semantic-{time.strftime('%Y%m%d-%H%M%S')}"]
@@ -843,7 +840,7 @@ def prepare_output_dir(args: Args, rank: int, world: int) -> Tuple[Path, Optiona
             shutil.rmtree(tmp, ignore_errors=True)
         if args.resume and is_run:
             step = int(ckpt.name.split("-")[1]) if ckpt else 0
-            for log in LOGS:
+            for log in ("metrics.jsonl", "samples.jsonl", "eval.jsonl"):  # every log a run appends to
                 trim_jsonl(out / log, step)
             saved.setdefault("_resumed", []).append({"step": step, "changed": changed})
             atomic_write(out / "args.json", json.dumps(saved, indent=2))
