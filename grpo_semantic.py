@@ -331,12 +331,11 @@ def mean_std(values: torch.Tensor, ddp: bool) -> Tuple[Optional[float], Optional
     in float32 cancels to 0 for a spread of 1e-4 around 2); (None, None) when there are none."""
     v = values.detach().double().flatten().cpu()
     v = v[torch.isfinite(v)]
-    total = lambda x: dist.all_reduce(x) or x if ddp else x  # noqa: E731
-    s = total(torch.tensor([v.sum().item(), float(v.numel())], dtype=torch.float64))
+    s = all_sum(torch.tensor([v.sum().item(), float(v.numel())], dtype=torch.float64), ddp)
     if s[1] == 0:
         return None, None
     mean = s[0] / s[1]
-    return float(mean), math.sqrt(float(total((v - mean).pow(2).sum()) / s[1]))
+    return float(mean), math.sqrt(float(all_sum((v - mean).pow(2).sum(), ddp) / s[1]))
 
 
 def lcs_length(a: Sequence, b: Sequence) -> int:
@@ -792,6 +791,12 @@ def local_bytes(tensors) -> int:
     return sum((t.to_local() if hasattr(t, "to_local") else t).nbytes for t in tensors if torch.is_tensor(t))
 
 
+def all_sum(x: torch.Tensor, ddp: bool) -> torch.Tensor:
+    if ddp:
+        dist.all_reduce(x)  # in place
+    return x
+
+
 def barrier(world: int):
     if world > 1:
         dist.barrier()
@@ -1216,8 +1221,7 @@ def policy_update(args: Args, ctx, groups, adv, policy, model, ref, ref_ctx, opt
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         if torch.isfinite(grad_norm):  # gradients are already reduced: every rank agrees
             optimizer.step()
-        else:
-            optimizer.zero_grad(set_to_none=True)
+        else:  # the next update starts with zero_grad
             skipped += 1
     return sums, float(grad_norm), skipped
 
@@ -1334,8 +1338,7 @@ def train(args: Args, embed_fn: Optional[EmbedFn] = None):
 
         # ---- PLUMBING: metrics, samples, checkpoint -----------------------------------------------
         stats = torch.stack([sims, r_script, r_lang, shaped_similarity(sims, tau), (adv == 0).flatten().double()]).sum(-1).double()
-        if ddp:
-            dist.all_reduce(sums), dist.all_reduce(stats)
+        sums, stats = all_sum(sums, ddp), all_sum(stats, ddp)
         r_mean, r_std = mean_std(rewards, ddp)
         loss_s, kl_s, ent_s, ntok, nclip = sums.tolist()
         n_seq = args.prompts_per_step * K
@@ -1405,9 +1408,7 @@ def run_sft(args: Args, ctx, policy, tok):
             ids = torch.tensor([x + [tok.pad_token_id] * (L - len(x)) for x, _ in mine], device=device)
             amask = torch.tensor([[1] * len(x) + [0] * (L - len(x)) for x, _ in mine], device=device)
             lmask = torch.tensor([m + [False] * (L - len(m)) for _, m in mine], device=device)[:, 1:]
-            n_tok = torch.tensor(float(lmask.sum()) * weight, device=device)
-            if ctx.ddp:
-                dist.all_reduce(n_tok)
+            n_tok = all_sum(torch.tensor(float(lmask.sum()) * weight, device=device), ctx.ddp)
             with ctx.autocast():
                 h = model(input_ids=ids, attention_mask=amask, output_hidden_states=True, logits_to_keep=1).hidden_states[-1][:, :-1]
                 logp = fused_linear_logprob(h, lm_head(policy, h), ids[:, 1:], **head_kw(policy))
@@ -1417,9 +1418,7 @@ def run_sft(args: Args, ctx, policy, tok):
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            loss = loss.detach()
-            if ctx.ddp:
-                dist.all_reduce(loss)
+            loss = all_sum(loss.detach(), ctx.ddp)
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=round(loss.item(), 4), lr=sched.get_last_lr()[0], skipped_too_long=too_long)
     bar.close()
