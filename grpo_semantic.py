@@ -37,11 +37,8 @@ Equations (as the paper states them; our numbering):
 pi_ref = the policy with its adapters disabled (PEFT's disable_adapter(); no second copy); --lora-r 0
 trains all weights (pi_ref: a frozen copy). checkpoint-N/ holds the PEFT adapter: PeftModel.from_pretrained(
 base, checkpoint-N), base = --model or <output-dir>/sft; --save-merged adds merged/ (a plain HF model).
-Both sft/ and merged/ are in the model's own dtype. Scale (issue 12): DDP, or --fsdp (FSDP2: decoder
-layers + root of the PEFT model, its optimizer, the frozen models; the small embedder stays replicated).
-Rollouts (issue 13): all prompts x K of a rank in one `generate`, sampled by Gumbel-max with noise keyed
-by (seed, step, prompt, sample, position): the same on any number of processes. Log-probs and KL from
-hidden states through kernels.fused_linear_logprob_kl (issue 15). Qwen3 templates get enable_thinking=False.
+DDP or --fsdp (the small embedder stays replicated), keyed rollouts, fused log-probs, the output folder:
+README, "What every script shares".
 
 Run (CPU, embedded all-MiniLM-L6-v2 and SmolLM2-135M-Instruct; README has times and results):
   python grpo_semantic.py train-embedder --output-dir runs/embedder-cpu
@@ -317,10 +314,9 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, kl: torch.Tensor, adv:
 
 def token_kl(states: torch.Tensor, ref_states: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
              temperature: float, estimator: str, heads: Optional[dict] = None):
-    """-> (logp, kl_term, kl_full, entropy), each [N, T] float32; kl_term enters the loss (k3 or the
-    exact KL), kl_full is the exact KL, detached. states: logits [N, T, V], or final hidden states
-    [N, T, D] when `heads` gives the LM heads (weight, ref_weight, softcap, logit_scale): then the
-    logits are made in float32 inside the kernel, chunk by chunk (issue 15)."""
+    """-> (logp, kl_term, kl_full, entropy), each [N, T] float32; kl_term enters the loss (k3 or exact),
+    kl_full is the exact KL, detached. states: logits [N, T, V], or hidden states [N, T, D] when `heads`
+    gives the LM heads (weight, ref_weight, softcap, logit_scale): float32 logits in chunks (issue 15)."""
     if heads is None:
         out = fused_logprob_kl(states, ref_states, tokens, temperature=temperature)
     else:
@@ -335,12 +331,11 @@ def mean_std(values: torch.Tensor, ddp: bool) -> Tuple[Optional[float], Optional
     in float32 cancels to 0 for a spread of 1e-4 around 2); (None, None) when there are none."""
     v = values.detach().double().flatten().cpu()
     v = v[torch.isfinite(v)]
-    total = lambda x: dist.all_reduce(x) or x if ddp else x  # noqa: E731
-    s = total(torch.tensor([v.sum().item(), float(v.numel())], dtype=torch.float64))
+    s = all_sum(torch.tensor([v.sum().item(), float(v.numel())], dtype=torch.float64), ddp)
     if s[1] == 0:
         return None, None
     mean = s[0] / s[1]
-    return float(mean), math.sqrt(float(total((v - mean).pow(2).sum()) / s[1]))
+    return float(mean), math.sqrt(float(all_sum((v - mean).pow(2).sum(), ddp) / s[1]))
 
 
 def lcs_length(a: Sequence, b: Sequence) -> int:
@@ -504,8 +499,7 @@ def load_pairs(args: Args, path: str, flag: str, tok) -> Tuple[List[dict], int]:
 
 
 def sft_example(tokenizer, messages: List[dict]):
-    """Token ids and a mask, True on assistant tokens (incl. their end-of-turn token), built from
-    template prefixes."""
+    """Token ids and a mask, True on assistant tokens (and their end-of-turn), from template prefixes."""
     ids = encode(tokenizer, render_chat(tokenizer, messages, False))
     mask = [False] * len(ids)
     for k, m in enumerate(messages):
@@ -582,11 +576,10 @@ class KeyedSampler(LogitsProcessor):
 @torch.no_grad()
 def rollout(model, prompts: List[List[int]], keys: Optional[List[Tuple[int, ...]]], args: Args, eos_ids: List[int],
             pad_id: int, pad_to: int = 0, max_new_tokens: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """All samples of this rank in ONE `generate` call (issue 13). prompts: token ids per row (a
-    prompt repeated K times gives K rows); keys: one tuple of ints per row (seed, step, prompt,
-    sample) that fixes its sampling noise, or None: greedy decoding (evaluation). Returns tokens
-    [N, R] (pad after the first EOS) and mask [N, R] (True up to and including the first EOS).
-    pad_to: left-pad prompts to this length so that a static cache keeps one shape across steps."""
+    """All samples of this rank in ONE `generate` call. prompts: token ids per row (a prompt repeated K
+    times gives K rows); keys: a tuple of ints per row (seed, step, prompt, sample) fixing its noise, or
+    None: greedy (evaluation). -> tokens [N, R] (pad after the first EOS), mask [N, R] (True up to and
+    including the first EOS). pad_to: left-pad prompts to this length, so a static cache keeps one shape."""
     device = next(model.parameters()).device
     P = max(pad_to, max(len(p) for p in prompts))
     ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts], device=device)
@@ -608,10 +601,9 @@ def rollout(model, prompts: List[List[int]], keys: Optional[List[Tuple[int, ...]
 
 
 def response_states(model, prompt_ids, tokens: torch.Tensor, mask: torch.Tensor, fused: bool):
-    """What predicts each response token (position t-1 predicts t): [G, R] -> final hidden states
-    [G, R, D] (after the last norm) when `fused`, else logits [G, R, V]. prompt_ids: one prompt
-    (a list) shared by the G rows, or one equally long prompt per row. Goes through the model's
-    own forward, so DDP's and FSDP's hooks run."""
+    """[G, R] response -> what predicts each token (t-1 predicts t): final hidden states [G, R, D] when
+    `fused`, else logits [G, R, V]; through the model's own forward, so DDP's and FSDP's hooks run.
+    prompt_ids: one prompt (a list) shared by the G rows, or one equally long prompt per row."""
     G, R = tokens.shape
     prompt = torch.tensor(prompt_ids, device=tokens.device).expand(G, -1)
     attn = torch.cat([torch.ones_like(prompt), mask.long()], 1)
@@ -621,9 +613,8 @@ def response_states(model, prompt_ids, tokens: torch.Tensor, mask: torch.Tensor,
 
 
 def lm_head(model, like: torch.Tensor) -> torch.Tensor:
-    """The LM-head weight [V, D] (gathered if FSDP holds it sharded), in the hidden states' dtype:
-    what autocast or FSDP's bf16 compute gives the head; the kernel still makes float32 logits.
-    Under PEFT it is the base model's (no LoRA on it): frozen unless --lora-r 0."""
+    """The LM-head weight [V, D], gathered if sharded, in the hidden states' dtype (what autocast or FSDP's
+    bf16 compute gives the head; the kernel still makes float32 logits). PEFT: the base's, frozen."""
     w = model.get_output_embeddings().weight
     return (w.full_tensor() if hasattr(w, "full_tensor") else w).to(like.dtype)
 
@@ -652,12 +643,11 @@ EmbedFn = Callable[[List[str]], torch.Tensor]  # texts -> [N, D] unit vectors
 
 def check_model_path(path: str, flag: str, marker: str = "config.json"):
     """One line for a path that cannot hold a model, before anything tries the hub."""
-    local, parts = Path(os.path.expanduser(path)), Path(path).parts
+    local, parts, fix = Path(os.path.expanduser(path)), Path(path).parts, "pass a folder written by save_pretrained"
     if local.is_dir() and not any((local / m).exists() for m in (marker, "config.json")):
-        raise SystemExit(f"{flag} {path} is a folder without a model (no {marker}); pass a folder written by "
-                         f"save_pretrained, or a hub name")
+        raise SystemExit(f"{flag} {path} is a folder without a model (no {marker}); {fix}, or a hub name")
     if not local.exists() and (path.startswith((".", "/", "~")) or (len(parts) > 1 and os.path.exists(parts[0]))):
-        raise SystemExit(f"{flag} {path} does not exist; pass a folder written by save_pretrained or a hub name "
+        raise SystemExit(f"{flag} {path} does not exist; {fix} or a hub name "
                          f"(`python tools/export_smollm2.py` writes the embedded policy)")
 
 
@@ -668,17 +658,15 @@ class Embedder:
     def __init__(self, path: str, device, batch_size: int):
         from sentence_transformers import SentenceTransformer
         from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
-        check_model_path(path, "--embedder", "modules.json")
-        local = os.path.expanduser(path)
-        try:
+
+        def build(local: str):
             if os.path.isdir(local) and not os.path.exists(os.path.join(local, "modules.json")):
                 enc = Transformer(local)
-                self.model = SentenceTransformer(modules=[enc, Pooling(enc.get_embedding_dimension(), "mean")], device=str(device))
-            else:
-                self.model = SentenceTransformer(local, device=str(device))
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"--embedder {path} could not be loaded ({type(e).__name__}); check the name, or unset "
-                             f"HF_HUB_OFFLINE to download")
+                pool = Pooling(enc.get_embedding_dimension(), "mean")
+                return SentenceTransformer(modules=[enc, pool], device=str(device))
+            return SentenceTransformer(local, device=str(device))
+
+        self.model = load(build, path, "--embedder", "modules.json")
         self.model.eval()
         self.batch_size = batch_size
 
@@ -689,8 +677,7 @@ class Embedder:
 
 
 def retrieval_by_language(embed: EmbedFn, pairs: List[dict]) -> Dict[str, Tuple[float, int]]:
-    """Per language of the (source, target) pairs: the share of sources whose nearest target among that
-    language's pairs is their own translation, and the number of pairs."""
+    """Per language of the (source, target) pairs: (retrieval_accuracy among its pairs, number of pairs)."""
     res = {}
     for lang in sorted({r["lang"] for r in pairs}):
         rows = [r for r in pairs if r["lang"] == lang]
@@ -729,37 +716,30 @@ def embedder_language_warnings(embed: EmbedFn, path: str, langs: Sequence[str], 
     return out
 
 
-def load(cls, path: str, flag: str, **kw):
-    """cls.from_pretrained(path) with one line for every way it fails."""
-    check_model_path(path, flag)
+def load(make: Callable, path: str, flag: str, marker: str = "config.json", **kw):
+    """make(path, **kw) (a from_pretrained) with one line for every way it fails."""
+    check_model_path(path, flag, marker)
     try:
-        return cls.from_pretrained(os.path.expanduser(path), **kw)
+        return make(os.path.expanduser(path), **kw)
     except (OSError, ValueError) as e:
         raise SystemExit(f"{flag} {path} could not be loaded ({type(e).__name__}); check the name, or unset HF_HUB_OFFLINE to download")
 
 
 def load_tokenizer(path: str, flag: str):
-    tok = load(AutoTokenizer, path, flag)
+    tok = load(AutoTokenizer.from_pretrained, path, flag)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
 def load_lm(path: str, flag: str, device, dtype=torch.float32):
-    return load(AutoModelForCausalLM, path, flag, dtype=dtype).to(device).eval()  # eval: no dropout unless asked
-
-
-def saved_dtype(path: str) -> torch.dtype:
-    """The dtype a model was published in (sft/ and merged/ are written in it, not in fp32 copies)."""
-    d = getattr(AutoConfig.from_pretrained(os.path.expanduser(path)), "dtype", None)
-    return getattr(torch, d) if isinstance(d, str) else d or torch.float32
+    model = load(AutoModelForCausalLM.from_pretrained, path, flag, dtype=dtype)
+    return model.to(device).eval()  # eval: no dropout unless asked
 
 
 def shard(model, args: Args, device, frozen: bool):
-    """FSDP2 (issue 12): fully_shard each decoder layer (the model's `_no_split_modules`), then the
-    root; a PEFT model's frozen base and trainable adapters share these groups. On GPUs: bf16
-    compute, fp32 gradient reduction (trained weights stay fp32); on CPU fp32 throughout, so CPU
-    tests compare exactly. --ref-offload keeps a frozen model's shards in CPU memory between forwards."""
+    """FSDP2: fully_shard each decoder layer (`_no_split_modules`), then the root; a PEFT model's frozen
+    base and adapters share these groups. CPU: fp32 throughout, so CPU tests compare exactly."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     bf16 = device.type == "cuda" and args.bf16
@@ -777,10 +757,8 @@ def shard(model, args: Args, device, frozen: bool):
 
 @contextlib.contextmanager
 def gathered(model, fsdp: bool):
-    """Generation under FSDP2 (issue 12.3): all-gather every layer ONCE and keep it gathered for the
-    whole `generate` (a per-token all-gather of every layer would cost ~100x the decode time).
-    Needs the full model's parameters in the compute dtype (2 bytes per parameter in bf16) plus the
-    KV cache on each GPU, while it lasts."""
+    """Generation under FSDP2: all-gather every layer ONCE for the whole `generate` (a per-token all-gather
+    costs ~100x the decode time); needs the full model in the compute dtype plus the KV cache per GPU."""
     from torch.distributed.fsdp import FSDPModule
 
     mods = [m for m in model.modules() if isinstance(m, FSDPModule)] if fsdp else []
@@ -798,9 +776,8 @@ def gathered(model, fsdp: bool):
 
 
 def lockstep(batches: List[list], fsdp: bool, device) -> List[list]:
-    """Every rank makes the same number of calls that synchronise the ranks (a forward of an FSDP module
-    all-gathers; generate() under FSDP syncs at every token): pad the shorter lists of batches with empty
-    ones (the caller runs a dummy call for those)."""
+    """Under FSDP every rank makes as many synchronising calls (a forward all-gathers, generate() syncs at
+    every token): shorter lists of batches get empty ones (the caller runs a dummy call for those)."""
     if fsdp:
         n = torch.tensor([len(batches)], device=device)
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
@@ -813,6 +790,17 @@ def local_bytes(tensors) -> int:
     return sum((t.to_local() if hasattr(t, "to_local") else t).nbytes for t in tensors if torch.is_tensor(t))
 
 
+def all_sum(x: torch.Tensor, ddp: bool) -> torch.Tensor:
+    if ddp:
+        dist.all_reduce(x)  # in place
+    return x
+
+
+def barrier(world: int):
+    if world > 1:
+        dist.barrier()
+
+
 def gather(obj, world: int) -> list:
     """Every rank's object, in rank order (a one-element list with one process)."""
     if world == 1:
@@ -823,13 +811,8 @@ def gather(obj, world: int) -> list:
 
 
 # ---- Output folder, checkpoints, logs ------------------------------------------------------------
-LOGS = ("metrics.jsonl", "samples.jsonl", "eval.jsonl")  # every log a run appends to
-
-
 def prepare_output_dir(args: Args, rank: int, world: int) -> Tuple[Path, Optional[Path]]:
-    """A folder that holds a run is never mixed with another (issue 10): without --resume it is
-    refused, --overwrite deletes it, --resume checks that no flag which changes results differs and
-    cuts the logs back to the newest checkpoint (step 0 when there is none yet)."""
+    """The run's folder and the checkpoint to resume from (None: step 0), by README's "Output folder" rules."""
     name = [args.output_dir or f"runs/grpo_semantic-{time.strftime('%Y%m%d-%H%M%S')}"]
     if world > 1:
         dist.broadcast_object_list(name, src=0)  # ranks may disagree on the clock
@@ -852,8 +835,7 @@ def prepare_output_dir(args: Args, rank: int, world: int) -> Tuple[Path, Optiona
                                      f"(args.json); pass the same value, or --overwrite to start over")
                 changed[k] = [saved[k], v]
         ckpt = latest_checkpoint(out)
-    if world > 1:
-        dist.barrier()  # every rank has read the folder before rank 0 changes it
+    barrier(world)  # every rank has read the folder before rank 0 changes it
     if rank == 0:
         if args.overwrite and is_run:
             shutil.rmtree(out)
@@ -862,7 +844,7 @@ def prepare_output_dir(args: Args, rank: int, world: int) -> Tuple[Path, Optiona
             shutil.rmtree(tmp, ignore_errors=True)
         if args.resume and is_run:
             step = int(ckpt.name.split("-")[1]) if ckpt else 0
-            for log in LOGS:
+            for log in ("metrics.jsonl", "samples.jsonl", "eval.jsonl"):  # every log a run appends to
                 trim_jsonl(out / log, step)
             saved.setdefault("_resumed", []).append({"step": step, "changed": changed})
             atomic_write(out / "args.json", json.dumps(saved, indent=2))
@@ -870,8 +852,7 @@ def prepare_output_dir(args: Args, rank: int, world: int) -> Tuple[Path, Optiona
                   + (f"; changed flags: {changed}" if changed else ""))
         else:
             atomic_write(out / "args.json", json.dumps(asdict(args), indent=2))
-    if world > 1:
-        dist.barrier()
+    barrier(world)
     return out, ckpt
 
 
@@ -941,18 +922,13 @@ TRAINABLE = StateDictOptions(ignore_frozen_params=True)  # under PEFT: the adapt
 
 
 def save_checkpoint(out: Path, step: int, policy, tok, optimizer, state: dict, args: Args, dtype, rank: int, world: int):
-    """checkpoint-<step>/: the PEFT adapter (--lora-r 0: a Hugging Face folder in the model's dtype),
-    merged/ with --save-merged, trainer/ (torch.distributed.checkpoint: the trainable weights in fp32
-    and the optimizer, sharded under FSDP), rng_state_<rank>.pth for every rank, trainer_state.json.
-    Written as .tmp-checkpoint-<step> and renamed, so it is never half-written; a full disk removes
-    the temporary folder and says so."""
+    """checkpoint-<step>/ (README: "Checkpoints") with the PEFT adapter (--lora-r 0: an HF folder in the
+    model's dtype) and merged/ with --save-merged; a full disk removes the temporary folder and says so."""
     final, tmp = out / f"checkpoint-{step}", out / f".tmp-checkpoint-{step}"
     try:
         if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-        if world > 1:
-            dist.barrier()
+            tmp.mkdir()  # prepare_output_dir removed what an earlier kill left
+        barrier(world)
         if args.lora_r:
             adapter = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
                                                                             ignore_frozen_params=True))
@@ -975,17 +951,13 @@ def save_checkpoint(out: Path, step: int, policy, tok, optimizer, state: dict, a
             raise SystemExit(f"no space left in {out} while writing checkpoint-{step}; free space and run again with "
                              f"--resume ({prev.name + ' is intact' if prev else 'no earlier checkpoint'})")
         raise
-    if world > 1:
-        dist.barrier()
+    barrier(world)
     if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
         os.rename(tmp, final)
         done = sorted((p for p in out.glob("checkpoint-*") if p.name[11:].isdigit()), key=lambda p: int(p.name[11:]))
         for old in done[:-args.save_total_limit] if args.save_total_limit else []:
             shutil.rmtree(old)
-    if world > 1:
-        dist.barrier()
+    barrier(world)
 
 
 def load_checkpoint(ckpt: Path, policy, optimizer, rank: int) -> dict:
@@ -1029,10 +1001,8 @@ def make_reporter(kind: str, out: Path, args: Args) -> Callable[[dict], None]:
 # ---- Evaluation ----------------------------------------------------------------------------------
 @torch.no_grad()
 def greedy_outputs(args: Args, ctx, policy, gen, tok, rows: List[dict], eos_ids) -> List[str]:
-    """Greedy output of every row: rank-strided, left-padded batches of --eval-batch-size through plain
-    `generate` (on `gen`, the policy's own model; gathered once under FSDP), returned in row order.
-    Under FSDP generate() syncs the ranks at every token (transformers' synced_gpus): as many calls on
-    every rank, an empty batch decodes a dummy row."""
+    """Greedy output of every row, in row order: rank-strided, left-padded batches through plain `generate`
+    (on `gen`, the policy's own model; gathered once under FSDP), in lockstep."""
     mine, bs, texts = list(range(ctx.rank, len(rows), ctx.world)), args.eval_batch_size, {}
     policy.eval()
     with gathered(policy, args.fsdp), ctx.autocast():
@@ -1046,9 +1016,8 @@ def greedy_outputs(args: Args, ctx, policy, gen, tok, rows: List[dict], eos_ids)
 
 @torch.no_grad()
 def alignment_tax_probe(args: Args, ctx, policy, base, tok, lines: List[Tuple[str, str]]) -> Dict[str, float]:
-    """Per-token NLL of the policy and full-vocabulary KL(policy || base) on (language, text) lines
-    (temperature 1), over all tokens, and per language when there are several. Rank-strided,
-    right-padded batches, as many on every rank (the models may be sharded)."""
+    """Per-token NLL of the policy and full-vocabulary KL(policy || base) on (language, text) lines (T = 1),
+    overall and per language when there are several; rank-strided, right-padded batches, in lockstep."""
     ids = {i: tok(lines[i][1])["input_ids"] for i in range(ctx.rank, len(lines), ctx.world)}
     mine, bs, vals = [i for i in ids if len(ids[i]) >= 2], args.eval_batch_size, {}
     for batch in lockstep([mine[b:b + bs] for b in range(0, len(mine), bs)], args.fsdp, ctx.device):
@@ -1078,16 +1047,13 @@ def evaluate(args: Args, ctx, policy, gen, tok, rows, general, embed: EmbedFn, e
     if rows:
         hyps = greedy_outputs(args, ctx, policy, gen, tok, rows, eos_ids)
         refs = [r["reference"] for r in rows]
-        sims = cosine(embed(hyps), embed(refs)).tolist()
+        sims, script, lang = (x.tolist() for x in reward_terms(args, hyps, rows, embed))
         split = (lambda s: [c for c in s if not c.isspace()]) if args.rouge_tokens == "char" else str.split
-        lang = [language_reward(h, r["script"], args.script_threshold, r["lang"] if args.lang_id else "", args.lang_min_prob)
-                for h, r in zip(hyps, rows)]
         res = {"bleu": sacrebleu.corpus_bleu(hyps, [refs], tokenize=args.bleu_tokenize).score,
                "chrf": sacrebleu.corpus_chrf(hyps, [refs]).score,
                "rouge_l": 100 * float(np.mean([rouge_l(split(h), split(r)) for h, r in zip(hyps, refs)])),
                "similarity": float(np.mean(sims)),
-               "script_consistency": float(np.mean([script_reward(h, r["script"], args.script_threshold)
-                                                    for h, r in zip(hyps, rows)])),
+               "script_consistency": float(np.mean(script)),
                "language_consistency": float(np.mean(lang)),
                "outputs": [{"prompt": r["prompt"], "reference": r["reference"], "output": h, "similarity": s, "r_lang": g}
                            for r, h, s, g in zip(rows, hyps, sims, lang)]}
@@ -1103,11 +1069,10 @@ def evaluate(args: Args, ctx, policy, gen, tok, rows, general, embed: EmbedFn, e
 
 # ---- Stage 0: the semantic encoder (§3.4, §4.1) --------------------------------------------------
 def train_embedder(args: Args):
-    """Make --embedder a sentence encoder of translation equivalence: MultipleNegativesRankingLoss on
-    (source, target) pairs in both directions (each source must pick its translation among the batch's
-    targets, and each target its source), with sentence-transformers' trainer; no batch holds the same
-    text twice (NO_DUPLICATES), since a source with two translations would be its own negative. Reports
-    retrieval accuracy and Spearman before and after; saves a folder that --embedder takes."""
+    """Make --embedder an encoder of translation equivalence: MultipleNegativesRankingLoss on (source,
+    target) pairs in both directions (each source picks its translation among the batch's targets, and each
+    target its source); NO_DUPLICATES batches, as a source with two translations would be its own negative.
+    Reports retrieval accuracy and Spearman before and after; saves a folder that --embedder takes."""
     import datasets
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
@@ -1212,16 +1177,13 @@ def eos_of(model, tok) -> List[int]:
     return sorted({tok.eos_token_id, *([gen_eos] if isinstance(gen_eos, int) else gen_eos or [])} - {None})
 
 
-def score_groups(args: Args, groups: List[dict], embed: EmbedFn, tau: float):
-    """Eqs. (1)-(4): [B*K] similarities, script checks and R_lang, and [B, K] rewards."""
-    texts = [t for gr in groups for t in gr["texts"]]
-    rows = [gr["row"] for gr in groups for _ in gr["texts"]]
+def reward_terms(args: Args, texts: List[str], rows: List[dict], embed: EmbedFn):
+    """Eqs. (1) and (3) of each output against its row: [N] similarities, script checks and R_lang."""
     sims = cosine(embed(texts), embed([r["reference"] for r in rows])).cpu()
     r_script = torch.tensor([script_reward(t, r["script"], args.script_threshold) for t, r in zip(texts, rows)])
     r_lang = torch.tensor([language_reward(t, r["script"], args.script_threshold, r["lang"] if args.lang_id else "",
                                            args.lang_min_prob) for t, r in zip(texts, rows)])
-    rewards = semantic_reward(sims, r_lang, tau, args.lambda_sim, args.lambda_lang).view(len(groups), args.group_size)
-    return sims, r_script, r_lang, rewards
+    return sims, r_script, r_lang
 
 
 def policy_update(args: Args, ctx, groups, adv, policy, model, ref, ref_ctx, optimizer, params):
@@ -1258,8 +1220,7 @@ def policy_update(args: Args, ctx, groups, adv, policy, model, ref, ref_ctx, opt
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         if torch.isfinite(grad_norm):  # gradients are already reduced: every rank agrees
             optimizer.step()
-        else:
-            optimizer.zero_grad(set_to_none=True)
+        else:  # the next update starts with zero_grad
             skipped += 1
     return sums, float(grad_norm), skipped
 
@@ -1287,7 +1248,9 @@ def train(args: Args, embed_fn: Optional[EmbedFn] = None):
                           autocast=(lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext,
                           load_device=torch.device("cpu") if args.fsdp else device,  # fully_shard moves each shard to its GPU
                           frozen_dtype=torch.bfloat16 if args.fsdp and bf16 else torch.float32)
-    dtype, steps = saved_dtype(args.model), args.steps or math.ceil(len(train_rows) / args.prompts_per_step)
+    steps = args.steps or math.ceil(len(train_rows) / args.prompts_per_step)
+    dtype = getattr(AutoConfig.from_pretrained(os.path.expanduser(args.model)), "dtype", None)  # sft/, merged/ in it
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype or torch.float32
     embed = embed_fn or Embedder(args.embedder, device, args.embed_batch_size)
     if args.parallel_eval_data and rank == 0:  # optional: a run from another folder may not have the bundled file
         pairs = read_fields(args.parallel_eval_data, "--parallel-eval-data", ("source", "target")) \
@@ -1318,13 +1281,10 @@ def train(args: Args, embed_fn: Optional[EmbedFn] = None):
         if args.eval_base:
             run_eval("base", 0, policy, gen, eos_of(gen, tok))  # the model before the cold start
         run_sft(args, ctx, policy, tok)
-        if rank == 0:
-            shutil.rmtree(out / ".tmp-sft", ignore_errors=True)
         save_hf(out / ".tmp-sft", policy, tok, dtype, rank)  # merged, in the model's dtype
         if rank == 0:
             os.rename(out / ".tmp-sft", sft_dir)
-        if ddp:
-            dist.barrier()
+        barrier(world)
         del policy, gen
 
     # ---- PLUMBING: policy (from the SAVED sft/, so a run resumed from it is the same run), pi_ref, resume, tau
@@ -1366,7 +1326,9 @@ def train(args: Args, embed_fn: Optional[EmbedFn] = None):
             groups.append({"row": train_rows[g], "tokens": t[:, :R], "mask": m[:, :R],
                            "texts": [tok.decode(x[y].tolist(), skip_special_tokens=True).strip() for x, y in zip(t, m)]})
         # ---- ALGO: 2. rewards (eqs. 1-4), group-relative advantages (eq. 5), updates of eq. (7) ----
-        sims, r_script, r_lang, rewards = score_groups(args, groups, embed, tau)
+        texts = [t for gr in groups for t in gr["texts"]]
+        sims, r_script, r_lang = reward_terms(args, texts, [gr["row"] for gr in groups for _ in gr["texts"]], embed)
+        rewards = semantic_reward(sims, r_lang, tau, args.lambda_sim, args.lambda_lang).view(len(groups), K)
         adv = group_advantages(rewards)
         sums, grad_norm, skipped_now = policy_update(args, ctx, groups, adv, policy, model, ref, ref_ctx, optimizer, params)
         if args.fsdp and ref is not policy:
@@ -1375,8 +1337,7 @@ def train(args: Args, embed_fn: Optional[EmbedFn] = None):
 
         # ---- PLUMBING: metrics, samples, checkpoint -----------------------------------------------
         stats = torch.stack([sims, r_script, r_lang, shaped_similarity(sims, tau), (adv == 0).flatten().double()]).sum(-1).double()
-        if ddp:
-            dist.all_reduce(sums), dist.all_reduce(stats)
+        sums, stats = all_sum(sums, ddp), all_sum(stats, ddp)
         r_mean, r_std = mean_std(rewards, ddp)
         loss_s, kl_s, ent_s, ntok, nclip = sums.tolist()
         n_seq = args.prompts_per_step * K
@@ -1407,9 +1368,8 @@ def train(args: Args, embed_fn: Optional[EmbedFn] = None):
 
 
 def run_sft(args: Args, ctx, policy, tok):
-    """Stage 1: next-token loss on assistant tokens only (log-probs from hidden states, kernels/),
-    normalised by the global number of assistant tokens in each batch; AdamW with cosine decay after
-    a linear warm-up (App. A.2)."""
+    """Stage 1: next-token loss on assistant tokens only, over the global number of assistant tokens in
+    each batch (log-probs from hidden states, kernels/); AdamW, linear warm-up, cosine decay (App. A.2)."""
     from transformers import get_cosine_schedule_with_warmup
     examples, too_long = [], 0
     for where, row in read_rows(args.sft_data, "--sft-data"):
@@ -1447,9 +1407,7 @@ def run_sft(args: Args, ctx, policy, tok):
             ids = torch.tensor([x + [tok.pad_token_id] * (L - len(x)) for x, _ in mine], device=device)
             amask = torch.tensor([[1] * len(x) + [0] * (L - len(x)) for x, _ in mine], device=device)
             lmask = torch.tensor([m + [False] * (L - len(m)) for _, m in mine], device=device)[:, 1:]
-            n_tok = torch.tensor(float(lmask.sum()) * weight, device=device)
-            if ctx.ddp:
-                dist.all_reduce(n_tok)
+            n_tok = all_sum(torch.tensor(float(lmask.sum()) * weight, device=device), ctx.ddp)
             with ctx.autocast():
                 h = model(input_ids=ids, attention_mask=amask, output_hidden_states=True, logits_to_keep=1).hidden_states[-1][:, :-1]
                 logp = fused_linear_logprob(h, lm_head(policy, h), ids[:, 1:], **head_kw(policy))
@@ -1459,9 +1417,7 @@ def run_sft(args: Args, ctx, policy, tok):
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            loss = loss.detach()
-            if ctx.ddp:
-                dist.all_reduce(loss)
+            loss = all_sum(loss.detach(), ctx.ddp)
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=round(loss.item(), 4), lr=sched.get_last_lr()[0], skipped_too_long=too_long)
     bar.close()
