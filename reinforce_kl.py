@@ -39,7 +39,8 @@ on "1".."9": when it is small, eq. (1) renormalises noise (the embedded 135M jud
 
 Scale: DDP by default, `--fsdp` shards policy, optimizer, reference and an in-process judge (FSDP2).
 Rollouts are one batched `generate` per rank and step, sampled by the Gumbel-max trick with noise
-keyed by (seed, step, prompt, sample, position): exact, and the same on any number of processes.
+keyed by (seed, step, prompt, sample, position) (kernels.KeyedSampler): exact, and the same on any
+number of processes.
 
 Run (CPU, embedded SmolLM2-135M-Instruct as policy and judge; `make demo` does this):
   python reinforce_kl.py --model ~/.cache/lowres-align/SmolLM2-135M-Instruct \\
@@ -76,9 +77,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, HfArgumentParser,
-                          LogitsProcessor, LogitsProcessorList)
+                          LogitsProcessorList)
 
-from kernels import fused_linear_logprob, fused_linear_logprob_kl, fused_logprob_kl
+from kernels import KeyedSampler, fused_linear_logprob, fused_linear_logprob_kl, fused_logprob_kl
 
 EMBEDDED_MODEL = str(Path(os.environ.get("LOWRES_ALIGN_CACHE", Path.home() / ".cache" / "lowres-align"))
                      / "SmolLM2-135M-Instruct")
@@ -319,63 +320,6 @@ def step_prompt_indices(n: int, seed: int, step: int, per_step: int) -> List[int
 
 
 # ---- Rollout: one batched generation; swap this block for an inference server to scale further ----
-def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """[B, V] -> [B, V] float64 log-probs of softmax(logits / T), -inf outside the top-p nucleus: the
-    smallest set of most likely words whose mass reaches top_p (a word stays while the mass ranked
-    before it is below top_p, as in HF's TopPLogitsWarper)."""
-    logp = torch.log_softmax(logits.double() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_logp, order = logp.sort(dim=-1, descending=True, stable=True)
-        p = sorted_logp.exp()
-        drop = torch.zeros_like(p, dtype=torch.bool).scatter(-1, order, p.cumsum(-1) - p >= top_p)
-        logp = logp.masked_fill(drop, -math.inf)
-    return logp
-
-
-M32 = 0xFFFFFFFF
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A bijection of 32-bit words held in int64 (multiply-xorshift, "lowbias32" constants). Both
-    multipliers are below 2^31, so no product of a 32-bit word overflows int64."""
-    x = x ^ (x >> 16)
-    x = (x * 0x21F0AAAD) & M32
-    x = x ^ (x >> 15)
-    x = (x * 0x735A2D97) & M32
-    return x ^ (x >> 15)
-
-
-def keyed_gumbel(keys: Sequence[Sequence[int]], position: int, vocab: int, device) -> torch.Tensor:
-    """Rows of integer keys, a position -> [N, V] float64 standard Gumbel noise, a pure function of
-    (key, position, word). Two 32-bit hash lanes chain the key's 32-bit words and the position, then
-    mix in the word's index; 20 + 32 of their bits give k < 2^52 and u = (2k + 1) / 2^53 in (0, 1)."""
-    words = torch.tensor([[w for k in row for w in (k & M32, (k >> 32) & M32)] for row in keys], device=device)
-    v = torch.arange(vocab, dtype=torch.int64, device=device)
-    lanes = []
-    for h0 in (0x243F6A88, 0x85A308D3):
-        h = torch.full(words.shape[:1], h0, dtype=torch.int64, device=device)
-        for j in range(words.shape[1]):
-            h = _mix32(h ^ words[:, j])
-        lanes.append(_mix32(_mix32(h ^ (position & M32))[:, None] ^ v))
-    u = (2 * ((lanes[0] >> 12) * 2 ** 32 + lanes[1]) + 1).double() * 2.0 ** -53
-    return -torch.log(-torch.log(u))
-
-
-class KeyedSampler(LogitsProcessor):
-    """Gumbel-max: argmax_w (log p(w) + g_w) with g iid standard Gumbel is an exact sample from p
-    = softmax(logits / T), top-p renormalised (up to the 2^-53 grid of u). Used under greedy
-    decoding: it returns 0 at the drawn word and -inf elsewhere, so `generate` takes that word.
-    The noise depends only on each row's key and the position, never on the batch or the rank."""
-
-    def __init__(self, keys: Sequence[Sequence[int]], prompt_len: int, temperature: float, top_p: float):
-        self.keys, self.prompt_len, self.temperature, self.top_p = keys, prompt_len, temperature, top_p
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        g = keyed_gumbel(self.keys, input_ids.shape[1] - self.prompt_len, scores.shape[-1], scores.device)
-        drawn = (sampling_logprobs(scores, self.temperature, self.top_p) + g).argmax(-1, keepdim=True)
-        return torch.full_like(scores, -math.inf).scatter_(1, drawn, 0.0)
-
-
 @torch.no_grad()
 def rollout(model, prompts: List[List[int]], keys: List[Tuple[int, ...]], args: Args, eos_ids: List[int],
             pad_id: int, pad_to: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny byte-level tokenizer with a chat template and a tiny random Llama,
 saved with `save_pretrained` so the scripts load them through the same `from_pretrained`
 path that real users take. Everything is built in code from a fixed seed: no network."""
+import math
 import os
 import sys
 from pathlib import Path
@@ -113,3 +114,28 @@ def run_torchrun(script, args, nproc=2, timeout=600, env=None):
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
+
+
+# ---- exact sampling distributions (tests of the keyed sampler and of every script's rollout)
+def nucleus_distribution(logits: list[float], temperature: float, top_p: float) -> list[float]:
+    """softmax(logits / T) restricted to the smallest most-likely set with mass >= top_p, renormalised."""
+    z = [x / temperature for x in logits]
+    m = max(z)
+    e = [math.exp(x - m) for x in z]
+    p = [x / sum(e) for x in e]
+    keep, mass = set(), 0.0
+    for i in sorted(range(len(p)), key=lambda i: -p[i]):
+        if mass >= top_p:
+            break
+        keep.add(i)
+        mass += p[i]
+    total = sum(p[i] for i in keep)
+    return [p[i] / total if i in keep else 0.0 for i in range(len(p))]
+
+
+def chi_square(counts: list[int], probs: list[float]) -> float:
+    n = sum(counts)
+    return sum((c - n * p) ** 2 / (n * p) for c, p in zip(counts, probs) if p > 0)
+
+
+CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32}  # chi-square quantile 0.999 by degrees of freedom

@@ -327,14 +327,6 @@ def test_token_frequency_reward_is_fraction_of_target_tokens():
     assert rk.token_frequency_reward([[1, 2, 3, 1], [], [5]], {1, 5}) == [0.5, 0.0, 1.0]
 
 
-def test_top_p_keeps_smallest_set_reaching_p():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]], dtype=torch.float64))
-    logp = rk.sampling_logprobs(logits, 1.0, 0.75)
-    torch.testing.assert_close(logp.exp(), torch.tensor([[0.5, 0.3, 0.0, 0.0]], dtype=torch.float64))
-    assert torch.equal(rk.sampling_logprobs(logits, 1.0, 0.8).isinf(), torch.tensor([[False, False, True, True]]))
-    torch.testing.assert_close(rk.sampling_logprobs(logits, 2.0, 1.0), torch.log_softmax(logits / 2.0, -1))
-
-
 def test_sft_mask_covers_exactly_the_assistant_turns(tiny_tokenizer):
     msgs = [{"role": "user", "content": "Hei"}, {"role": "assistant", "content": "Hallo der"},
             {"role": "user", "content": "Takk"}, {"role": "assistant", "content": "Bare hyggelig"}]
@@ -411,33 +403,6 @@ def test_a_rows_sample_depends_on_its_key_not_on_the_batch(tiny_lm_dir):
     n = alone.shape[1]
     assert torch.equal(mixed[1, :n], alone[0]) and (mixed[1, n:] == 0).all()
     assert not torch.equal(mixed[1], mixed[2])  # another sample index: other noise
-
-
-def test_keyed_gumbel_is_a_pure_function_with_uniform_margins():
-    keys, cpu = [(1, 2, 3), (1, 2, 4)], torch.device("cpu")
-    a, b = rk.keyed_gumbel(keys, 5, 50000, cpu), rk.keyed_gumbel(keys, 5, 50000, cpu)
-    assert torch.equal(a, b) and not torch.equal(a[0], a[1])
-    assert not torch.equal(a, rk.keyed_gumbel(keys, 6, 50000, cpu))
-    assert not torch.equal(a[0], rk.keyed_gumbel([(1 + 2 ** 40, 2, 3)], 5, 50000, cpu)[0])  # high bits count
-    u = torch.exp(-torch.exp(-a))  # back to the uniforms
-    for row in u:  # Kolmogorov-Smirnov against U(0, 1): D < 1.95 / sqrt(n) at the 0.001 level
-        s, _ = row.sort()
-        n = len(s)
-        d = torch.maximum(torch.arange(1, n + 1) / n - s, s - torch.arange(n) / n).max().item()
-        assert d < 1.95 / math.sqrt(n)
-        assert len(set(row.tolist())) == n  # no repeated uniform
-    assert abs(torch.corrcoef(u)[0, 1].item()) < 0.02
-
-
-def test_mix32_is_the_32_bit_arithmetic_written_out():
-    def mix(x):  # Python integers: exact
-        x ^= x >> 16
-        x = (x * 0x21F0AAAD) % 2 ** 32
-        x ^= x >> 15
-        x = (x * 0x735A2D97) % 2 ** 32
-        return x ^ (x >> 15)
-    xs = [0, 1, 2 ** 31, 2 ** 32 - 1, 123456789, 0xDEADBEEF]
-    assert rk._mix32(torch.tensor(xs)).tolist() == [mix(x) for x in xs]
 
 
 def test_prompt_row_without_field_is_a_clear_error(tiny_lm_dir, tmp_path):
