@@ -58,7 +58,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -66,7 +65,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, machine, result_path, rss_gb, script_blob, write_model_folder, write_prompts
+
 MEASURED = {  # published config.json values (Qwen2.5 on the Hugging Face hub); cpu-30m is ours
     "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                          num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
@@ -202,57 +202,9 @@ def projection_tables(kappa: float) -> list:
 # ----------------------------------------------------------------------------------------------
 # Model folder and prompts (as in bench_step.py: byte-level tokenizer whose EOS id V is never sampled)
 # ----------------------------------------------------------------------------------------------
-def bytes_to_unicode() -> dict:
-    """GPT-2's byte -> printable character map, which byte-level BPE tokenizers (Qwen2's) use."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def write_model_folder(path: Path, arch: str, device: str, seed: int = 0):
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
-
-    V = MEASURED[arch]["vocab_size"]
-    vocab = {ch: b for b, ch in bytes_to_unicode().items()}
-    vocab["<eos>"] = V  # one past the last logit: never sampled, every response has full length
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False, byte_fallback=False))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token=bytes_to_unicode()[0])
-    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(**MEASURED[arch], max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
-                      bos_token_id=None, eos_token_id=None, pad_token_id=0)
-    with torch.device(device):  # random init on the GPU when there is one (seconds instead of minutes)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    del model
-
-
-def write_prompts(path: Path, n: int, length: int, seed: int = 0):
-    import random
-
-    rng = random.Random(seed)  # `length` letters = `length` byte tokens
-    path.write_text("".join(json.dumps({"prompt": "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(length))})
-                            + "\n" for _ in range(n)))
-
-
 # ----------------------------------------------------------------------------------------------
 # Worker: one reinforce_kl run under torchrun; probes memory around each rollout
 # ----------------------------------------------------------------------------------------------
-def rss_gb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1e6
-
-
 def worker(spec: dict):
     import torch
 
@@ -365,24 +317,6 @@ def gpu_table(rows: dict, args, kappa: float):
     return out + [""], kappa
 
 
-def script_blob() -> str:
-    """git's blob id of the reinforce_kl.py that ran (`git rev-parse <commit>:reinforce_kl.py` names the commit)."""
-    import hashlib
-
-    data = (ROOT / "reinforce_kl.py").read_bytes()
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()[:10]
-
-
-def machine(gpu: bool) -> str:
-    import torch
-
-    if gpu:
-        return torch.cuda.get_device_name()
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor() or "cpu")
-    return f"CPU {cpu}, {os.cpu_count()} cores"
-
-
 def main():
     import torch
     import transformers
@@ -408,9 +342,6 @@ def main():
         return worker(json.loads(Path(args.spec).read_text()))
 
     date = datetime.date.today().isoformat()
-    dev = "cpu" if not gpu else torch.cuda.get_device_name().replace(" ", "-")
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1", OMP_NUM_THREADS="1",
                **({} if gpu else {"MALLOC_MMAP_THRESHOLD_": "65536"}))  # CPU: freed tensors leave RSS
     P_, G, R = args.prompts_per_step, args.group_size, args.response_len
@@ -423,12 +354,14 @@ def main():
     body, kappa = [], args.kappa or kappa_from_h100_update()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        write_prompts(tmp / "prompts.jsonl", 64, args.prompt_len)
-        cache = out_dir / f"bench_memory-{dev}-{date}.json"
+        cache = result_path(args.out_dir, "bench_memory", gpu, date, ".json")
         rows = json.loads(cache.read_text()) if gpu and cache.exists() else {}
         for arch in args.arch.split(","):
             P = count_params(make_config("qwen2", MEASURED[arch]))
-            write_model_folder(tmp / arch, arch, "cuda" if gpu else "cpu")
+            write_model_folder(tmp / arch, dict(MEASURED[arch], max_position_embeddings=32768, rope_theta=1e6,
+                                                rms_norm_eps=1e-6), "bfloat16", "cuda" if gpu else "cpu")
+            if not (tmp / "prompts.jsonl").exists():  # one byte-level tokenizer for every arch
+                write_prompts(tmp / "prompts.jsonl", tmp / arch, 64, args.prompt_len)
             for mode, n in (r.split(":") for r in args.runs.split(",")):
                 t0 = time.time()
                 run = run_reinforce_kl(tmp, tmp / arch, tmp / "prompts.jsonl", int(n), mode, P_, G, R, args.steps, env,
@@ -471,7 +404,7 @@ def main():
              "model, 16 prompts x G = 8 per step, 128 + 512 tokens; 'fits' = <= 72 GB on 80 GB):", ""]
     body += projection_tables(kappa)
     text = "\n".join(head + body)
-    path = out_dir / f"bench_memory-{dev}-{date}.md"
+    path = result_path(args.out_dir, "bench_memory", gpu, date)
     path.write_text(text + "\n")
     print(text)
     print(f"written to {path}")

@@ -40,8 +40,6 @@ Issue 13's target: (b) >= 20x (a) at 16 x 8 x 512 on an H100.
 """
 import argparse
 import datetime
-import os
-import platform
 import statistics
 import sys
 import time
@@ -51,7 +49,8 @@ from typing import List
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, machine, result_path, script_blob  # noqa: E402
+
 sys.path.insert(0, str(ROOT))
 import reinforce_kl as rk  # noqa: E402
 
@@ -125,22 +124,6 @@ def round_robin(paths: dict, repeats: dict, device) -> dict:
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - t0)
     return {name: (statistics.median(times[name]), times[name], out[name]) for name in paths}
-
-
-def script_blob() -> str:
-    """git's blob id of the reinforce_kl.py that ran (`git rev-parse <commit>:reinforce_kl.py` names the commit)."""
-    import hashlib
-
-    data = (ROOT / "reinforce_kl.py").read_bytes()
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()[:10]
-
-
-def machine(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name()
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor() or "cpu")
-    return f"CPU {cpu} ({os.cpu_count()} cores, shared), torch threads: {torch.get_num_threads()}"
 
 
 def main():
@@ -256,7 +239,7 @@ def main():
     cache = "static KV cache + compiled decoding for (b) and (c)" if gpu and not args.no_compile else "dynamic KV cache, eager"
     cmd = "python bench/bench_rollout.py " + " ".join(sys.argv[1:])
     head = [f"# bench_rollout ({mode}), {date}",
-            f"Machine: {machine(device)}; torch {torch.__version__}, transformers {transformers.__version__}; "
+            f"Machine: {machine(gpu)}, torch threads {torch.get_num_threads()}; torch {torch.__version__}, transformers {transformers.__version__}; "
             f"reinforce_kl.py blob {script_blob()}",
             f"Command: `{cmd.strip()}`",
             f"Setup: {args.prompts} prompts x G = {args.group_size} x {args.new_tokens} new tokens after "
@@ -272,10 +255,7 @@ def main():
              "all timings (s): " + "; ".join(f"{r['arch']} {r['name'][:3]} " + ", ".join(f"{x:.3f}" for x in r["times"])
                                             for r in rows)]
     text = "\n".join(head + table + notes)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dev = "cpu" if not gpu else torch.cuda.get_device_name().replace(" ", "-")
-    path = out / f"bench_rollout-{dev}-{date}.md"
+    path = result_path(args.out_dir, "bench_rollout", gpu, date)
     path.write_text(text + "\n")
     print("\n".join(head[:4] + notes[1:] + [""] + table))
     print(f"written to {path}")

@@ -56,7 +56,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -65,7 +64,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, machine, result_path, rss_gb, script_blob, write_model_folder, write_prompts
+
 ARCHS = {  # published config.json values on the Hugging Face hub
     "qwen2-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                        num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
@@ -82,54 +82,6 @@ ARCHS = {  # published config.json values on the Hugging Face hub
 # ----------------------------------------------------------------------------------------------
 # Model folder, tokenizer, prompts, reward (shared by both systems)
 # ----------------------------------------------------------------------------------------------
-def bytes_to_unicode() -> dict:
-    """GPT-2's byte -> printable character map, which byte-level BPE tokenizers (Qwen2's) use."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def write_model_folder(path: Path, arch: str, seed: int = 0) -> int:
-    """A random-weight model of `arch` (float32) and a byte-level tokenizer whose EOS is id V."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
-
-    V = ARCHS[arch]["vocab_size"]
-    vocab = {ch: b for b, ch in bytes_to_unicode().items()}
-    vocab["<eos>"] = V  # one past the last logit: never sampled
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False, byte_fallback=False))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token=bytes_to_unicode()[0])
-    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # the prompt text, nothing added
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(**ARCHS[arch], bos_token_id=None, eos_token_id=None, pad_token_id=0)
-    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(path)
-    tok.save_pretrained(path)
-    return V
-
-
-def write_prompts(path: Path, model_dir: Path, n: int, length: int, seed: int = 0):
-    """n prompts of `length` random lowercase letters = `length` tokens (checked through the tokenizer
-    as both systems load it)."""
-    import random
-
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    rng = random.Random(seed)
-    rows = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(length)) for _ in range(n)]
-    lens = {len(tok(r, add_special_tokens=False)["input_ids"]) for r in rows}
-    assert lens == {length}, f"prompts tokenize to {lens} tokens, not {length} ({type(tok).__name__})"
-    path.write_text("".join(json.dumps({"prompt": r}) + "\n" for r in rows))
-
-
 def even_fraction(ids_list) -> list:
     """The programmatic reward both systems use: fraction of even token ids in each response."""
     return [sum(t % 2 == 0 for t in ids) / len(ids) if len(ids) else 0.0 for ids in ids_list]
@@ -138,11 +90,6 @@ def even_fraction(ids_list) -> list:
 # ----------------------------------------------------------------------------------------------
 # Workers: one system in a fresh process; write {"step_s": [...], "peak_gb": ..., ...} to spec["out"]
 # ----------------------------------------------------------------------------------------------
-def rss_gb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1e6
-
-
 def worker(name: str, spec: dict):
     import torch
     import trl  # noqa: F401 - both workers import the same libraries before the RSS baseline
@@ -221,24 +168,6 @@ def worker(name: str, spec: dict):
 # ----------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------
-def script_blob() -> str:
-    """git's blob id of the reinforce_kl.py that ran (`git rev-parse <commit>:reinforce_kl.py` names the commit)."""
-    import hashlib
-
-    data = (ROOT / "reinforce_kl.py").read_bytes()
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()[:10]
-
-
-def machine(gpu: bool) -> str:
-    import torch
-
-    if gpu:
-        return torch.cuda.get_device_name()
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor() or "cpu")
-    return f"CPU {cpu}, {os.cpu_count()} cores"
-
-
 def main():
     import torch
 
@@ -272,7 +201,7 @@ def main():
     runs = {s: [] for s in systems}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        write_model_folder(tmp / "model", args.arch)
+        write_model_folder(tmp / "model", ARCHS[args.arch])
         write_prompts(tmp / "prompts.jsonl", tmp / "model", P * args.steps, args.prompt_len)
         for r in range(args.rounds):
             for s in systems:
@@ -325,10 +254,7 @@ def main():
         notes.append(f"issue 13's targets (H100): tokens/s >= 1.5x TRL ({t:.2f}x: {'met' if t >= 1.5 else 'not met'}), "
                      f"peak memory <= 0.6x TRL ({m:.2f}x: {'met' if m <= 0.6 else 'not met'})")
     text = "\n".join(head + table + notes)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dev = "cpu" if not gpu else torch.cuda.get_device_name().replace(" ", "-")
-    path = out / f"bench_step-{dev}-{date}.md"
+    path = result_path(args.out_dir, "bench_step", gpu, date)
     path.write_text(text + "\n")
     print("\n".join(head[:4] + notes[1:] + [""] + table))
     print(f"written to {path}")
