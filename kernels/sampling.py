@@ -48,19 +48,32 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 15)
 
 
-def keyed_gumbel(keys: Sequence[Sequence[int]], position: int, vocab: int, device) -> torch.Tensor:
-    """Rows of integer keys (each taken mod 2^64, low 32 bits first), a position -> [N, V] float64
-    standard Gumbel noise, a pure function of (key, position, word): the module docstring's u."""
+def _key_lanes(keys: Sequence[Sequence[int]], device) -> torch.Tensor:
+    """Rows of integer keys (each taken mod 2^64, low 32 bits first) -> [N, 2] int64: the two hash
+    lanes after chaining the key's 32-bit words. They depend on the key only, so a sampler computes
+    them once per `generate` call, not once per token."""
     words = torch.tensor([[w for k in row for w in (k & M32, (k >> 32) & M32)] for row in keys], device=device)
-    v = torch.arange(vocab, dtype=torch.int64, device=device)
     lanes = []
     for h0 in (0x243F6A88, 0x85A308D3):
         h = torch.full(words.shape[:1], h0, dtype=torch.int64, device=device)
         for j in range(words.shape[1]):
             h = _mix32(h ^ words[:, j])
-        lanes.append(_mix32(_mix32(h ^ (position & M32))[:, None] ^ v))
-    u = (2 * ((lanes[0] >> 12) * 2 ** 32 + lanes[1]) + 1).double() * 2.0 ** -53
+        lanes.append(h)
+    return torch.stack(lanes, 1)
+
+
+def _gumbel_at(key_lanes: torch.Tensor, position: int, vocab: int) -> torch.Tensor:
+    """[N, 2] key lanes, a position -> [N, V] float64 standard Gumbel noise: the module docstring's u."""
+    v = torch.arange(vocab, dtype=torch.int64, device=key_lanes.device)
+    hi, lo = (_mix32(_mix32(key_lanes[:, k] ^ (position & M32))[:, None] ^ v) for k in (0, 1))
+    u = (2 * ((hi >> 12) * 2 ** 32 + lo) + 1).double() * 2.0 ** -53
     return -torch.log(-torch.log(u))
+
+
+def keyed_gumbel(keys: Sequence[Sequence[int]], position: int, vocab: int, device) -> torch.Tensor:
+    """Rows of integer keys, a position -> [N, V] float64 standard Gumbel noise, a pure function of
+    (key, position, word)."""
+    return _gumbel_at(_key_lanes(keys, device), position, vocab)
 
 
 class KeyedSampler(LogitsProcessor):
@@ -70,8 +83,11 @@ class KeyedSampler(LogitsProcessor):
 
     def __init__(self, keys: Sequence[Sequence[int]], prompt_len: int, temperature: float, top_p: float):
         self.keys, self.prompt_len, self.temperature, self.top_p = keys, prompt_len, temperature, top_p
+        self.key_lanes = None  # hashed on the first call, on the scores' device
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        g = keyed_gumbel(self.keys, input_ids.shape[1] - self.prompt_len, scores.shape[-1], scores.device)
+        if self.key_lanes is None:
+            self.key_lanes = _key_lanes(self.keys, scores.device)
+        g = _gumbel_at(self.key_lanes, input_ids.shape[1] - self.prompt_len, scores.shape[-1])
         drawn = (sampling_logprobs(scores, self.temperature, self.top_p) + g).argmax(-1, keepdim=True)
         return torch.full_like(scores, -math.inf).scatter_(1, drawn, 0.0)
