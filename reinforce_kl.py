@@ -316,7 +316,9 @@ def sft_example(tokenizer, messages: List[dict]):
 
 def step_prompt_indices(n: int, seed: int, step: int, per_step: int) -> List[int]:
     """Global prompt indices of `step` (1-based): a fresh seeded permutation every epoch."""
-    return [int(np.random.default_rng([seed, k // n]).permutation(n)[k % n]) for k in range((step - 1) * per_step, step * per_step)]
+    ks = range((step - 1) * per_step, step * per_step)
+    perms = {e: np.random.default_rng([seed, e]).permutation(n) for e in {k // n for k in ks}}  # once per epoch
+    return [int(perms[k // n][k % n]) for k in ks]
 
 
 # ---- Rollout: one batched generation; swap this block for an inference server to scale further ----
@@ -326,12 +328,13 @@ def rollout(model, prompts: List[List[int]], keys: List[Tuple[int, ...]], args: 
     """All samples of this rank in ONE `generate` call. prompts: token ids per row (a prompt repeated
     G times gives G rows); keys: a tuple of ints per row (seed, step, prompt, sample) fixing its noise.
     -> tokens [N, R] (pad after the first EOS), mask [N, R] (True up to and including the first EOS).
-    pad_to: left-pad prompts to this length, so a static cache keeps one shape (compiled once)."""
+    pad_to: with a static cache (CUDA, no FSDP), left-pad prompts to this length so that its compiled
+    decoding keeps one shape across calls."""
     device = next(model.parameters()).device
-    P = max(pad_to, max(len(p) for p in prompts))
+    static = device.type == "cuda" and args.compile_rollout and not args.fsdp
+    P = max(pad_to if static else 0, max(len(p) for p in prompts))
     ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts], device=device)
     attn = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=device)
-    static = device.type == "cuda" and args.compile_rollout and not args.fsdp
     gen = GenerationConfig(do_sample=False, max_new_tokens=args.max_new_tokens, eos_token_id=eos_ids,
                            pad_token_id=pad_id, cache_implementation="static" if static else None)
     sampler = KeyedSampler(keys, P, args.temperature, args.top_p)
@@ -552,7 +555,8 @@ def shard(model, args: Args, device, frozen: bool):
         raise SystemExit(f"--fsdp: {type(model).__name__} names no decoder layer class (_no_split_modules); run without --fsdp")
     for layer in layers:
         fully_shard(layer, mp_policy=mp, offload_policy=offload, reshard_after_forward=True)
-    fully_shard(model, mp_policy=mp, offload_policy=offload)
+    # the root reshards after forward too when frozen (FSDP2 keeps a root gathered, for the backward)
+    fully_shard(model, mp_policy=mp, offload_policy=offload, reshard_after_forward=True if frozen else None)
     return model
 
 
@@ -830,9 +834,9 @@ def train(args: Args, reward_fn: Optional[RewardFn] = None):
         if ddp:
             dist.barrier()
     if args.sft_data:  # RL starts from the SAVED SFT weights, so a run resumed from sft/ is the same run
-        set_model_state_dict(policy, load_lm(str(sft_dir), "--sft-data result", torch.device("cpu"))[0].state_dict(),
-                             options=StateDictOptions(full_state_dict=True))
-        ref = load_lm(str(sft_dir), "--sft-data result", load_device, frozen_dtype)[0]
+        saved = load_lm(str(sft_dir), "--sft-data result", torch.device("cpu"))[0]
+        set_model_state_dict(policy, saved.state_dict(), options=StateDictOptions(full_state_dict=True))
+        ref = saved.to(load_device, frozen_dtype)  # the same rounding as loading it in frozen_dtype
     ref.requires_grad_(False)
     if args.fsdp:
         shard(ref, args, device, frozen=True)
@@ -862,8 +866,7 @@ def train(args: Args, reward_fn: Optional[RewardFn] = None):
     eos_ids = sorted({tok.eos_token_id, *([gen_eos] if isinstance(gen_eos, int) else gen_eos or [])} - {None})
     pad_id = tok.pad_token_id
     n_seq, G = args.prompts_per_step * args.group_size, args.group_size  # N in eq. (4), all ranks
-    static_cache = device.type == "cuda" and args.compile_rollout and not args.fsdp  # as rollout() decides
-    pad_to = max(len(p["ids"]) for p in prompts) if static_cache else 0  # one compiled shape
+    pad_to = max(len(p["ids"]) for p in prompts)  # rollout() pads to it when it compiles a static cache
 
     bar = tqdm(range(start + 1, args.steps + 1), initial=start, total=args.steps, disable=rank != 0)
     for step in bar:
@@ -874,11 +877,11 @@ def train(args: Args, reward_fn: Optional[RewardFn] = None):
         with gathered(policy, args.fsdp), autocast():
             tokens, mask = rollout(policy, [prompts[g]["ids"] for g in mine for _ in range(G)],
                                    [(args.seed, step, g, i) for g in mine for i in range(G)], args, eos_ids, pad_id, pad_to)
-        groups = []
+        groups, lengths = [], mask.sum(-1).tolist()  # one device sync, not one per row
         for k, g in enumerate(mine):
-            t, m = tokens[k * G:(k + 1) * G], mask[k * G:(k + 1) * G]
-            R = max(int(m.sum(-1).max()), 1)  # this group's longest response
-            ids = [t[i, : int(m[i].sum())].tolist() for i in range(G)]
+            t, m, n = tokens[k * G:(k + 1) * G], mask[k * G:(k + 1) * G], lengths[k * G:(k + 1) * G]
+            R = max(max(n), 1)  # this group's longest response
+            ids = [t[i, : n[i]].tolist() for i in range(G)]
             groups.append({"p": prompts[g], "tokens": t[:, :R], "mask": m[:, :R], "ids": ids,
                            "texts": [tok.decode(x, skip_special_tokens=True) for x in ids]})
         # ---- ALGO: 2. score every response (eq. 1), group-normalised advantages (eq. 2) ----------
@@ -918,8 +921,6 @@ def train(args: Args, reward_fn: Optional[RewardFn] = None):
             sums += torch.tensor([loss.item(), seq_mean(kl_full), seq_mean(kl_term), seq_mean(ent), mask.sum().item(),
                                   r[ok].sum().item(), (r[ok] ** 2).sum().item(), ok.sum().item(), (a == 0).sum().item(),
                                   ms[torch.isfinite(ms)].sum().item(), torch.isfinite(ms).sum().item()], dtype=torch.float64)
-        if args.fsdp:
-            ref.reshard()  # FSDP2 keeps a root gathered after a no-grad forward
         # ---- PLUMBING: step, metrics, samples, checkpoint -------------------------------------
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
@@ -954,8 +955,7 @@ def train(args: Args, reward_fn: Optional[RewardFn] = None):
             raise SystemExit(f"the judge scored none of the {n_seq} responses for {state['failed_judge_steps']} steps in a "
                              f"row; last error: {getattr(judge, 'last_error', '') or 'every judge input exceeds its context'}")
         if step % args.save_every == 0 or step == args.steps:
-            save_checkpoint(out, step, policy, tok, optimizer, {k: v for k, v in state.items() if k != "step"}, args,
-                            dtype, rank, world)
+            save_checkpoint(out, step, policy, tok, optimizer, state, args, dtype, rank, world)  # its step wins
     if rank == 0:
         print(f"outputs in {out}/: args.json, metrics.jsonl, samples.jsonl, checkpoint-{args.steps}/")
     if ddp:
