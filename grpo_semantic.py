@@ -241,13 +241,17 @@ def language_identifier():
     return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
 
 
+@functools.lru_cache(maxsize=None)
+def langid_knows(lang: str) -> bool:
+    return set(LANGID_LABELS.get(lang, (lang,))) <= set(language_identifier().nb_classes)
+
+
 def language_prob(text: str, lang: str) -> Optional[float]:
     """py3langid's probability that `text` is in `lang` (ISO 639-1); None when it does not know `lang`."""
-    ident, labels = language_identifier(), LANGID_LABELS.get(lang, (lang,))
-    if not set(labels) <= set(ident.nb_classes):
+    if not langid_knows(lang):
         return None
-    ranks = dict(ident.rank(text))
-    return sum(ranks[label] for label in labels)
+    ranks = dict(language_identifier().rank(text))
+    return sum(ranks[label] for label in LANGID_LABELS.get(lang, (lang,)))
 
 
 def identify_language(text: str) -> str:
@@ -256,12 +260,15 @@ def identify_language(text: str) -> str:
     return next((code for code, labels in LANGID_LABELS.items() if label in labels), label)
 
 
+def language_ok(text: str, lang: str, min_prob: float) -> bool:
+    """The language half of eq. (3): no language, or one py3langid does not know, passes."""
+    p = language_prob(text, lang) if lang else None
+    return p is None or p >= min_prob
+
+
 def language_reward(text: str, script: str, threshold: float, lang: str, min_prob: float) -> float:
     """Eq. (3): the script check, and with a language py3langid knows, P(lang | text) >= min_prob."""
-    if script_reward(text, script, threshold) == 0.0:
-        return 0.0
-    p = language_prob(text, lang) if lang else None
-    return 0.0 if p is not None and p < min_prob else 1.0
+    return float(script_reward(text, script, threshold) > 0 and language_ok(text, lang, min_prob))
 
 
 def shaped_similarity(s: torch.Tensor, tau: float) -> torch.Tensor:
@@ -306,7 +313,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, kl: torch.Tensor, adv:
     ratio = torch.exp(torch.where(mask, logp - old_logp.detach(), 0.0))
     a = adv[:, None].to(logp.dtype)
     surrogate = torch.min(ratio * a, ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * a)
-    per_token = torch.where(mask, -surrogate + beta * torch.where(mask, kl, 0.0), 0.0)
+    per_token = torch.where(mask, -surrogate + beta * kl, 0.0)  # where() passes no gradient to padding
     loss = (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / num_sequences
     clipped = mask & (((ratio < 1.0 - clip_eps) & (a < 0)) | ((ratio > 1.0 + clip_eps) & (a > 0)))
     return loss, clipped.detach()
@@ -512,7 +519,9 @@ def sft_example(tokenizer, messages: List[dict]):
 
 def step_prompt_indices(n: int, seed: int, step: int, per_step: int) -> List[int]:
     """Global prompt indices of `step` (1-based): a fresh seeded permutation every epoch."""
-    return [int(np.random.default_rng([seed, k // n]).permutation(n)[k % n]) for k in range((step - 1) * per_step, step * per_step)]
+    ks = range((step - 1) * per_step, step * per_step)
+    perms = {e: np.random.default_rng([seed, e]).permutation(n) for e in {k // n for k in ks}}  # once per epoch
+    return [int(perms[k // n][k % n]) for k in ks]
 
 
 # ---- Rollout: one batched generation; swap this block for an inference server to scale further ----
@@ -522,12 +531,13 @@ def rollout(model, prompts: List[List[int]], keys: Optional[List[Tuple[int, ...]
     """All samples of this rank in ONE `generate` call. prompts: token ids per row (a prompt repeated K
     times gives K rows); keys: a tuple of ints per row (seed, step, prompt, sample) fixing its noise, or
     None: greedy (evaluation). -> tokens [N, R] (pad after the first EOS), mask [N, R] (True up to and
-    including the first EOS). pad_to: left-pad prompts to this length, so a static cache keeps one shape."""
+    including the first EOS). pad_to: with a static cache (sampling on CUDA, no FSDP), left-pad prompts to
+    this length so that its compiled decoding keeps one shape across calls."""
     device = next(model.parameters()).device
-    P = max(pad_to, max(len(p) for p in prompts))
+    static = device.type == "cuda" and args.compile_rollout and not args.fsdp and keys is not None
+    P = max(pad_to if static else 0, max(len(p) for p in prompts))
     ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts], device=device)
     attn = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=device)
-    static = device.type == "cuda" and args.compile_rollout and not args.fsdp and keys is not None
     gen = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens or args.max_new_tokens, eos_token_id=eos_ids,
                            pad_token_id=pad_id, cache_implementation="static" if static else None)
     sampler = [] if keys is None else [KeyedSampler(keys, P, args.temperature, args.top_p)]
@@ -576,7 +586,7 @@ def token_terms(args: Args, model, policy, ref, ref_ctx, prompt_ids, tokens, mas
     heads = None
     if args.fused_linear:
         w = lm_head(policy, x)
-        heads = dict(weight=w, ref_weight=w.detach() if ref is policy else lm_head(ref, ref_x), **head_kw(policy))
+        heads = dict(weight=w, ref_weight=lm_head(ref, ref_x), **head_kw(policy))  # the kernel detaches ref_weight
     return token_kl(x, ref_x, tokens, mask, temperature, estimator, heads)
 
 
@@ -694,7 +704,8 @@ def shard(model, args: Args, device, frozen: bool):
         raise SystemExit(f"--fsdp: {type(model).__name__} names no decoder layer class (_no_split_modules); run without --fsdp")
     for layer in layers:
         fully_shard(layer, mp_policy=mp, offload_policy=offload, reshard_after_forward=True)
-    fully_shard(model, mp_policy=mp, offload_policy=offload)
+    # the root reshards after forward too when frozen (FSDP2 keeps a root gathered, for the backward)
+    fully_shard(model, mp_policy=mp, offload_policy=offload, reshard_after_forward=True if frozen else None)
     return model
 
 
@@ -987,6 +998,7 @@ def evaluate(args: Args, ctx, policy, gen, tok, rows, general, embed: EmbedFn, e
     import sacrebleu
 
     was_training, res = policy.training, {}
+    policy.eval()  # no LoRA dropout in greedy decoding nor in the probe
     if rows:
         hyps = greedy_outputs(args, ctx, policy, gen, tok, rows, eos_ids)
         refs = [r["reference"] for r in rows]
@@ -1078,7 +1090,7 @@ def load_data(args: Args, tok, say):
         train_rows, held_out = train_rows[:-args.tau_holdout], train_rows[-args.tau_holdout:]
     eval_rows, n_eval = load_pairs(args, args.eval_data, "--eval-data", tok) if args.eval_data else ([], 0)
     langs = sorted({r["lang"] or identify_language(r["reference"]) for r in train_rows + held_out})  # else py3langid's
-    unknown = sorted({r["lang"] for r in train_rows + eval_rows if r["lang"] and language_prob("", r["lang"]) is None})
+    unknown = sorted(lang for lang in {r["lang"] for r in train_rows + eval_rows} if lang and not langid_knows(lang))
     if args.lang_id and unknown:
         say(f"py3langid does not know {', '.join(unknown)}: R_lang checks the script only for those rows")
     general, n_probe = [], 0
@@ -1124,8 +1136,8 @@ def reward_terms(args: Args, texts: List[str], rows: List[dict], embed: EmbedFn)
     """Eqs. (1) and (3) of each output against its row: [N] similarities, script checks and R_lang."""
     sims = cosine(embed(texts), embed([r["reference"] for r in rows])).cpu()
     r_script = torch.tensor([script_reward(t, r["script"], args.script_threshold) for t, r in zip(texts, rows)])
-    r_lang = torch.tensor([language_reward(t, r["script"], args.script_threshold, r["lang"] if args.lang_id else "",
-                                           args.lang_min_prob) for t, r in zip(texts, rows)])
+    r_lang = torch.tensor([float(s > 0 and language_ok(t, r["lang"] if args.lang_id else "", args.lang_min_prob))
+                           for s, t, r in zip(r_script.tolist(), texts, rows)])  # language_reward, one script check
     return sims, r_script, r_lang
 
 
@@ -1244,13 +1256,13 @@ def train(args: Args, embed_fn: Optional[EmbedFn] = None):
         state.update(load_checkpoint(ckpt, policy, optimizer, rank))
     elif args.tau == "auto":
         hyps = greedy_outputs(args, ctx, policy, gen, tok, held_out, eos_ids)
-        state["tau"] = min(float(np.mean(cosine(embed(hyps), embed([r["reference"] for r in held_out])).tolist())), 0.99)
+        state["tau"] = min(float(np.mean(reward_terms(args, hyps, held_out, embed)[0].tolist())), 0.99)
         say(f"--tau auto: mean similarity of the cold-start policy on {len(held_out)} held-out rows = {state['tau']:.4f}")
     tau, first = state["tau"], state.pop("step", 0) + 1
     state.pop("world_size", None)
     report = make_reporter(args.report_to, out, args) if rank == 0 else None
     run_eval("start", 0, policy, gen, eos_ids)
-    pad_to = max(len(r["ids"]) for r in train_rows) if device.type == "cuda" and args.compile_rollout and not args.fsdp else 0
+    pad_to = max(len(r["ids"]) for r in train_rows)  # rollout() pads to it when it compiles a static cache
 
     bar = tqdm(range(first, steps + 1), initial=first - 1, total=steps, disable=rank != 0)
     for step in bar:
@@ -1274,8 +1286,6 @@ def train(args: Args, embed_fn: Optional[EmbedFn] = None):
         rewards = semantic_reward(sims, r_lang, tau, args.lambda_sim, args.lambda_lang).view(len(groups), K)
         adv = group_advantages(rewards)
         sums, grad_norm, skipped_now = policy_update(args, ctx, groups, adv, policy, model, ref, ref_ctx, optimizer, params)
-        if args.fsdp and ref is not policy:
-            ref.reshard()  # FSDP2 keeps a root gathered after a no-grad forward
         state["skipped_steps"] += skipped_now
 
         # ---- PLUMBING: metrics, samples, checkpoint -----------------------------------------------

@@ -1,6 +1,7 @@
 """grpo_semantic.py: every reward, advantage and loss against a naive float64 version, PEFT adapters,
 the language check, the encoder stage on a tiny BERT, and end-to-end runs on a tiny model (learning,
 resume, checkpoints, DDP), bad input."""
+import contextlib
 import copy
 import itertools
 import json
@@ -10,6 +11,7 @@ import re
 import shutil
 import statistics
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -369,6 +371,29 @@ def test_eval_writes_all_metrics_and_the_probe_leaves_out_target_language_text(t
     assert rows[1]["probe_kl_mean"] > rows[0]["probe_kl_mean"]
     assert rows[0]["probe_nll_p10"] <= rows[0]["probe_nll_p50"] <= rows[0]["probe_nll_p90"]
     assert len((tmp_path / "run" / "eval_outputs-final.jsonl").read_text().splitlines()) == 3
+
+
+def test_probe_without_eval_rows_runs_without_lora_dropout(tiny_lm_dir, tiny_tokenizer):
+    """evaluate() puts the policy in eval mode itself (a fresh or just-trained PeftModel is in train mode),
+    also when there are no eval rows and only the probe runs; it restores the mode afterwards."""
+    args = gs.Args(model=str(tiny_lm_dir), lora_r=4, lora_alpha=8.0, lora_dropout=0.5)
+    ctx = SimpleNamespace(rank=0, world=1, ddp=False, device=torch.device("cpu"), autocast=contextlib.nullcontext,
+                          load_device=torch.device("cpu"), frozen_dtype=torch.float32)
+    policy = gs.build_policy(str(tiny_lm_dir), args, ctx)
+    with torch.no_grad():
+        for k, p in policy.named_parameters():
+            if "lora_B" in k:
+                p.normal_(std=0.5)  # B = 0 would hide the dropout
+    lines = [("en", "The quick brown fox jumps over the lazy dog near the river bank.")]
+    policy.train()
+    first = gs.evaluate(args, ctx, policy, None, tiny_tokenizer, [], lines, None, [])
+    assert policy.training  # restored
+    second = gs.evaluate(args, ctx, policy, None, tiny_tokenizer, [], lines, None, [])
+    policy.eval()
+    with torch.no_grad():
+        ids = torch.tensor([tiny_tokenizer(lines[0][1])["input_ids"]])
+        assert torch.equal(policy(input_ids=ids).logits, policy(input_ids=ids).logits)  # eval: deterministic
+    assert first["probe_kl_mean"] > 1e-4 and first == second
 
 
 def test_bundled_probe_text_is_not_in_a_bundled_target_language():
