@@ -198,15 +198,23 @@ def read_last(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return values.gather(1, last_token_index(mask)[:, None]).squeeze(1)
 
 
+def pair_correct(r_better: torch.Tensor, r_worse: torch.Tensor) -> torch.Tensor:
+    """1 for a pair ranked right, 1/2 for a tie, else 0. [N], [N] -> [N] float64"""
+    return (r_better > r_worse).double() + 0.5 * (r_better == r_worse).double()
+
+
 def pair_accuracy(r_better: torch.Tensor, r_worse: torch.Tensor) -> float:
-    """Fraction of pairs ranked right; a tie counts 1/2. [N], [N] -> float"""
-    return ((r_better > r_worse).double() + 0.5 * (r_better == r_worse).double()).mean().item()
+    return pair_correct(r_better, r_worse).mean().item()
+
+
+def label_correct(r: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Pointwise correctness as §6.1 measures it: each response is classified alone, "good" iff
+    sigma(r) > 1/2, i.e. r > 0 (the decision rule of the BCE-trained RM (2)). [N], [N] -> [N] float64"""
+    return ((r > 0).long() == labels.long()).double()
 
 
 def classification_accuracy(r: torch.Tensor, labels: torch.Tensor) -> float:
-    """Pointwise accuracy as §6.1 measures it: each response is classified alone, "good" iff
-    sigma(r) > 1/2, i.e. r > 0 (the decision rule of the BCE-trained RM (2)). [N], [N] -> float"""
-    return ((r > 0).long() == labels.long()).double().mean().item()
+    return label_correct(r, labels).mean().item()
 
 
 def fit_majority_label(labels: list[int]) -> int:
@@ -588,7 +596,8 @@ def shard(model, a: Args, device, frozen: bool):
         raise SystemExit(f"--fsdp: {type(model).__name__} names no decoder layer class (_no_split_modules); run without --fsdp")
     for layer in layers:
         fully_shard(layer, mp_policy=mp, offload_policy=offload, reshard_after_forward=True)
-    fully_shard(model, mp_policy=mp, offload_policy=offload)
+    # the root reshards after forward too when frozen (FSDP2 keeps a root gathered, for the backward)
+    fully_shard(model, mp_policy=mp, offload_policy=offload, reshard_after_forward=True if frozen else None)
     return model
 
 
@@ -620,19 +629,23 @@ def local_bytes(tensors) -> int:
 
 
 # ---------------------------------------------------------------- rollout (swap this block for an inference server)
+def static_cache(device, a: Args) -> bool:
+    """Static KV cache + compiled decoding: on CUDA, not under FSDP (the gathered model decodes eagerly)."""
+    return device.type == "cuda" and a.compile_rollout and not a.fsdp
+
+
 @torch.no_grad()
 def rollout(model, prompts: List[List[int]], keys: List[Tuple[int, ...]], args: Args, eos_ids: List[int],
             pad_id: int, pad_to: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """All samples of this rank in ONE `generate` call (issue 13). prompts: token ids per row (a
     prompt repeated G times gives G rows); keys: one tuple of ints per row (seed, step, prompt,
     sample) that fixes its sampling noise. Returns tokens [N, R] (pad after the first EOS) and mask
-    [N, R] (True up to and including the first EOS). pad_to: left-pad prompts to this length so
-    that a static cache keeps one shape across steps (compiled once)."""
+    [N, R] (True up to and including the first EOS). pad_to: left-pad prompts to this length (the caller
+    pads the training forward's prompts alike) so that a static cache keeps one shape across steps."""
     device = next(model.parameters()).device
-    P = max(pad_to, max(len(p) for p in prompts))
-    ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts], device=device)
-    attn = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=device)
-    static = device.type == "cuda" and args.compile_rollout and not args.fsdp
+    ids, attn = (t.to(device) for t in pad(prompts, pad_id, "left", pad_to))
+    P = ids.shape[1]
+    static = static_cache(device, args)
     gen = GenerationConfig(do_sample=False, max_new_tokens=args.max_new_tokens, eos_token_id=eos_ids,
                            pad_token_id=pad_id, cache_implementation="static" if static else None)
     sampler = KeyedSampler(keys, P, args.temperature, args.top_p)
@@ -963,12 +976,12 @@ def load_eval_sets(a: Args) -> list[list]:
     return sets
 
 
-def evaluate(scorer, tok, kind: str, items: list, device, a: Args, rank: int = 0, world: int = 1) -> dict:
+def evaluate(scorer, tok, kind: str, items: list, device, a: Args, rank: int = 0, world: int = 1, encoded=None) -> dict:
     """acc: pairwise, the pairs ranked right (a tie 1/2); pointwise, the responses classified right alone
     (r > 0), as §6.1 measures it. loss: the mean of (1) or (2). rank_acc (pointwise): the (good, bad) pairs
     per prompt ranked right. Items longer than --max-length are skipped and counted; a value that does not
-    exist is None. Each rank scores a strided slice."""
-    enc, kept, n_long = encode_items(kind, items, tok, a.max_length)
+    exist is None. Each rank scores a strided slice. encoded: encode_items' result, when the caller kept it."""
+    enc, kept, n_long = encoded or encode_items(kind, items, tok, a.max_length)
     seqs = [e[0] for e in enc] + ([e[1] for e in enc] if kind == "pairwise" else [])
     s = torch.zeros(len(seqs), dtype=torch.float64, device=device)
     s[rank::world] = score_sequences(scorer, seqs[rank::world], tok.pad_token_id, device, a, a.fsdp).double().to(device)
@@ -1015,6 +1028,7 @@ def train_rm(a: Args, rank: int, world: int, device, ddp: bool):
     sel = next((i for i, e in enumerate(evals) if e[1] == kind), None)
     tok = load_tokenizer(a.model, "--model")
     enc, _, skipped_long = encode_items(kind, items, tok, a.max_length)
+    eval_enc = [encode_items(k, its, tok, a.max_length) for _, k, its, _ in evals]  # once, not at every evaluation
     if not enc:
         shortest = min(max(len(sequence_ids(tok, it[0], r)) for r in (it[1:] if kind == "pairwise" else it[1:2]))
                        for it in items)
@@ -1062,11 +1076,11 @@ def train_rm(a: Args, rank: int, world: int, device, ddp: bool):
         if kind == "pairwise":
             n = len(mine)
             losses = bradley_terry_loss(r[:n], r[n:])
-            correct = ((r[:n] > r[n:]).float() + 0.5 * (r[:n] == r[n:]).float()).sum().item()
+            correct = pair_correct(r[:n], r[n:]).sum().item()
         else:
             lab = torch.tensor([e[1] for e in mine], device=device)
             losses = pointwise_bce_loss(r, lab)
-            correct = ((r > 0).long() == lab).float().sum().item()
+            correct = label_correct(r, lab).sum().item()
         (losses.sum() / len(batch) * world).backward()  # DDP and FSDP average gradients over ranks: * world
         # ---- PLUMBING: step, evaluation and best/ (App. B), metrics, checkpoint -----------------------
         lr = sched.get_last_lr()[0]
@@ -1081,7 +1095,7 @@ def train_rm(a: Args, rank: int, world: int, device, ddp: bool):
         if evals and (step % eval_every == 0 or step == total):
             scorer.eval()
             for i, (name, k, its, _) in enumerate(evals):
-                res = evaluate(scorer, tok, k, its, device, a, rank, world)
+                res = evaluate(scorer, tok, k, its, device, a, rank, world, eval_enc[i])
                 m[f"eval_acc/{name}"] = res["acc"]
                 if k == kind:
                     m[f"eval_loss/{name}"] = res["loss"]
@@ -1236,7 +1250,7 @@ def rl(a: Args, rank: int, world: int, device, ddp: bool):
     gen_eos = policy.generation_config.eos_token_id
     eos_ids = sorted({tok.eos_token_id, *([gen_eos] if isinstance(gen_eos, int) else gen_eos or [])} - {None})
     pad_id = tok.pad_token_id
-    pad_to = max(map(len, enc)) if device.type == "cuda" and a.compile_rollout and not a.fsdp else 0  # static cache
+    pad_to = max(map(len, enc)) if static_cache(device, a) else 0  # one prompt shape for the compiled decoding
     def heads(x, ref_x):  # the LM heads for the fused kernel; softcap: Gemma 2, logit_scale: Cohere
         return dict(weight=lm_head(policy, x), ref_weight=None if ref_x is None else lm_head(ref, ref_x),
                     softcap=getattr(policy.config, "final_logit_softcapping", None),
@@ -1246,7 +1260,8 @@ def rl(a: Args, rank: int, world: int, device, ddp: bool):
         # ---- ALGO: 1. rollout: this rank's prompts in ONE generate call. Sample k of the prompt stream is
         # prompt order(epoch)[pos], (epoch, pos) = divmod(k, #prompts); its noise is keyed by (seed, k)
         ks = list(range((step - 1) * a.rollout_batch_size, step * a.rollout_batch_size))[rank::world]
-        p_list = [enc[data_order(a.seed, k // len(enc), len(enc))[k % len(enc)]] for k in ks]
+        orders = {e: data_order(a.seed, e, len(enc)) for e in {k // len(enc) for k in ks}}  # once per epoch
+        p_list = [enc[orders[k // len(enc)][k % len(enc)]] for k in ks]
         policy.eval(), value.eval()
         with gathered(policy, a.fsdp), autocast(device, a):
             r_ids, r_mask = rollout(policy, p_list, [(a.seed, k) for k in ks], a, eos_ids, pad_id, pad_to)
@@ -1261,7 +1276,7 @@ def rl(a: Args, rank: int, world: int, device, ddp: bool):
             del x, ref_x
             old_values = value(ids, mask)[:, -R - 1:-1]  # V(s_t) is read where token t is predicted
             score = read_last(rm(ids, mask), mask)
-        for m in (policy, ref, rm, value) if a.fsdp else ():  # FSDP2 keeps a root gathered after forward: free it
+        for m in (policy, value) if a.fsdp else ():  # a trained root stays gathered after forward (frozen: see shard)
             m.reshard()
         rf = r_mask.float()
         # ---- everyone gets the global rollout, so minibatches do not depend on the world size
