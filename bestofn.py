@@ -220,16 +220,16 @@ def mean_ci95(outcomes: list[float]) -> dict:
 @torch.no_grad()
 def rollout(model, prompts: List[List[int]], keys: List[Tuple[int, ...]], args: Args, eos_ids: List[int],
             pad_id: int, pad_to: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """All samples of this rank in ONE `generate` call (issue 13). prompts: token ids per row (a
-    prompt repeated G times gives G rows); keys: one tuple of ints per row (seed, step, prompt,
-    sample) that fixes its sampling noise. Returns tokens [N, R] (pad after the first EOS) and mask
-    [N, R] (True up to and including the first EOS). pad_to: left-pad prompts to this length so
-    that a static cache keeps one shape across steps (compiled once)."""
+    """The rows of one batch of jobs in ONE `generate` call. prompts: token ids per row (a prompt
+    repeated for each of its samples); keys: one tuple of ints per row (seed, prompt, stream, sample)
+    that fixes its sampling noise. Returns tokens [N, R] (pad after the first EOS) and mask [N, R]
+    (True up to and including the first EOS). pad_to: with a static cache (CUDA), left-pad prompts to
+    this length so that its compiled decoding keeps one shape across calls."""
     device = next(model.parameters()).device
-    P = max(pad_to, max(len(p) for p in prompts))
+    static = device.type == "cuda" and args.compile_rollout
+    P = max(pad_to if static else 0, max(len(p) for p in prompts))
     ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts], device=device)
     attn = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=device)
-    static = device.type == "cuda" and args.compile_rollout
     gen = GenerationConfig(do_sample=False, max_new_tokens=args.max_new_tokens, eos_token_id=eos_ids,
                            pad_token_id=pad_id, cache_implementation="static" if static else None)
     sampler = KeyedSampler(keys, P, args.temperature, args.top_p)
@@ -398,6 +398,11 @@ def chat_text(tok, messages: list[dict], add_generation_prompt: bool) -> str:
     return text + "\n\n" if add_generation_prompt else text
 
 
+def prompt_ids(tok, prompt: str) -> list[int]:
+    """The user turn through the chat template, ready for the answer."""
+    return encode(tok, chat_text(tok, [{"role": "user", "content": prompt}], True))
+
+
 def encode(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=not tok.chat_template).input_ids
 
@@ -422,7 +427,7 @@ def reward_model_scores(rm, tok, prompt, responses: list[str], batch_size: int) 
     inputs_embeds, so HF's pooling reads each row's last position instead of searching for the pad
     id (one token early when pad == eos). An input longer than the RM's context scores NaN."""
     prompts = [prompt] * len(responses) if isinstance(prompt, str) else prompt
-    heads = {p: encode(tok, chat_text(tok, [{"role": "user", "content": p}], True)) for p in set(prompts)}
+    heads = {p: prompt_ids(tok, p) for p in set(prompts)}
     tail = [tok.eos_token_id] if tok.eos_token_id is not None else []
     ids = [heads[p] + tok(r, add_special_tokens=False).input_ids + tail for p, r in zip(prompts, responses)]
     scores = [math.nan] * len(ids)
@@ -754,10 +759,9 @@ def main(argv: list[str] | None = None):
     max_pos = context_limit(policy)
     gen_eos = policy.generation_config.eos_token_id
     eos_ids = sorted({policy_tok.eos_token_id, *([gen_eos] if isinstance(gen_eos, int) else gen_eos or [])} - {None})
-    ids = [encode(policy_tok, chat_text(policy_tok, [{"role": "user", "content": p["prompt"]}], True)) for p in prompts]
+    ids = [prompt_ids(policy_tok, p["prompt"]) for p in prompts]
     fits = [len(x) + args.max_new_tokens <= max_pos for x in ids]
-    # every generate call left-pads to the longest prompt: the static cache keeps one shape (compiled once)
-    pad_to = max((len(x) for x, ok in zip(ids, fits) if ok), default=0) if device.type == "cuda" and args.compile_rollout else 0
+    pad_to = max((len(x) for x, ok in zip(ids, fits) if ok), default=0)  # rollout()'s static-cache shape
     selection = (args.reward_model, args.judge_model, args.judge_url, "--")
     score, _ = scorer(False, *selection)
     eval_desc = None
@@ -771,7 +775,7 @@ def main(argv: list[str] | None = None):
     # several calls, enough prompts to fill every call (n = 64, --eval, --batch-size 16: 16 prompts
     # in 65 full calls, not 5 calls per prompt of which the last samples one sequence).
     per_prompt = args.n + int(args.eval)
-    chunk_size = (max(1, args.batch_size // per_prompt) if per_prompt <= args.batch_size
+    chunk_size = (args.batch_size // per_prompt if per_prompt <= args.batch_size
                   else args.batch_size // math.gcd(per_prompt, args.batch_size))
 
     def process_chunk(indexes: list[int]) -> tuple[list[dict], int]:
@@ -841,7 +845,7 @@ def main(argv: list[str] | None = None):
             dist.gather_object(mine, got, dst=0)
         stop = None
         if rank == 0:
-            for row in sorted((row for rows, _ in got for row in rows), key=lambda r: r["index"]):
+            for row in (row for rows, _ in got for row in rows):  # chunks ascend with the rank; rows are sorted
                 if row["index"] in done_idx:
                     continue
                 bar.update(1)
