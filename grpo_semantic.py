@@ -195,7 +195,7 @@ class Args:
 
 
 # Flags a resumed run may change: they do not change what is computed (issue 10, item 7).
-RESUME_MAY_CHANGE = {"resume", "overwrite", "output_dir", "steps", "save_every", "save_total_limit", "save_merged", "sample_every",
+RESUME_MAY_CHANGE = {"output_dir", "steps", "save_every", "save_total_limit", "save_merged", "sample_every",
                      "samples_logged", "report_to", "fsdp", "ref_offload", "gradient_checkpointing", "compile_rollout",
                      "fused_linear", "eval_batch_size", "parallel_eval_data"}
 

@@ -165,7 +165,7 @@ class Args:
 
 
 # Flags a resumed run may change: they do not change what is computed (issue 10, item 7).
-RESUME_MAY_CHANGE = {"resume", "overwrite", "steps", "save_every", "save_total_limit", "sample_every", "samples_logged",
+RESUME_MAY_CHANGE = {"steps", "save_every", "save_total_limit", "sample_every", "samples_logged",
                      "report_to", "judge_url", "judge_api_key_env", "judge_timeout", "judge_retries", "judge_backoff",
                      "judge_concurrency", "judge_batch_size", "judge_max_failed_steps", "fsdp", "ref_offload",
                      "gradient_checkpointing", "compile_rollout", "fused_linear"}

@@ -166,7 +166,7 @@ class Args:
 
 
 # Flags a resumed run may change: they do not change what is computed (issue 10, item 7).
-RESUME_MAY_CHANGE = {"resume", "overwrite", "output_dir", "steps", "epochs", "save_every", "save_total_limit",
+RESUME_MAY_CHANGE = {"output_dir", "steps", "epochs", "save_every", "save_total_limit",
                      "sample_every", "report_to", "eval_batch_size", "fsdp", "ref_offload", "gradient_checkpointing",
                      "compile_rollout", "fused_linear"}
 
